@@ -1,0 +1,268 @@
+//! clap definitions for every command. Handlers live in one file per command group.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Flags accepted by every command.
+#[derive(Debug, Clone, Args, Default)]
+pub struct Global {
+    /// NemoClaw home directory (default: $NEMOCLAW_HOME, else ~/.nemoclaw).
+    #[arg(long, global = true, env = "NEMOCLAW_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Machine-readable JSON on stdout (schema-versioned).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More detail on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// When to use colour (NO_COLOR is honoured with `auto`).
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// Path of the `openshell` binary (default: $NEMOCLAW_OPENSHELL, else found on PATH).
+    #[arg(long, global = true, env = "NEMOCLAW_OPENSHELL", value_name = "PATH")]
+    pub openshell: Option<PathBuf>,
+}
+
+/// `--color` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum ColorChoice {
+    /// Colour on a terminal, unless NO_COLOR is set.
+    #[default]
+    Auto,
+    /// Always colour.
+    Always,
+    /// Never colour.
+    Never,
+}
+
+/// nemoclaw rebuilds and recovers NemoClaw sandboxes with a crash-safe journal.
+#[derive(Debug, Parser)]
+#[command(name = "nemoclaw", version, about, allow_external_subcommands = true)]
+#[command(after_help = "Sandbox commands: nemoclaw <name> status|rebuild|shields|destroy")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands. `nemoclaw <name> <action>` arrives as [`Command::Sandbox`].
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a sandbox on a gateway and register it.
+    Onboard(OnboardArgs),
+    /// List registered sandboxes.
+    List,
+    /// List unfinished runs, or finish one with --resume / --rollback.
+    Recover(RecoverArgs),
+    /// Review past runs: list, show, export, verify, prune.
+    #[command(subcommand)]
+    Journal(JournalCmd),
+    /// Run the whole story on the embedded local gateway in a scratch home.
+    Demo(DemoArgs),
+    /// Internal commands for tests and benchmarks.
+    #[command(subcommand, hide = true)]
+    Internal(InternalCmd),
+    /// `nemoclaw <name> <action> ...`
+    #[command(external_subcommand)]
+    Sandbox(Vec<OsString>),
+}
+
+/// `nemoclaw onboard`.
+#[derive(Debug, Args)]
+pub struct OnboardArgs {
+    /// Sandbox name (DNS-1123 label).
+    pub name: String,
+    /// Gateway: `local`, `nemoclaw` or `nemoclaw-<port>` (default: local when no openshell is on PATH).
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Agent kind (default: openclaw).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Inference provider.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Policy preset to apply (repeatable).
+    #[arg(long = "policy", value_name = "PRESET")]
+    pub policies: Vec<String>,
+    /// Image to create the sandbox from.
+    #[arg(long)]
+    pub image: Option<String>,
+}
+
+/// `nemoclaw <name> <action>`, parsed from the external subcommand.
+#[derive(Debug, Parser)]
+#[command(name = "nemoclaw <name>", no_binary_name = true)]
+pub struct SandboxCli {
+    /// Sandbox name.
+    pub name: String,
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub action: SandboxAction,
+}
+
+/// Actions on one sandbox.
+#[derive(Debug, Subcommand)]
+pub enum SandboxAction {
+    /// Registry entry and live state.
+    Status,
+    /// Back up, recreate with the current image, restore — journaled and resumable.
+    Rebuild(RebuildArgs),
+    /// Shields (lockdown) state.
+    Shields {
+        #[command(subcommand)]
+        action: ShieldsAction,
+    },
+    /// Delete the sandbox and its registry entry.
+    Destroy {
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// `rebuild` flags.
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Print the plan and each step's probe; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `shields` actions.
+#[derive(Debug, Subcommand)]
+pub enum ShieldsAction {
+    /// Lock the sandbox down.
+    Up,
+    /// Unlock the sandbox.
+    Down {
+        /// Why (recorded in the shields file).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show whether shields are up.
+    Status,
+}
+
+/// `nemoclaw recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// Continue the run forward from its first unfinished step.
+    #[arg(long, conflicts_with = "rollback")]
+    pub resume: bool,
+    /// Undo the run's finished steps in reverse.
+    #[arg(long)]
+    pub rollback: bool,
+    /// The run (id or unique prefix).
+    pub run: Option<String>,
+    /// Pick the unfinished run of this sandbox.
+    #[arg(long, conflicts_with = "run")]
+    pub sandbox: Option<String>,
+}
+
+/// `nemoclaw journal ...`.
+#[derive(Debug, Subcommand)]
+pub enum JournalCmd {
+    /// Runs, newest first.
+    List(JournalListArgs),
+    /// One run's timeline.
+    Show {
+        /// Run id or unique prefix.
+        run: String,
+    },
+    /// Events as JSON Lines.
+    Export {
+        /// Only events at or after this time (RFC 3339 or a duration like `7d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this sandbox's runs.
+        #[arg(long)]
+        sandbox: Option<String>,
+    },
+    /// Check integrity, the hash chain and consistency.
+    Verify,
+    /// Remove finished runs older than a duration.
+    Prune {
+        /// e.g. `30d`, `12h`.
+        #[arg(long, value_name = "DURATION")]
+        older_than: String,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep the runs' backup directories.
+        #[arg(long)]
+        keep_backups: bool,
+    },
+}
+
+/// `journal list` filters.
+#[derive(Debug, Args)]
+pub struct JournalListArgs {
+    /// Only this sandbox.
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// Only runs in this state.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only runs started at or after this time (RFC 3339 or a duration like `7d`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only runs started before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many runs.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+}
+
+/// `nemoclaw demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the scratch home in this directory (default: a new temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// Hidden commands used by the test suite and benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum InternalCmd {
+    /// Run, resume or roll back a synthetic plan of tiny file-effect steps.
+    Synthetic(SyntheticArgs),
+}
+
+/// `internal synthetic`.
+#[derive(Debug, Args)]
+pub struct SyntheticArgs {
+    /// `run`, `resume` or `rollback`.
+    pub action: String,
+    /// Number of steps (for `run`).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Ledger file the steps append to.
+    #[arg(long)]
+    pub ledger: Option<PathBuf>,
+    /// Lock key.
+    #[arg(long, default_value = "synthetic")]
+    pub key: String,
+    /// Run id (for `resume` / `rollback`).
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Fail this step (0-based) in apply.
+    #[arg(long)]
+    pub fail_at: Option<usize>,
+    /// Sleep this many milliseconds inside each apply (for kill tests).
+    #[arg(long, default_value_t = 0)]
+    pub step_ms: u64,
+}

@@ -1,0 +1,179 @@
+//! The command-line edge: clap definitions, the printer, dispatch and exit-code mapping.
+//! Library errors become [`CliError`]s here; nothing below this module prints or exits.
+
+pub mod args;
+pub mod printer;
+
+mod demo;
+mod internal;
+mod journal_cmd;
+mod rebuild_cmd;
+mod sandbox;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::exit::{Exit, ExitCoded};
+use args::{Cli, Command, Global, SandboxCli};
+pub use printer::Printer;
+
+/// An error on its way to the operator: message, hint lines (the last one names the next
+/// command), and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub exit: Exit,
+    /// The error sentence, with its cause chain.
+    pub message: String,
+    /// `hint:` lines.
+    pub hints: Vec<String>,
+}
+
+impl CliError {
+    /// A new error.
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Self { exit, message: message.into(), hints: Vec::new() }
+    }
+
+    /// Add a hint line.
+    pub fn hint(mut self, h: impl Into<String>) -> Self {
+        self.hints.push(h.into());
+        self
+    }
+}
+
+impl<E: std::error::Error + ExitCoded> From<E> for CliError {
+    fn from(e: E) -> Self {
+        let mut message = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            let t = s.to_string();
+            if !message.contains(&t) {
+                message.push_str(": ");
+                message.push_str(&t);
+            }
+            src = s.source();
+        }
+        CliError::new(e.exit(), message)
+    }
+}
+
+/// What every handler gets.
+pub struct Ctx {
+    /// Global flags.
+    pub global: Global,
+    /// The printer.
+    pub printer: Printer,
+    /// Resolved NemoClaw home.
+    pub home: PathBuf,
+}
+
+/// Result of a handler: the exit code on success paths (0, or 1/3/130 after printing).
+pub type CmdResult = Result<Exit, CliError>;
+
+fn resolve_home(g: &Global) -> Result<PathBuf, CliError> {
+    if let Some(h) = &g.home {
+        return Ok(h.clone());
+    }
+    match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => Ok(PathBuf::from(h).join(".nemoclaw")),
+        _ => Err(CliError::new(Exit::Usage, "cannot find the NemoClaw home: HOME is not set")
+            .hint("pass `--home DIR` or set `NEMOCLAW_HOME`")),
+    }
+}
+
+/// Entry point used by `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { Exit::Usage.code() } else { 0 });
+        }
+    };
+    init_tracing(cli.global.verbose);
+    let (global, command) = (cli.global, cli.command);
+    let outcome = match command {
+        Command::Sandbox(argv) => match SandboxCli::try_parse_from(argv) {
+            Ok(sc) => {
+                let merged = merge_global(global, sc.global.clone());
+                run_with(merged, |ctx| sandbox::dispatch(ctx, sc))
+            }
+            Err(e) => {
+                let _ = e.print();
+                return ExitCode::from(if e.use_stderr() { Exit::Usage.code() } else { 0 });
+            }
+        },
+        other => run_with(global, |ctx| dispatch(ctx, other)),
+    };
+    ExitCode::from(outcome.code())
+}
+
+fn run_with(global: Global, f: impl FnOnce(&Ctx) -> CmdResult) -> Exit {
+    let printer = Printer::from_global(&global);
+    let result = resolve_home(&global).and_then(|home| {
+        let ctx = Ctx { global, printer: printer.clone(), home };
+        f(&ctx)
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            printer.error(&e.message);
+            for h in &e.hints {
+                printer.hint(h);
+            }
+            e.exit
+        }
+    }
+}
+
+/// Flags given after `<name> <action>` count as much as those before it.
+fn merge_global(a: Global, b: Global) -> Global {
+    Global {
+        home: b.home.or(a.home),
+        json: a.json || b.json,
+        verbose: a.verbose.max(b.verbose),
+        quiet: a.quiet || b.quiet,
+        color: if b.color != args::ColorChoice::Auto { b.color } else { a.color },
+        openshell: b.openshell.or(a.openshell),
+    }
+}
+
+fn dispatch(ctx: &Ctx, command: Command) -> CmdResult {
+    match command {
+        Command::Onboard(a) => sandbox::onboard(ctx, a),
+        Command::List => sandbox::list(ctx),
+        Command::Recover(a) => rebuild_cmd::recover(ctx, a),
+        Command::Journal(j) => journal_cmd::dispatch(ctx, j),
+        Command::Demo(a) => demo::run(ctx, a),
+        Command::Internal(i) => internal::dispatch(ctx, i),
+        Command::Sandbox(_) => unreachable!("handled in main"),
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NEMOCLAW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("nemoclaw={level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .try_init();
+}
+
+/// Parse a sandbox name at the CLI edge: an invalid one is a usage error (exit 2) before any I/O.
+pub fn parse_name(s: &str) -> Result<crate::names::SandboxName, CliError> {
+    crate::names::SandboxName::parse(s).map_err(|e| CliError::new(Exit::Usage, e.to_string()))
+}
+
+fn not_yet(what: &str) -> CliError {
+    CliError::new(Exit::Failed, format!("`{what}` is not implemented in this build"))
+}

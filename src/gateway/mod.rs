@@ -1,0 +1,194 @@
+//! Gateways are where live sandboxes exist. The [`Gateway`] trait is the one seam between the
+//! rebuild and a concrete driver: `local` (embedded, directories under the NemoClaw home) or
+//! `openshell` (the real `openshell` CLI, scoped with `-g <gateway>` on every call).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::names::SandboxName;
+
+/// A sandbox as a gateway reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveSandbox {
+    /// Gateway-assigned id. A different id under the same name is a different sandbox.
+    pub id: String,
+    /// Sandbox name.
+    pub name: String,
+    /// Phase word as the gateway prints it (`Ready`, `Provisioning`, ...).
+    pub phase: String,
+    /// Labels, e.g. `rebuild-run=<run id>`.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl LiveSandbox {
+    /// Ready ⇔ phase `Ready` or (older gateways) `Running`.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.phase.as_str(), "Ready" | "Running")
+    }
+}
+
+/// Why a gateway is not in a known-good state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unhealthy {
+    /// Transport errors, connection refused, no gateway configured.
+    Unreachable,
+    /// Authentication or authorization failed.
+    Auth,
+    /// TLS handshake verification failed (identity drift: never auto-recover).
+    Identity,
+    /// The CLI and the gateway disagree on the wire format.
+    Schema,
+    /// The gateway answered, but the active gateway is another one (`active` names it).
+    Foreign,
+}
+
+/// The one answer classification gives for a sandbox (spec §3.1).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Liveness {
+    /// Present on the recorded, healthy gateway.
+    Present(LiveSandbox),
+    /// Proven gone: the recorded gateway was just shown healthy and a query scoped to it said
+    /// not-found.
+    Missing,
+    /// The gateway is not in a known-good state.
+    Unhealthy {
+        /// Category.
+        reason: Unhealthy,
+        /// What the gateway or CLI said, for the operator.
+        detail: String,
+        /// The gateway that is actually active, when known and different from the recorded one.
+        active: Option<String>,
+    },
+    /// Could not tell (timeout, unparseable output, unexpected error).
+    Unknown {
+        /// What happened, for the operator.
+        detail: String,
+    },
+}
+
+/// What to create. Built by the rebuild from the journaled registry snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CreateSpec {
+    /// Sandbox name.
+    pub name: SandboxName,
+    /// Image to create from (`--from`).
+    pub image: String,
+    /// Labels to set, e.g. `rebuild-run=<id>`.
+    pub labels: BTreeMap<String, String>,
+    /// Agent kind (`None` = openclaw).
+    pub agent: Option<String>,
+    /// GPU requested.
+    pub gpu: bool,
+}
+
+/// A policy to apply to a sandbox: a preset name or custom policy content.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PolicySpec {
+    /// A NemoClaw preset (`npm`, `telegram`, ...).
+    Preset {
+        /// Preset name.
+        name: String,
+    },
+    /// A custom policy with YAML content.
+    Custom {
+        /// Policy name.
+        name: String,
+        /// YAML content.
+        content: String,
+    },
+}
+
+impl PolicySpec {
+    /// The policy's name.
+    pub fn name(&self) -> &str {
+        match self {
+            PolicySpec::Preset { name } | PolicySpec::Custom { name, .. } => name,
+        }
+    }
+}
+
+/// A gateway operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The sandbox already exists (ALREADY_EXISTS).
+    #[error("sandbox '{0}' already exists on gateway '{1}'")]
+    AlreadyExists(String, String),
+    /// The sandbox does not exist.
+    #[error("sandbox '{0}' not found on gateway '{1}'")]
+    NotFound(String, String),
+    /// The call timed out; its effect is unknown.
+    #[error("`{command}` timed out after {after:?}; its effect is unknown")]
+    Timeout {
+        /// The command line, for the operator.
+        command: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The gateway is not in a known-good state.
+    #[error("gateway '{gateway}' is not healthy: {detail}")]
+    Unhealthy {
+        /// Gateway name.
+        gateway: String,
+        /// Details.
+        detail: String,
+    },
+    /// The `openshell` binary could not be run.
+    #[error("could not run `{program}`: {source}")]
+    Spawn {
+        /// Program path.
+        program: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Local I/O failed (copying state in or out).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Anything else the gateway or CLI reported.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Where live sandboxes exist. Every method is scoped to this gateway only.
+pub trait Gateway: Send + Sync {
+    /// The binding name (`local`, `nemoclaw`, `nemoclaw-<port>`).
+    fn name(&self) -> &str;
+
+    /// Prove the gateway healthy, or say why not (`Ok(None)` = healthy).
+    fn health(&self) -> Option<Liveness>;
+
+    /// Classify one sandbox, following spec §3.1: `Missing` only right after this gateway was
+    /// proved healthy and a scoped query answered not-found.
+    fn classify(&self, name: &SandboxName) -> Liveness;
+
+    /// All sandboxes on this gateway.
+    fn list(&self) -> Result<Vec<LiveSandbox>, GatewayError>;
+
+    /// Create a sandbox and wait until it is ready. Never retried blindly after a timeout:
+    /// callers `classify` first and adopt only a sandbox carrying their run label.
+    fn create(&self, spec: &CreateSpec) -> Result<LiveSandbox, GatewayError>;
+
+    /// Delete a sandbox and poll until it is confirmed absent (not-found is success).
+    fn delete(&self, name: &SandboxName, timeout: Duration) -> Result<(), GatewayError>;
+
+    /// Copy the sandbox's state tree (the `/sandbox/.openclaw` equivalent) into `dest`,
+    /// which must be an empty directory.
+    fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError>;
+
+    /// Copy the contents of `src` into the sandbox's state tree, replacing files of the same path.
+    fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError>;
+
+    /// Apply one policy to the sandbox. Idempotent.
+    fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError>;
+
+    /// Names of the policies currently applied, when the gateway can tell.
+    fn applied_policies(&self, name: &SandboxName) -> Result<Vec<String>, GatewayError>;
+}

@@ -1,0 +1,1 @@
+//! The rebuild saga: preflight classification, the concrete steps, NemoClaw's messages.
