@@ -1,0 +1,182 @@
+//! Opening the journal: durability settings, forward-only migrations, the version guard.
+//! The database file is only ever touched through SQLite, never with plain file I/O.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::JournalError;
+
+/// Forward-only migrations, in order. `PRAGMA user_version` = how many are applied.
+pub const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_init", include_str!("../../journal-schema/0001_init.sql"))];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long a writer waits for another writer before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// File name of the journal under the NemoClaw home.
+pub const FILE_NAME: &str = "journal.sqlite3";
+
+/// An open journal.
+#[derive(Debug)]
+pub struct Journal {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Journal {
+    /// The journal of a NemoClaw home: `<home>/journal.sqlite3`, created (and migrated) if needed.
+    pub fn open_home(home: &Path) -> Result<Self, JournalError> {
+        crate::util::create_private_dir(home).map_err(|source| JournalError::Io {
+            path: home.to_path_buf(),
+            context: "cannot create the NemoClaw home".into(),
+            source,
+        })?;
+        Self::open(&home.join(FILE_NAME))
+    }
+
+    /// Open (creating if missing) and migrate the journal at `path`.
+    ///
+    /// WAL, `synchronous=FULL`, foreign keys on, a busy timeout. Refuses a journal written by a
+    /// newer schema and a file that is not a SQLite database.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| JournalError::sql(path, "cannot open the journal", e))?;
+        let mut j = Self { conn, path: path.to_path_buf() };
+        j.configure()?;
+        j.migrate()?;
+        Ok(j)
+    }
+
+    /// Open an existing journal for reading only (audit commands). Never creates or migrates;
+    /// a missing file is `Ok(None)`.
+    pub fn open_readonly(path: &Path) -> Result<Option<Self>, JournalError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| JournalError::sql(path, "cannot open the journal", e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| JournalError::sql(path, "busy_timeout", e))?;
+        let j = Self { conn, path: path.to_path_buf() };
+        let v = j.user_version()?;
+        if v > SCHEMA_VERSION {
+            return Err(JournalError::TooNew { path: j.path, found: v, supported: SCHEMA_VERSION });
+        }
+        Ok(Some(j))
+    }
+
+    fn configure(&mut self) -> Result<(), JournalError> {
+        let p = self.path.clone();
+        self.conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| JournalError::sql(&p, "busy_timeout", e))?;
+        // journal_mode returns a row; the others do not.
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| JournalError::sql(&p, "cannot read the journal", e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(JournalError::Corrupt {
+                path: p,
+                detail: format!("cannot switch to WAL mode (got `{mode}`)"),
+            });
+        }
+        self.conn
+            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(|e| JournalError::sql(&p, "cannot configure the journal", e))?;
+        Ok(())
+    }
+
+    fn user_version(&self) -> Result<i64, JournalError> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| JournalError::sql(&self.path, "cannot read the schema version", e))
+    }
+
+    fn migrate(&mut self) -> Result<(), JournalError> {
+        let current = self.user_version()?;
+        if current > SCHEMA_VERSION {
+            return Err(JournalError::TooNew {
+                path: self.path.clone(),
+                found: current,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if current == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let p = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| JournalError::sql(&p, "cannot start the migration", e))?;
+        // Re-read inside the write lock: another process may have migrated meanwhile.
+        let current: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| JournalError::sql(&p, "cannot read the schema version", e))?;
+        for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+            tx.execute_batch(sql)
+                .map_err(|e| JournalError::sql(&p, &format!("migration {name} failed"), e))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(|e| JournalError::sql(&p, "cannot record the schema version", e))?;
+        }
+        tx.commit().map_err(|e| JournalError::sql(&p, "cannot commit the migration", e))?;
+        Ok(())
+    }
+
+    /// The underlying connection (for queries; writes go through [`Journal::write`]).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Run `f` in one `BEGIN IMMEDIATE` transaction and commit it: one durable commit (one WAL
+    /// fsync with `synchronous=FULL`) per call.
+    pub fn write<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, JournalError>,
+    ) -> Result<T, JournalError> {
+        let p = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| JournalError::sql(&p, what, e))?;
+        let out = f(&tx)?;
+        tx.commit().map_err(|e| JournalError::sql(&p, what, e))?;
+        Ok(out)
+    }
+
+    /// `PRAGMA integrity_check`: `Ok(())` or the first problems SQLite reports.
+    pub fn integrity_check(&self) -> Result<(), JournalError> {
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA integrity_check")
+            .map_err(|e| JournalError::sql(&self.path, "integrity_check", e))?;
+        let rows: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .and_then(|it| it.collect())
+            .map_err(|e| JournalError::sql(&self.path, "integrity_check", e))?;
+        if rows.len() == 1 && rows[0] == "ok" {
+            Ok(())
+        } else {
+            Err(JournalError::Corrupt { path: self.path.clone(), detail: rows.join("; ") })
+        }
+    }
+}
