@@ -286,6 +286,16 @@ pub fn tree_digest(dir: &Path) -> Result<String, HostError> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Copy the contents of `src` into `dest` (created if missing), replacing files of the same
+/// path, with the same safety rules as backups (no escaping symlinks, no special files) and every
+/// copied file fsynced and verified. Used by the local gateway to move state in and out.
+pub fn copy_tree(src: &Path, dest: &Path) -> Result<(), HostError> {
+    let entries = walk(src)?;
+    private_dir(dest)?;
+    copy_entries(&entries, dest)?;
+    fsync_tree_dirs(dest)
+}
+
 #[derive(Debug, Clone)]
 enum Kind {
     Dir,
