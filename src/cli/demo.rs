@@ -78,7 +78,10 @@ pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
             if d.join("sandboxes.json").exists() {
                 return Err(CliError::new(
                     Exit::Refused,
-                    format!("{} already holds a NemoClaw home; the demo needs an empty directory", d.display()),
+                    format!(
+                        "{} already holds a NemoClaw home; the demo needs an empty directory",
+                        d.display()
+                    ),
                 ));
             }
             d
@@ -102,9 +105,13 @@ pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
     p.info("   (the process kills itself with SIGKILL: nothing after that point runs).");
     // snapshot, shields_down, backup, remove: the 4th step's effect is the delete.
     let code = d.run(&["demo", "rebuild", "--yes"], Some("after_effect:4"))?;
-    p.info(format!("   the rebuild died (exit {code}); the old sandbox is gone, its backup is on disk."));
+    p.info(format!(
+        "   the rebuild died (exit {code}); the old sandbox is gone, its backup is on disk."
+    ));
 
-    p.info("\n3. Any command on the sandbox now says a rebuild was interrupted; `recover` lists it.");
+    p.info(
+        "\n3. Any command on the sandbox now says a rebuild was interrupted; `recover` lists it.",
+    );
     d.run(&["demo", "status"], None)?;
     d.expect(&["recover"], 0)?;
 

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::snapshot::{self, Snapshot};
 use super::Mode;
+use crate::engine::crash::{self, MID_EFFECT};
 use crate::engine::{Probe, Step, StepCtx, StepError};
 use crate::gateway::{CreateSpec, Gateway, GatewayError, Liveness, PolicySpec};
 use crate::host::backup::{self, Backup, BackupMeta};
@@ -66,6 +67,14 @@ fn gw_err(e: GatewayError) -> StepError {
         s.io()
     } else {
         s
+    }
+}
+
+/// Test hook: `NEMOCLAW_STEP_DELAY_MS` makes every step's apply take at least that long, so
+/// signal and kill tests can land inside a step. Not an operator knob.
+fn test_delay() {
+    if let Some(ms) = std::env::var("NEMOCLAW_STEP_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 
@@ -151,6 +160,7 @@ impl Step for SnapshotStep {
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
         let snap = self.take()?;
         let sha = snapshot::write(&self.0.home, ctx.run_id, &snap)?;
         Ok(Self::output(&snap, &sha, &snapshot::path(&self.0.home, ctx.run_id), ctx.params))
@@ -175,6 +185,7 @@ impl Step for ShieldsDownStep {
         Ok(if sh.locked() { Probe::NotDone } else { Probe::Done(json!({"unlocked": true})) })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
         let sh = shields::ShieldsState::load(&self.0.home, &self.0.name).map_err(host_err)?;
         if sh.locked() {
             let reason = format!("nemoclaw rebuild {}", ctx.run_id);
@@ -236,6 +247,7 @@ impl Step for BackupStep {
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
         let env = &self.0;
         let target = env.backup_path();
         if let Ok(b) = Backup::open(&target) {
@@ -252,6 +264,7 @@ impl Step for BackupStep {
         let s = snap(env, ctx)?;
         let staging = staging_dir(&env.home, ctx.run_id, "download")?;
         env.gateway.download_state(&env.name, &staging).map_err(gw_err)?;
+        crash::point(MID_EFFECT);
         let meta = BackupMeta {
             sandbox: env.name.clone(),
             agent_type: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
@@ -333,6 +346,7 @@ impl Step for RemoveStep {
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
         let env = &self.0;
         let live = env.gateway.classify(&env.name);
         if let Some(why) = unknown_liveness(&live) {
@@ -345,6 +359,7 @@ impl Step for RemoveStep {
         if matches!(live, Liveness::Present(_)) {
             env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
         }
+        crash::point(MID_EFFECT);
         // Absence is confirmed by the driver's delete (it polls until not-found); only then is
         // the registry row removed, so a crash in between leaves the row (resume finishes it).
         registry::update(&env.home, |reg| {
@@ -385,6 +400,7 @@ impl Step for RemoveStep {
             if live == Liveness::Missing {
                 let image = s.entry.get("imageTag").and_then(Value::as_str).unwrap_or(&env.image);
                 create(env, &s, image, &label)?;
+                crash::point(MID_EFFECT);
                 restore_backup(env, ctx, ctx.output("backup"))?;
             } else if carries_run_label(&live, &label) {
                 // Created by an earlier attempt of this compensation: make sure the state is in.
@@ -441,6 +457,7 @@ fn restore_backup(env: &Env, ctx: &StepCtx<'_>, out: Option<&Value>) -> Result<(
     let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
     b.copy_out(&staging).map_err(host_err)?;
     env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
+    crash::point(MID_EFFECT);
     let _ = std::fs::remove_dir_all(&staging);
     verify_restored(env, ctx, &b)
 }
@@ -494,6 +511,7 @@ impl Step for OnboardStep {
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
         let env = &self.0;
         let s = snap(env, ctx)?;
         let live = env.gateway.classify(&env.name);
@@ -525,6 +543,7 @@ impl Step for OnboardStep {
                 }
             }
         };
+        crash::point(MID_EFFECT);
         put_row(env, &s, self.fresh_entry(&s))?;
         Ok(json!({"id": id, "image": env.image}))
     }
@@ -541,6 +560,7 @@ impl Step for OnboardStep {
         if carries_run_label(&live, ctx.run_id) {
             env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
         }
+        crash::point(MID_EFFECT);
         registry::update(&env.home, |reg| {
             reg.remove_entry(&env.name);
             Ok(())
@@ -569,6 +589,7 @@ impl Step for RestoreStep {
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
         let out = ctx
             .output("backup")
             .ok_or_else(|| StepError::new("restore needs the backup step's output"))?;
@@ -628,6 +649,7 @@ impl Step for PoliciesStep {
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
         let env = &self.0;
         let s = snap(env, ctx)?;
         let wanted = Self::wanted(&s);
@@ -672,6 +694,7 @@ impl Step for ShieldsStep {
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
         let env = &self.0;
         let s = snap(env, ctx)?;
         match env.mode {

@@ -435,11 +435,24 @@ fn dry_run_changes_nothing() {
     let o = w.home.run(&["alpha", "rebuild", "--dry-run", "--json"]);
     assert_ok(&o);
     let doc: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let steps: Vec<&str> =
-        doc["data"]["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    let steps: Vec<&str> = doc["data"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
     assert_eq!(
         steps,
-        ["snapshot", "shields_down", "backup", "remove", "onboard", "restore", "policies", "shields"]
+        [
+            "snapshot",
+            "shields_down",
+            "backup",
+            "remove",
+            "onboard",
+            "restore",
+            "policies",
+            "shields"
+        ]
     );
     assert_eq!(w.registry_bytes(), b.registry);
     assert_eq!(w.live_id(), b.id);
@@ -455,4 +468,252 @@ fn no_tty_and_no_yes_is_refused() {
     assert!(stderr(&o).contains("rebuild --yes"), "{}", stderr(&o));
     assert_eq!(w.registry_bytes(), b.registry);
     assert_eq!(w.live_id(), b.id);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash matrix over the real rebuild plan.
+
+use std::os::unix::process::ExitStatusExt;
+
+use nemoclaw::engine::crash::CRASH_POINTS;
+
+const FORWARD_POINTS: &[&str] = &[
+    "after_lock",
+    "after_run_created",
+    "before_intent",
+    "after_intent",
+    "mid_effect",
+    "after_effect",
+    "after_outcome",
+    "before_finish",
+];
+const COMP_POINTS: &[&str] = &[
+    "before_comp_intent",
+    "after_comp_intent",
+    "mid_effect",
+    "after_comp_effect",
+    "after_comp_outcome",
+    "before_rollback_finish",
+];
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    Normal,
+    Stale,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Normal => "normal",
+            Mode::Stale => "stale",
+        }
+    }
+}
+
+fn world(mode: Mode) -> (World, Before) {
+    let w = World::new(Opts { locked: true, files: 6 });
+    let b = w.snapshot();
+    if mode == Mode::Stale {
+        w.reap();
+    }
+    (w, b)
+}
+
+fn run_with_crash(w: &World, args: &[&str], point: &str, hit: u32) -> Output {
+    w.home.cmd().env("NEMOCLAW_CRASHPOINT", format!("{point}:{hit}")).args(args).output().unwrap()
+}
+
+fn killed(o: &Output) -> bool {
+    o.status.signal() == Some(9)
+}
+
+/// Whether the last run's onboard step was attempted (a stale rollback then nulls `imageTag`).
+fn onboard_attempted(home: &Path) -> bool {
+    let j = Journal::open_home(home).unwrap();
+    j.conn()
+        .query_row(
+            "SELECT count(*) FROM steps WHERE name='onboard' AND state != 'pending'
+               AND run_id = (SELECT id FROM runs ORDER BY created_at DESC, id DESC LIMIT 1)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+        > 0
+}
+
+/// After recovery: resume ⇒ rebuilt; rollback ⇒ as before; no run at all ⇒ nothing changed.
+fn check_recovered(w: &World, b: &Before, mode: Mode, resume: bool, ctx: &str) {
+    let all = runs(w.path());
+    if all.is_empty() {
+        // Killed before the run was created: nothing may have changed.
+        assert_eq!(w.registry_bytes(), b.registry, "{ctx}: registry changed without a run");
+        return;
+    }
+    // A kill after the commit that finished the run leaves nothing to recover: it succeeded.
+    if resume || all.last().unwrap().1 == "succeeded" {
+        eprintln!("{ctx}: checking rebuilt");
+        check_rebuilt(w, b, mode.as_str());
+    } else {
+        let mut before = Before {
+            registry: b.registry.clone(),
+            row: b.row.clone(),
+            digest: b.digest.clone(),
+            shields: b.shields.clone(),
+            id: b.id.clone(),
+        };
+        if mode == Mode::Stale && onboard_attempted(w.path()) {
+            before.row["imageTag"] = Value::Null;
+        }
+        check_rolled_back(w, &before, mode.as_str());
+    }
+}
+
+fn recover_args(resume: bool) -> [&'static str; 4] {
+    ["recover", if resume { "--resume" } else { "--rollback" }, "--sandbox", "alpha"]
+}
+
+/// Every forward crash point, at every hit it is reached, then one recovery.
+fn forward_matrix(mode: Mode, resume: bool) {
+    let mut covered = std::collections::BTreeSet::new();
+    let mut cases = 0;
+    for &point in FORWARD_POINTS {
+        for hit in 1.. {
+            let (w, b) = world(mode);
+            let o = run_with_crash(&w, &["alpha", "rebuild", "--yes"], point, hit);
+            let ctx = format!("{mode:?} {point}:{hit} resume={resume}");
+            if !killed(&o) {
+                // Past the last time this point is reached: the run just succeeds.
+                assert_ok(&o);
+                check_rebuilt(&w, &b, mode.as_str());
+                assert!(hit > 1, "{ctx}: crash point never reached\n{}", stderr(&o));
+                break;
+            }
+            covered.insert(point);
+            cases += 1;
+            let r = w.home.run(&recover_args(resume));
+            assert!(r.status.success(), "{ctx}: recover failed\n{}", stderr(&r));
+            check_recovered(&w, &b, mode, resume, &ctx);
+        }
+    }
+    eprintln!("{mode:?} resume={resume}: {cases} crash cases");
+    assert_eq!(covered.len(), FORWARD_POINTS.len());
+}
+
+#[test]
+fn crash_matrix_normal_then_resume() {
+    forward_matrix(Mode::Normal, true);
+}
+
+#[test]
+fn crash_matrix_normal_then_rollback() {
+    forward_matrix(Mode::Normal, false);
+}
+
+#[test]
+fn crash_matrix_stale_then_resume() {
+    forward_matrix(Mode::Stale, true);
+}
+
+#[test]
+fn crash_matrix_stale_then_rollback() {
+    forward_matrix(Mode::Stale, false);
+}
+
+/// A crash during the recovery itself, then recovery again: every compensation point during
+/// rollback, every forward point during resume.
+fn recovery_matrix(mode: Mode, resume: bool) {
+    let mut covered = std::collections::BTreeSet::new();
+    let mut cases = 0;
+    // First crash: right after the recreate's effect, so rollback has the most to undo.
+    let first = ("after_effect", if mode == Mode::Normal { 5 } else { 3 });
+    let points = if resume { FORWARD_POINTS } else { COMP_POINTS };
+    for &point in points {
+        if resume && point == "after_run_created" {
+            continue; // a resume creates no run
+        }
+        for hit in 1.. {
+            let (w, b) = world(mode);
+            let o = run_with_crash(&w, &["alpha", "rebuild", "--yes"], first.0, first.1);
+            assert!(killed(&o), "first crash did not happen: {}", stderr(&o));
+            let ctx = format!("{mode:?} then {point}:{hit} resume={resume}");
+            let o2 = run_with_crash(&w, &recover_args(resume), point, hit);
+            if !killed(&o2) {
+                assert!(o2.status.success(), "{ctx}: {}", stderr(&o2));
+                check_recovered(&w, &b, mode, resume, &ctx);
+                break;
+            }
+            covered.insert(point);
+            cases += 1;
+            let r = w.home.run(&recover_args(resume));
+            assert!(r.status.success(), "{ctx}: second recover failed\n{}", stderr(&r));
+            check_recovered(&w, &b, mode, resume, &ctx);
+        }
+    }
+    eprintln!("{mode:?} two crashes, resume={resume}: {cases} cases");
+    if !resume {
+        for p in COMP_POINTS {
+            assert!(covered.contains(p), "compensation crash point {p} never reached");
+        }
+    }
+}
+
+#[test]
+fn crash_during_rollback_normal() {
+    recovery_matrix(Mode::Normal, false);
+}
+
+#[test]
+fn crash_during_rollback_stale() {
+    recovery_matrix(Mode::Stale, false);
+}
+
+#[test]
+fn crash_during_resume_normal() {
+    recovery_matrix(Mode::Normal, true);
+}
+
+#[test]
+fn crash_during_resume_stale() {
+    recovery_matrix(Mode::Stale, true);
+}
+
+/// The matrix above names every crash point the engine has.
+#[test]
+fn crash_matrix_covers_every_crash_point() {
+    for p in CRASH_POINTS {
+        assert!(
+            FORWARD_POINTS.contains(p) || COMP_POINTS.contains(p),
+            "crash point {p} is not in the rebuild crash matrix"
+        );
+    }
+}
+
+/// SIGINT mid-rebuild: the current step finishes journaling, the run is `interrupted`, exit
+/// 130, and `recover --resume` completes it.
+#[test]
+fn sigint_interrupts_cleanly_and_resume_completes() {
+    let w = World::new(Opts { locked: true, files: 40 });
+    let b = w.snapshot();
+    let mut child = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_STEP_DELAY_MS", "300")
+        .args(["alpha", "rebuild", "--yes"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Deliberate: let the run get into its steps (the delay makes each step take 300 ms).
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let (id, state) = runs(w.path()).last().unwrap().clone();
+    assert_eq!(state, "interrupted");
+    check_journal(w.path());
+    let r = w.home.run(&["recover", "--resume", &id]);
+    assert_ok(&r);
+    check_rebuilt(&w, &b, "normal");
 }
