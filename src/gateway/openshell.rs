@@ -163,6 +163,18 @@ impl OpenShellGateway {
         self
     }
 
+    /// Override the create (and wait-until-ready) timeout.
+    pub fn with_create_timeout(mut self, t: Duration) -> Self {
+        self.create_timeout = t;
+        self
+    }
+
+    /// Override the polling interval of delete and readiness waits.
+    pub fn with_poll(mut self, p: Duration) -> Self {
+        self.poll = p;
+        self
+    }
+
     /// The `openshell` version and its capability profile (one `--version` call, cached).
     pub fn version(&self) -> Result<(Version, Capabilities), GatewayError> {
         self.version
