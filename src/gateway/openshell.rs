@@ -476,7 +476,7 @@ impl Gateway for OpenShellGateway {
     }
 
     fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
-        crate::util::create_private_dir(dest).map_err(|e| GatewayError::Io {
+        crate::host::mkdir_private(dest).map_err(|e| GatewayError::Io {
             context: format!("cannot create {}", dest.display()),
             source: e,
         })?;
