@@ -415,14 +415,16 @@ fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
         Liveness::Missing => format!(
             "remove the registry entry of '{name}' (it is already absent from gateway '{binding}')"
         ),
-        other => return Err(CliError::new(
-            Exit::Refused,
-            format!(
+        other => {
+            return Err(CliError::new(
+                Exit::Refused,
+                format!(
                 "Could not confirm live state of '{name}' (gateway not in a known-good state): {}",
                 gateway::openshell::describe(other)
             ),
-        )
-        .hint("your local registry entry has been preserved — nothing was removed")),
+            )
+            .hint("your local registry entry has been preserved — nothing was removed"))
+        }
     };
     if !yes {
         if !std::io::stdin().is_terminal() {
