@@ -531,3 +531,12 @@ fn local_fault_file_fails_one_operation() {
         .unwrap();
     assert_eq!(verdict(&gw.classify(&name("demo"))), "unhealthy:foreign:nemoclaw");
 }
+
+#[test]
+fn a_missing_openshell_binary_is_unknown_not_missing() {
+    let t = tempfile::tempdir().unwrap();
+    let gw = OpenShellGateway::new(t.path().join("no-such-openshell"), "nemoclaw");
+    assert_eq!(verdict(&gw.classify(&name("demo"))), "unknown");
+    let e = gw.create(&spec("demo", "r")).unwrap_err();
+    assert!(e.to_string().contains("no-such-openshell"), "{e}");
+}

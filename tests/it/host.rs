@@ -550,3 +550,17 @@ fn onboard_and_status_through_openshell_are_scoped_and_scrubbed() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(state.join("gw/nemoclaw/demo").exists());
 }
+
+#[test]
+fn an_invalid_gateway_binding_is_refused_not_guessed() {
+    let h = Home::new();
+    let doc = json!({"sandboxes": {"demo": {"name": "demo", "gatewayName": "prod"}}, "defaultSandbox": "demo"});
+    fs::write(h.path().join("sandboxes.json"), doc.to_string()).unwrap();
+    for args in [&["demo", "status"][..], &["demo", "destroy", "--yes"]] {
+        let o = run(&h, args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("invalid gatewayName"), "{}", stderr(&o));
+    }
+    assert_eq!(parse(&fs::read(h.path().join("sandboxes.json")).unwrap()), doc);
+    assert!(!h.path().join("local-gateway").exists(), "no gateway may be opened");
+}
