@@ -328,7 +328,7 @@ fn status(ctx: &Ctx, name: &SandboxName) -> CmdResult {
         }
         Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => {
             p.warn(format!(
-                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'."
+                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'. Your sandbox has NOT been removed."
             ));
             p.info("Switch gateways and retry:");
             p.hint(format!("`openshell gateway select {binding}`"));
@@ -393,6 +393,27 @@ fn report_shields(ctx: &Ctx, name: &SandboxName, word: &str) -> CmdResult {
     Ok(Exit::Ok)
 }
 
+/// The refusal for a sandbox whose live state could not be confirmed, in NemoClaw's words.
+fn refusal(name: &SandboxName, binding: &Binding, live: &Liveness) -> CliError {
+    match live {
+        Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => CliError::new(
+            Exit::Refused,
+            format!(
+                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'. Your sandbox has NOT been removed."
+            ),
+        )
+        .hint(format!("switch gateways and retry: `openshell gateway select {binding}`")),
+        other => CliError::new(
+            Exit::Refused,
+            format!(
+                "Could not confirm live state of '{name}' (gateway not in a known-good state): {}",
+                gateway::openshell::describe(other)
+            ),
+        )
+        .hint("your local registry entry has been preserved — nothing was removed"),
+    }
+}
+
 fn confirm(question: &str) -> bool {
     eprint!("{question} [y/N] ");
     let _ = std::io::stderr().flush();
@@ -415,16 +436,7 @@ fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
         Liveness::Missing => format!(
             "remove the registry entry of '{name}' (it is already absent from gateway '{binding}')"
         ),
-        other => {
-            return Err(CliError::new(
-                Exit::Refused,
-                format!(
-                "Could not confirm live state of '{name}' (gateway not in a known-good state): {}",
-                gateway::openshell::describe(other)
-            ),
-            )
-            .hint("your local registry entry has been preserved — nothing was removed"))
-        }
+        other => return Err(refusal(name, &binding, other)),
     };
     if !yes {
         if !std::io::stdin().is_terminal() {

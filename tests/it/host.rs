@@ -546,8 +546,10 @@ fn onboard_and_status_through_openshell_are_scoped_and_scrubbed() {
         "{err}"
     );
     assert!(err.contains("openshell gateway select nemoclaw-9000"), "{err}");
+    assert!(err.contains("Your sandbox has NOT been removed."), "{err}");
     let o = with(&["demo", "destroy", "--yes"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("openshell gateway select nemoclaw-9000"), "{}", stderr(&o));
     assert!(state.join("gw/nemoclaw/demo").exists());
 }
 
