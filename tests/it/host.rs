@@ -332,6 +332,18 @@ fn onboard_list_status_on_a_fresh_home_without_openshell() {
     assert_eq!(doc["data"]["live"]["status"], "present");
     assert_eq!(doc["data"]["gateway"], "local");
 
+    let o = run(&h, &["onboard", "second", "--gateway", "local", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let doc: Value = parse(&o.stdout);
+    assert_eq!(
+        (doc["type"].clone(), doc["data"]["sandbox"]["phase"].clone()),
+        (json!("onboard"), json!("Ready"))
+    );
+    assert_eq!(doc["data"]["entry"]["gatewayName"], "local");
+    assert!(stderr(&o).is_empty(), "--json keeps stderr for errors: {}", stderr(&o));
+    let reg: Value = parse(&fs::read(h.path().join("sandboxes.json")).unwrap());
+    assert_eq!(reg["defaultSandbox"], "demo", "an existing default is kept");
+
     // Onboarding the same name again is refused; nothing changes.
     let before = fs::read(h.path().join("sandboxes.json")).unwrap();
     assert_eq!(run(&h, &["onboard", "demo"]).status.code(), Some(3));
