@@ -119,7 +119,8 @@ pub fn main() -> ExitCode {
 
 /// A sandbox may be named like a top-level command (`nemoclaw demo status`): when the word
 /// after the command is a sandbox action, parse it as `nemoclaw <name> <action>` instead.
-/// The flags before the name are kept; `--` marks the name so clap takes the external path.
+/// The flags before the name are kept; a marker word in front of the name makes clap take the
+/// external-subcommand path.
 fn sandbox_named_like_a_command(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     const COMMANDS: [&str; 6] = ["onboard", "list", "recover", "journal", "demo", "internal"];
     const ACTIONS: [&str; 4] = ["status", "rebuild", "shields", "destroy"];
