@@ -74,7 +74,7 @@ impl LocalGateway {
     /// interrupted creates and deletes.
     pub fn open(home: &Path) -> Result<LocalGateway, GatewayError> {
         let root = home.join(LOCAL_DIR);
-        crate::util::create_private_dir(&root.join("sandboxes"))
+        crate::host::mkdir_private(&root.join("sandboxes"))
             .map_err(|e| io_err("cannot create", &root.join("sandboxes"), e))?;
         let gw = LocalGateway { root };
         gw.clean_leftovers();
@@ -298,7 +298,7 @@ impl Gateway for LocalGateway {
             policies: Vec::new(),
         };
         let build = || -> Result<(), GatewayError> {
-            crate::util::create_private_dir(&tmp.join("state"))
+            crate::host::mkdir_private(&tmp.join("state"))
                 .map_err(|e| io_err("cannot create", &tmp, e))?;
             self.write_meta(&tmp, &meta)?;
             crate::util::fsync_dir(&tmp).map_err(|e| io_err("cannot sync", &tmp, e))?;

@@ -163,6 +163,18 @@ impl OpenShellGateway {
         self
     }
 
+    /// Override the create (and wait-until-ready) timeout.
+    pub fn with_create_timeout(mut self, t: Duration) -> Self {
+        self.create_timeout = t;
+        self
+    }
+
+    /// Override the polling interval of delete and readiness waits.
+    pub fn with_poll(mut self, p: Duration) -> Self {
+        self.poll = p;
+        self
+    }
+
     /// The `openshell` version and its capability profile (one `--version` call, cached).
     pub fn version(&self) -> Result<(Version, Capabilities), GatewayError> {
         self.version
@@ -464,7 +476,7 @@ impl Gateway for OpenShellGateway {
     }
 
     fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
-        crate::util::create_private_dir(dest).map_err(|e| GatewayError::Io {
+        crate::host::mkdir_private(dest).map_err(|e| GatewayError::Io {
             context: format!("cannot create {}", dest.display()),
             source: e,
         })?;

@@ -508,8 +508,8 @@ fn copy_file(from: &Path, to: &Path) -> Result<(u64, String), HostError> {
         h.update(&buf[..n]);
         size += n as u64;
     }
-    // Keep the owner bits of the original but never widen beyond them for group/other.
-    let _ = dst.set_permissions(fs::Permissions::from_mode(mode | 0o600));
+    // Copies are private (host files are 0600): keep only the owner's execute bit of the source.
+    let _ = dst.set_permissions(fs::Permissions::from_mode((mode & 0o100) | 0o600));
     dst.sync_all().map_err(|e| HostError::io("cannot sync", to, e))?;
     Ok((size, hex::encode(h.finalize())))
 }

@@ -77,8 +77,15 @@ impl ExitCoded for HostError {
 
 /// Create a host directory (and parents) with mode 0700.
 pub(crate) fn private_dir(dir: &Path) -> Result<(), HostError> {
+    mkdir_private(dir).map_err(|e| HostError::io("cannot create directory", dir, e))
+}
+
+/// Create `dir` and every missing parent with mode 0700 (not only the leaf, as
+/// `create_dir_all` + chmod would), and make the leaf 0700.
+pub fn mkdir_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     crate::util::create_private_dir(dir)
-        .map_err(|e| HostError::io("cannot create directory", dir, e))
 }
 
 /// Read a file; `Ok(None)` when it does not exist.
