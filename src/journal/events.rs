@@ -1,7 +1,7 @@
 //! Appending to the event log (hash-chained) and walking the chain. Every state change of a run
 //! or step appends its event in the same transaction as the change.
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 
 use super::chain::{event_hash, EventFields, GENESIS};
@@ -56,4 +56,110 @@ fn checkpoint_head(tx: &Transaction<'_>) -> Result<String, JournalError> {
 
 fn checkpoint_next_id(tx: &Transaction<'_>) -> Result<i64, JournalError> {
     Ok(meta(tx, META_PRUNED_ID)?.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) + 1)
+}
+
+/// Where and why the hash chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("hash chain broken at event {event_id}: {reason}")]
+pub struct ChainBreak {
+    /// The first event that does not verify (0 when the journal could not be read at all).
+    pub event_id: i64,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Walk every event in id order and recompute the chain. Starts at [`GENESIS`] with id 1, or,
+/// after a prune, at the checkpoint recorded in meta (`pruned_head_hash`, `pruned_head_id`).
+/// Returns the number of events verified.
+pub fn verify_chain(conn: &Connection) -> Result<u64, ChainBreak> {
+    let read_err =
+        |e: rusqlite::Error| ChainBreak { event_id: 0, reason: format!("cannot read events: {e}") };
+    let meta = |key: &str| -> Result<Option<String>, ChainBreak> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(read_err)
+    };
+    let mut prev = meta(META_PRUNED_HEAD)?.unwrap_or_else(|| GENESIS.to_owned());
+    let mut expect_id = match meta(META_PRUNED_ID)? {
+        Some(v) => {
+            v.parse::<i64>().map_err(|_| ChainBreak {
+                event_id: 0,
+                reason: format!("meta {META_PRUNED_ID} is not a number: {v:?}"),
+            })? + 1
+        }
+        None => 1,
+    };
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, run_id, step_seq, at, kind, data, prev_hash, hash FROM events ORDER BY id",
+        )
+        .map_err(read_err)?;
+    let mut rows = stmt.query([]).map_err(read_err)?;
+    let mut n = 0u64;
+    while let Some(r) = rows.next().map_err(read_err)? {
+        let id: i64 = r.get(0).map_err(read_err)?;
+        let run_id: Option<String> = r.get(1).map_err(read_err)?;
+        let step_seq: Option<i64> = r.get(2).map_err(read_err)?;
+        let at: i64 = r.get(3).map_err(read_err)?;
+        let kind: String = r.get(4).map_err(read_err)?;
+        let data: String = r.get(5).map_err(read_err)?;
+        let prev_hash: String = r.get(6).map_err(read_err)?;
+        let hash: String = r.get(7).map_err(read_err)?;
+        let brk = |reason: String| ChainBreak { event_id: id, reason };
+        if id != expect_id {
+            return Err(brk(format!(
+                "expected event id {expect_id} (events missing or reordered)"
+            )));
+        }
+        if prev_hash != prev {
+            return Err(brk(format!(
+                "prev_hash {prev_hash} does not match the previous event's hash {prev}"
+            )));
+        }
+        let fields =
+            EventFields { id, run_id: run_id.as_deref(), step_seq, at, kind: &kind, data: &data };
+        let want = event_hash(&prev, &fields);
+        if hash != want {
+            return Err(brk(format!(
+                "stored hash {hash} does not match the recomputed {want} (the row was edited)"
+            )));
+        }
+        prev = hash;
+        expect_id += 1;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+    use serde_json::json;
+
+    #[test]
+    fn verify_chain_accepts_appends_and_follows_the_prune_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open_home(dir.path()).unwrap();
+        for i in 0..4 {
+            j.write("t", |tx| append(tx, Some("r"), Some(i), i, "k", &json!({"i": i}))).unwrap();
+        }
+        assert_eq!(verify_chain(j.conn()), Ok(4));
+        // Prune the first two events the way `journal prune` does: anchor, then delete.
+        j.write("prune", |tx| {
+            let h: String = tx.query_row("SELECT hash FROM events WHERE id = 2", [], |r| r.get(0)).map_err(crate::journal::JournalError::from_sqlite)?;
+            tx.execute_batch(&format!(
+                "INSERT INTO meta VALUES ('prune_in_progress', '1'), ('{META_PRUNED_HEAD}', '{h}'), ('{META_PRUNED_ID}', '2');
+                 DELETE FROM events WHERE id <= 2; DELETE FROM meta WHERE key = 'prune_in_progress';"
+            ))
+            .map_err(crate::journal::JournalError::from_sqlite)
+        })
+        .unwrap();
+        assert_eq!(verify_chain(j.conn()), Ok(2));
+        // Removing an event in the middle (bypassing the trigger) is detected.
+        j.conn()
+            .execute_batch("DROP TRIGGER events_no_delete; DELETE FROM events WHERE id = 3;")
+            .unwrap();
+        assert_eq!(verify_chain(j.conn()).unwrap_err().event_id, 4);
+    }
 }
