@@ -1,6 +1,17 @@
 //! The transactional state machine: the step contract, the runner (forward, resume,
 //! rollback), runner locks, crash points and signal handling. Knows nothing about sandboxes.
 
+pub mod crash;
+pub mod lock;
+pub mod runner;
+pub mod signals;
 pub mod step;
+pub mod synthetic;
 
+pub use crash::CRASH_POINTS;
+pub use lock::LockDir;
+pub use runner::{
+    resume, rollback, start, EngineError, Observer, PlanResolver, Quiet, RunReport, RunSpec,
+    StepOutcome,
+};
 pub use step::{Plan, Probe, Step, StepCtx, StepError};

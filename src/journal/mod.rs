@@ -4,11 +4,13 @@ pub mod audit;
 pub mod chain;
 pub mod events;
 pub mod redact;
+pub mod runs;
 pub mod store;
 
 use std::path::{Path, PathBuf};
 
-pub use store::Journal;
+pub use events::{verify_chain, ChainBreak};
+pub use store::{commit_count, Journal};
 
 use crate::exit::{Exit, ExitCoded};
 
@@ -66,6 +68,10 @@ pub enum JournalError {
     /// A SQLite error raised inside a transaction closure, before the path is attached.
     #[error("{0}")]
     Raw(rusqlite::Error),
+    /// A state change the state machine forbids (the journal is not in the state the writer
+    /// expected: another writer changed it, or the rows were edited).
+    #[error("journal state does not allow this change: {0}")]
+    Transition(#[from] runs::TransitionError),
     /// A record the caller asked for does not exist or is ambiguous.
     #[error("{0}")]
     NotFound(String),
@@ -113,6 +119,7 @@ impl ExitCoded for JournalError {
                     _ => Exit::Failed,
                 }
             }
+            JournalError::Transition(_) => Exit::Corrupt,
             JournalError::NotFound(_) => Exit::Usage,
         }
     }

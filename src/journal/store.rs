@@ -2,6 +2,7 @@
 //! The database file is only ever touched through SQLite, never with plain file I/O.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -21,6 +22,19 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// File name of the journal under the NemoClaw home.
 pub const FILE_NAME: &str = "journal.sqlite3";
 
+/// Test hook: `NEMOCLAW_JOURNAL_MAX_PAGES=N` applies `PRAGMA max_page_count=N` at open, so a
+/// test can make the journal "full" (SQLITE_FULL) without filling a real disk. The pragma is
+/// per-connection (not stored in the file), hence the variable. Not an operator knob.
+pub const ENV_MAX_PAGES: &str = "NEMOCLAW_JOURNAL_MAX_PAGES";
+
+static COMMITS: AtomicU64 = AtomicU64::new(0);
+
+/// How many [`Journal::write`] transactions this process has committed (all journals). Used by
+/// the benchmark and tests to check the one-commit-per-transition rule.
+pub fn commit_count() -> u64 {
+    COMMITS.load(Ordering::Relaxed)
+}
+
 /// An open journal.
 #[derive(Debug)]
 pub struct Journal {
@@ -31,11 +45,14 @@ pub struct Journal {
 impl Journal {
     /// The journal of a NemoClaw home: `<home>/journal.sqlite3`, created (and migrated) if needed.
     pub fn open_home(home: &Path) -> Result<Self, JournalError> {
-        crate::util::create_private_dir(home).map_err(|source| JournalError::Io {
-            path: home.to_path_buf(),
-            context: "cannot create the NemoClaw home".into(),
-            source,
-        })?;
+        // Only a missing home is created (0700); an existing one keeps the operator's modes.
+        if !home.is_dir() {
+            crate::util::create_private_dir(home).map_err(|source| JournalError::Io {
+                path: home.to_path_buf(),
+                context: "cannot create the NemoClaw home".into(),
+                source,
+            })?;
+        }
         Self::open(&home.join(FILE_NAME))
     }
 
@@ -96,6 +113,12 @@ impl Journal {
         self.conn
             .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
             .map_err(|e| JournalError::sql(&p, "cannot configure the journal", e))?;
+        if let Some(n) = std::env::var(ENV_MAX_PAGES).ok().and_then(|v| v.parse::<i64>().ok()) {
+            let _: i64 = self
+                .conn
+                .query_row(&format!("PRAGMA max_page_count={n}"), [], |r| r.get(0))
+                .map_err(|e| JournalError::sql(&p, "cannot configure the journal", e))?;
+        }
         Ok(())
     }
 
@@ -158,8 +181,14 @@ impl Journal {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| JournalError::sql(&p, what, e))?;
-        let out = f(&tx)?;
+        // On error the transaction is dropped, which rolls it back: nothing partial is recorded.
+        // A closure error (JournalError::Raw) gets the path and context attached here.
+        let out = f(&tx).map_err(|e| match e {
+            JournalError::Raw(e) => JournalError::sql(&p, what, e),
+            other => other,
+        })?;
         tx.commit().map_err(|e| JournalError::sql(&p, what, e))?;
+        COMMITS.fetch_add(1, Ordering::Relaxed);
         Ok(out)
     }
 

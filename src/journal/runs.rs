@@ -1,0 +1,857 @@
+//! Runs, steps and runner-lock holders: the read-write API over the `runs`, `steps` and
+//! `holders` tables. Every state change goes through [`RunState::transition`] or
+//! [`StepState::transition`] (the one place the allowed transitions live, mirrored by the SQL
+//! `CHECK` constraints) and appends its audit event with [`events::append`] in the SAME
+//! transaction the caller holds, so a state change and its event are never separated by a crash.
+
+use std::fmt;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+use serde_json::{json, Value};
+
+use super::events;
+use super::JournalError;
+
+/// A forbidden state change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} transition {from} -> {to}")]
+pub struct TransitionError {
+    /// `run` or `step`.
+    pub what: &'static str,
+    /// State before.
+    pub from: String,
+    /// State asked for.
+    pub to: String,
+}
+
+/// State of a run (mirrors the `runs.state` CHECK constraint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunState {
+    /// A runner is (or was, if it died) moving the run forward.
+    Running,
+    /// Every step is done.
+    Succeeded,
+    /// A step failed; resume retries it, rollback undoes the run.
+    Failed,
+    /// Stopped by a signal or found abandoned by a dead runner.
+    Interrupted,
+    /// A probe could not tell whether an effect happened; a person must look.
+    NeedsOperator,
+    /// Compensations are being applied (only rollback may continue it).
+    RollingBack,
+    /// Every started step was compensated.
+    RolledBack,
+}
+
+impl RunState {
+    /// Every run state, in schema order.
+    pub const ALL: [RunState; 7] = [
+        RunState::Running,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Interrupted,
+        RunState::NeedsOperator,
+        RunState::RollingBack,
+        RunState::RolledBack,
+    ];
+
+    /// The text stored in `runs.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Interrupted => "interrupted",
+            RunState::NeedsOperator => "needs_operator",
+            RunState::RollingBack => "rolling_back",
+            RunState::RolledBack => "rolled_back",
+        }
+    }
+
+    /// Parse the stored text.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether the run is over (nothing can resume or roll it back).
+    pub fn is_final(self) -> bool {
+        matches!(self, RunState::Succeeded | RunState::RolledBack)
+    }
+
+    /// The one transition function for runs.
+    ///
+    /// running → succeeded | failed | interrupted | needs_operator | rolling_back;
+    /// failed | interrupted | needs_operator → running (resume) | rolling_back (rollback);
+    /// rolling_back → rolled_back. Nothing leaves succeeded or rolled_back.
+    pub fn transition(from: RunState, to: RunState) -> Result<(), TransitionError> {
+        use RunState::*;
+        let ok = match (from, to) {
+            (Running, Succeeded | Failed | Interrupted | NeedsOperator | RollingBack) => true,
+            (Failed | Interrupted | NeedsOperator, Running | RollingBack) => true,
+            (RollingBack, RolledBack) => true,
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(TransitionError { what: "run", from: from.to_string(), to: to.to_string() })
+        }
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// State of a step (mirrors the `steps.state` CHECK constraint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepState {
+    /// Not started.
+    Pending,
+    /// Intent recorded; the effect may or may not have happened.
+    Started,
+    /// Effect in place, output recorded.
+    Done,
+    /// `apply` reported an error.
+    Failed,
+    /// Compensation intent recorded.
+    Compensating,
+    /// Effect undone.
+    Compensated,
+}
+
+impl StepState {
+    /// Every step state, in schema order.
+    pub const ALL: [StepState; 6] = [
+        StepState::Pending,
+        StepState::Started,
+        StepState::Done,
+        StepState::Failed,
+        StepState::Compensating,
+        StepState::Compensated,
+    ];
+
+    /// The text stored in `steps.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Started => "started",
+            StepState::Done => "done",
+            StepState::Failed => "failed",
+            StepState::Compensating => "compensating",
+            StepState::Compensated => "compensated",
+        }
+    }
+
+    /// Parse the stored text.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The one transition function for steps.
+    ///
+    /// pending → started; started → started (a new attempt after a NotDone probe) | done |
+    /// failed | compensating; failed → started (retry) | done (probe found it done) |
+    /// compensating; done → compensating; compensating → compensated.
+    /// Re-entering `compensating` after a crash is not a transition: the row already says it.
+    pub fn transition(from: StepState, to: StepState) -> Result<(), TransitionError> {
+        use StepState::*;
+        let ok = matches!(
+            (from, to),
+            (Pending, Started)
+                | (Started, Started | Done | Failed | Compensating)
+                | (Failed, Started | Done | Compensating)
+                | (Done, Compensating)
+                | (Compensating, Compensated)
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(TransitionError { what: "step", from: from.to_string(), to: to.to_string() })
+        }
+    }
+}
+
+impl fmt::Display for StepState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a run to be created.
+#[derive(Debug, Clone)]
+pub struct NewStep {
+    /// Step name.
+    pub name: String,
+    /// Step version.
+    pub version: u32,
+    /// Whether the step is destructive.
+    pub destructive: bool,
+}
+
+/// A run to be created (state `running`, every step `pending`).
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// UUID v7 text.
+    pub id: String,
+    /// Runner lock key.
+    pub lock_key: String,
+    /// Plan name.
+    pub plan: String,
+    /// Plan fingerprint.
+    pub plan_fingerprint: String,
+    /// Sandbox, when the plan is about one.
+    pub sandbox: Option<String>,
+    /// Gateway binding, when the plan is about one.
+    pub gateway: Option<String>,
+    /// Plan-specific mode.
+    pub mode: Option<String>,
+    /// Parameters fixed at creation (redacted before writing).
+    pub params: Value,
+    /// Command line of the process that created the run.
+    pub argv: Vec<String>,
+    /// The steps, in order.
+    pub steps: Vec<NewStep>,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    /// UUID v7 text.
+    pub id: String,
+    /// Runner lock key.
+    pub lock_key: String,
+    /// Plan name.
+    pub plan: String,
+    /// Plan fingerprint.
+    pub plan_fingerprint: String,
+    /// Sandbox.
+    pub sandbox: Option<String>,
+    /// Gateway binding.
+    pub gateway: Option<String>,
+    /// Plan mode.
+    pub mode: Option<String>,
+    /// Current state.
+    pub state: RunState,
+    /// Parameters.
+    pub params: Value,
+    /// nemoclaw version that created the run.
+    pub binary_version: String,
+    /// Host that created the run.
+    pub host: String,
+    /// User that created the run.
+    pub user: String,
+    /// Pid of the process that created the run.
+    pub pid: i64,
+    /// Command line.
+    pub argv: Vec<String>,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+    /// When the run reached succeeded/rolled_back (ms).
+    pub finished_at: Option<i64>,
+    /// Last error text.
+    pub error: Option<String>,
+}
+
+/// A step as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    /// Run id.
+    pub run_id: String,
+    /// 0-based position.
+    pub seq: usize,
+    /// Step name.
+    pub name: String,
+    /// Step version.
+    pub version: u32,
+    /// Destructive step.
+    pub destructive: bool,
+    /// Current state.
+    pub state: StepState,
+    /// How many times apply was started.
+    pub attempt: u32,
+    /// Intent input.
+    pub input: Option<Value>,
+    /// Output once done (kept while compensating so the compensation can use it).
+    pub output: Option<Value>,
+    /// Error text of the last failure.
+    pub error: Option<String>,
+    /// Last intent time (ms).
+    pub started_at: Option<i64>,
+    /// Outcome time (ms).
+    pub finished_at: Option<i64>,
+    /// Compensation time (ms).
+    pub compensated_at: Option<i64>,
+}
+
+/// The recorded holder of a runner lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderRecord {
+    /// Lock key.
+    pub lock_key: String,
+    /// Run the holder is working on, once known.
+    pub run_id: Option<String>,
+    /// Holder pid.
+    pub pid: i64,
+    /// Holder host.
+    pub host: String,
+    /// When the holder process started (ms).
+    pub started_at: i64,
+    /// When it took the lock (ms).
+    pub acquired_at: i64,
+}
+
+/// Which unfinished runs to list.
+#[derive(Debug, Clone, Default)]
+pub struct UnfinishedFilter<'a> {
+    /// Only runs with this lock key.
+    pub lock_key: Option<&'a str>,
+    /// Only runs about this sandbox.
+    pub sandbox: Option<&'a str>,
+}
+
+fn raw(e: rusqlite::Error) -> JournalError {
+    JournalError::from_sqlite(e)
+}
+
+fn bad_row(what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("unexpected value in the journal: {what}").into(),
+    )
+}
+
+fn json_col(s: Option<String>) -> rusqlite::Result<Option<Value>> {
+    s.map(|t| serde_json::from_str(&t).map_err(|_| bad_row("invalid JSON"))).transpose()
+}
+
+const RUN_COLS: &str = "id, lock_key, plan, plan_fingerprint, sandbox, gateway, mode, state, \
+     params, binary_version, host, user, pid, argv, created_at, updated_at, finished_at, error";
+
+fn run_from_row(r: &Row<'_>) -> rusqlite::Result<RunRecord> {
+    let state: String = r.get(7)?;
+    let argv: Value = json_col(Some(r.get(13)?))?.unwrap_or(Value::Null);
+    Ok(RunRecord {
+        id: r.get(0)?,
+        lock_key: r.get(1)?,
+        plan: r.get(2)?,
+        plan_fingerprint: r.get(3)?,
+        sandbox: r.get(4)?,
+        gateway: r.get(5)?,
+        mode: r.get(6)?,
+        state: RunState::parse(&state).ok_or_else(|| bad_row("run state"))?,
+        params: json_col(Some(r.get(8)?))?.unwrap_or(Value::Null),
+        binary_version: r.get(9)?,
+        host: r.get(10)?,
+        user: r.get(11)?,
+        pid: r.get(12)?,
+        argv: argv
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_str().unwrap_or_default().to_owned()).collect())
+            .unwrap_or_default(),
+        created_at: r.get(14)?,
+        updated_at: r.get(15)?,
+        finished_at: r.get(16)?,
+        error: r.get(17)?,
+    })
+}
+
+const STEP_COLS: &str = "run_id, seq, name, version, destructive, state, attempt, input, output, \
+     error, started_at, finished_at, compensated_at";
+
+fn step_from_row(r: &Row<'_>) -> rusqlite::Result<StepRecord> {
+    let state: String = r.get(5)?;
+    Ok(StepRecord {
+        run_id: r.get(0)?,
+        seq: r.get::<_, i64>(1)? as usize,
+        name: r.get(2)?,
+        version: r.get::<_, i64>(3)? as u32,
+        destructive: r.get::<_, i64>(4)? != 0,
+        state: StepState::parse(&state).ok_or_else(|| bad_row("step state"))?,
+        attempt: r.get::<_, i64>(6)? as u32,
+        input: json_col(r.get(7)?)?,
+        output: json_col(r.get(8)?)?,
+        error: r.get(9)?,
+        started_at: r.get(10)?,
+        finished_at: r.get(11)?,
+        compensated_at: r.get(12)?,
+    })
+}
+
+/// Insert a run (state `running`) with all its steps (`pending`) and a `run_created` event.
+pub fn create_run(tx: &Transaction<'_>, run: &NewRun, at: i64) -> Result<(), JournalError> {
+    let params_json = super::redact::redact(&run.params).to_string();
+    let argv = Value::from(run.argv.clone()).to_string();
+    tx.execute(
+        "INSERT INTO runs (id, lock_key, plan, plan_fingerprint, sandbox, gateway, mode, state,
+             params, binary_version, host, user, pid, argv, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+        params![
+            run.id,
+            run.lock_key,
+            run.plan,
+            run.plan_fingerprint,
+            run.sandbox,
+            run.gateway,
+            run.mode,
+            params_json,
+            env!("CARGO_PKG_VERSION"),
+            crate::util::hostname(),
+            crate::util::username(),
+            std::process::id() as i64,
+            argv,
+            at,
+        ],
+    )
+    .map_err(raw)?;
+    for (seq, s) in run.steps.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO steps (run_id, seq, name, version, destructive, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
+            params![run.id, seq as i64, s.name, s.version as i64, s.destructive as i64],
+        )
+        .map_err(raw)?;
+    }
+    let steps: Vec<&str> = run.steps.iter().map(|s| s.name.as_str()).collect();
+    events::append(
+        tx,
+        Some(&run.id),
+        None,
+        at,
+        "run_created",
+        &json!({
+            "lock": run.lock_key, "plan": run.plan, "plan_fingerprint": run.plan_fingerprint,
+            "sandbox": run.sandbox, "gateway": run.gateway, "mode": run.mode,
+            "steps": steps, "pid": std::process::id(), "host": crate::util::hostname(),
+        }),
+    )?;
+    Ok(())
+}
+
+fn current_run_state(tx: &Transaction<'_>, run_id: &str) -> Result<RunState, JournalError> {
+    let s: Option<String> = tx
+        .query_row("SELECT state FROM runs WHERE id = ?1", [run_id], |r| r.get(0))
+        .optional()
+        .map_err(raw)?;
+    let s = s.ok_or_else(|| JournalError::NotFound(format!("no run `{run_id}` in the journal")))?;
+    RunState::parse(&s).ok_or_else(|| raw(bad_row("run state")))
+}
+
+fn transition_err(e: TransitionError) -> JournalError {
+    JournalError::Transition(e)
+}
+
+/// Move a run to `to` (checked against the stored state), record `error` (kept when `None`),
+/// and append the `run_<to>` event with `data`.
+pub fn set_run_state(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    to: RunState,
+    error: Option<&str>,
+    at: i64,
+    data: Value,
+) -> Result<RunState, JournalError> {
+    let from = current_run_state(tx, run_id)?;
+    RunState::transition(from, to).map_err(transition_err)?;
+    let finished = if to.is_final() { Some(at) } else { None };
+    tx.execute(
+        "UPDATE runs SET state = ?2, updated_at = ?3, finished_at = ?4,
+             error = CASE WHEN ?2 IN ('succeeded', 'running') THEN NULL ELSE coalesce(?5, error) END
+         WHERE id = ?1",
+        params![run_id, to.as_str(), at, finished, error],
+    )
+    .map_err(raw)?;
+    let mut d = json!({ "from": from.as_str(), "to": to.as_str() });
+    if let Some(e) = error {
+        d["error"] = Value::String(e.to_owned());
+    }
+    merge(&mut d, data);
+    events::append(tx, Some(run_id), None, at, &format!("run_{}", to.as_str()), &d)?;
+    Ok(from)
+}
+
+/// Append a run-level event that changes no state (`takeover`, `rollback_interrupted`, ...)
+/// and touch `updated_at`.
+pub fn run_event(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    kind: &str,
+    at: i64,
+    data: Value,
+) -> Result<(), JournalError> {
+    tx.execute("UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run_id, at])
+        .map_err(raw)?;
+    events::append(tx, Some(run_id), None, at, kind, &data)?;
+    Ok(())
+}
+
+fn merge(into: &mut Value, extra: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), extra) {
+        for (k, v) in b {
+            a.insert(k, v);
+        }
+    }
+}
+
+/// What a step change writes besides the state.
+#[derive(Debug, Clone, Default)]
+pub struct StepChange<'a> {
+    /// Intent input (on `started`).
+    pub input: Option<&'a Value>,
+    /// Output (on `done`).
+    pub output: Option<&'a Value>,
+    /// Error text (on `failed`, or a compensation error).
+    pub error: Option<&'a str>,
+}
+
+/// Move step `seq` of `run_id` to `to`, checked against the stored state, and append the
+/// `step_<to>` event. `started` increments `attempt`; `done` records the output; `failed`
+/// records the error. Returns the state the step was in.
+pub fn set_step_state(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    seq: usize,
+    to: StepState,
+    change: StepChange<'_>,
+    at: i64,
+) -> Result<StepState, JournalError> {
+    let row: Option<(String, i64, String)> = tx
+        .query_row(
+            "SELECT state, attempt, name FROM steps WHERE run_id = ?1 AND seq = ?2",
+            params![run_id, seq as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(raw)?;
+    let (from, attempt, name) = row.ok_or_else(|| {
+        JournalError::NotFound(format!("run `{run_id}` has no step {seq} in the journal"))
+    })?;
+    let from = StepState::parse(&from).ok_or_else(|| raw(bad_row("step state")))?;
+    StepState::transition(from, to).map_err(transition_err)?;
+    let redacted = |v: Option<&Value>| v.map(|v| super::redact::redact(v).to_string());
+    let mut data = json!({ "name": name, "from": from.as_str() });
+    let n = match to {
+        StepState::Started => {
+            data["attempt"] = json!(attempt + 1);
+            tx.execute(
+                "UPDATE steps SET state = 'started', attempt = attempt + 1, input = ?3,
+                     error = NULL, started_at = ?4, finished_at = NULL
+                 WHERE run_id = ?1 AND seq = ?2",
+                params![run_id, seq as i64, redacted(change.input), at],
+            )
+        }
+        StepState::Done => tx.execute(
+            "UPDATE steps SET state = 'done', output = ?3, error = NULL, finished_at = ?4
+             WHERE run_id = ?1 AND seq = ?2",
+            params![run_id, seq as i64, redacted(change.output), at],
+        ),
+        StepState::Failed => tx.execute(
+            "UPDATE steps SET state = 'failed', error = ?3, finished_at = ?4
+             WHERE run_id = ?1 AND seq = ?2",
+            params![run_id, seq as i64, change.error, at],
+        ),
+        StepState::Compensating => tx.execute(
+            "UPDATE steps SET state = 'compensating' WHERE run_id = ?1 AND seq = ?2",
+            params![run_id, seq as i64],
+        ),
+        StepState::Compensated => tx.execute(
+            "UPDATE steps SET state = 'compensated', compensated_at = ?3
+             WHERE run_id = ?1 AND seq = ?2",
+            params![run_id, seq as i64, at],
+        ),
+        StepState::Pending => unreachable!("no transition leads to pending"),
+    }
+    .map_err(raw)?;
+    debug_assert_eq!(n, 1);
+    if let Some(e) = change.error {
+        data["error"] = Value::String(e.to_owned());
+    }
+    events::append(
+        tx,
+        Some(run_id),
+        Some(seq as i64),
+        at,
+        &format!("step_{}", to.as_str()),
+        &data,
+    )?;
+    tx.execute("UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run_id, at])
+        .map_err(raw)?;
+    Ok(from)
+}
+
+/// A run by its full id, or `None`.
+pub fn get_run(conn: &Connection, id: &str) -> Result<Option<RunRecord>, JournalError> {
+    conn.query_row(&format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"), [id], run_from_row)
+        .optional()
+        .map_err(raw)
+}
+
+/// A run by id or unique id prefix. Not found or ambiguous is [`JournalError::NotFound`].
+pub fn find_run(conn: &Connection, id_or_prefix: &str) -> Result<RunRecord, JournalError> {
+    if let Some(r) = get_run(conn, id_or_prefix)? {
+        return Ok(r);
+    }
+    // Escape LIKE wildcards: a prefix is matched literally.
+    let esc: String = id_or_prefix
+        .chars()
+        .flat_map(|c| if matches!(c, '%' | '_' | '\\') { vec!['\\', c] } else { vec![c] })
+        .collect();
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {RUN_COLS} FROM runs WHERE id LIKE ?1 || '%' ESCAPE '\\' ORDER BY id LIMIT 3"
+        ))
+        .map_err(raw)?;
+    let found: Vec<RunRecord> =
+        stmt.query_map([esc], run_from_row).and_then(|it| it.collect()).map_err(raw)?;
+    match found.len() {
+        1 => Ok(found.into_iter().next().expect("one element")),
+        0 => Err(JournalError::NotFound(format!("no run matches `{id_or_prefix}` in the journal"))),
+        _ => Err(JournalError::NotFound(format!(
+            "run prefix `{id_or_prefix}` is ambiguous ({}, {}, ...); give more characters",
+            found[0].id, found[1].id
+        ))),
+    }
+}
+
+/// Runs not yet `succeeded` or `rolled_back`, oldest first.
+pub fn unfinished_runs(
+    conn: &Connection,
+    filter: &UnfinishedFilter<'_>,
+) -> Result<Vec<RunRecord>, JournalError> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {RUN_COLS} FROM runs
+             WHERE state NOT IN ('succeeded', 'rolled_back')
+               AND (?1 IS NULL OR lock_key = ?1) AND (?2 IS NULL OR sandbox = ?2)
+             ORDER BY created_at, id"
+        ))
+        .map_err(raw)?;
+    stmt.query_map(params![filter.lock_key, filter.sandbox], run_from_row)
+        .and_then(|it| it.collect())
+        .map_err(raw)
+}
+
+/// The steps of a run, in order.
+pub fn steps(conn: &Connection, run_id: &str) -> Result<Vec<StepRecord>, JournalError> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {STEP_COLS} FROM steps WHERE run_id = ?1 ORDER BY seq"))
+        .map_err(raw)?;
+    stmt.query_map([run_id], step_from_row).and_then(|it| it.collect()).map_err(raw)
+}
+
+/// The recorded holder of `lock_key`, if any.
+pub fn holder(conn: &Connection, lock_key: &str) -> Result<Option<HolderRecord>, JournalError> {
+    conn.query_row(
+        "SELECT lock_key, run_id, pid, host, started_at, acquired_at FROM holders WHERE lock_key = ?1",
+        [lock_key],
+        |r| {
+            Ok(HolderRecord {
+                lock_key: r.get(0)?,
+                run_id: r.get(1)?,
+                pid: r.get(2)?,
+                host: r.get(3)?,
+                started_at: r.get(4)?,
+                acquired_at: r.get(5)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(raw)
+}
+
+/// Record `h` as the holder of its key (replacing any previous row).
+pub fn set_holder(tx: &Transaction<'_>, h: &HolderRecord) -> Result<(), JournalError> {
+    tx.execute(
+        "INSERT OR REPLACE INTO holders (lock_key, run_id, pid, host, started_at, acquired_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![h.lock_key, h.run_id, h.pid, h.host, h.started_at, h.acquired_at],
+    )
+    .map_err(raw)?;
+    Ok(())
+}
+
+/// Record which run the holder of `lock_key` works on.
+pub fn set_holder_run(
+    tx: &Transaction<'_>,
+    lock_key: &str,
+    run_id: &str,
+) -> Result<(), JournalError> {
+    tx.execute("UPDATE holders SET run_id = ?2 WHERE lock_key = ?1", params![lock_key, run_id])
+        .map_err(raw)?;
+    Ok(())
+}
+
+/// Remove the holder row of `lock_key` if it is ours (`pid`, `host`).
+pub fn clear_holder(
+    tx: &Transaction<'_>,
+    lock_key: &str,
+    pid: i64,
+    host: &str,
+) -> Result<(), JournalError> {
+    tx.execute(
+        "DELETE FROM holders WHERE lock_key = ?1 AND pid = ?2 AND host = ?3",
+        params![lock_key, pid, host],
+    )
+    .map_err(raw)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+    use RunState as R;
+    use StepState as S;
+
+    #[rstest]
+    #[case::finish(R::Running, R::Succeeded, true)]
+    #[case::fail(R::Running, R::Failed, true)]
+    #[case::interrupt(R::Running, R::Interrupted, true)]
+    #[case::operator(R::Running, R::NeedsOperator, true)]
+    #[case::auto_rollback(R::Running, R::RollingBack, true)]
+    #[case::resume_failed(R::Failed, R::Running, true)]
+    #[case::resume_interrupted(R::Interrupted, R::Running, true)]
+    #[case::resume_operator(R::NeedsOperator, R::Running, true)]
+    #[case::rollback_failed(R::Failed, R::RollingBack, true)]
+    #[case::rollback_interrupted(R::Interrupted, R::RollingBack, true)]
+    #[case::rollback_operator(R::NeedsOperator, R::RollingBack, true)]
+    #[case::rolled_back(R::RollingBack, R::RolledBack, true)]
+    #[case::no_resume_of_rollback(R::RollingBack, R::Running, false)]
+    #[case::no_interrupt_of_rollback(R::RollingBack, R::Interrupted, false)]
+    #[case::succeeded_is_final(R::Succeeded, R::RollingBack, false)]
+    #[case::rolled_back_is_final(R::RolledBack, R::Running, false)]
+    #[case::no_self_loop(R::Running, R::Running, false)]
+    #[case::no_skip_to_rolled_back(R::Failed, R::RolledBack, false)]
+    #[case::failed_to_succeeded(R::Failed, R::Succeeded, false)]
+    fn run_transitions(#[case] from: RunState, #[case] to: RunState, #[case] ok: bool) {
+        assert_eq!(RunState::transition(from, to).is_ok(), ok, "{from} -> {to}");
+    }
+
+    #[rstest]
+    #[case::intent(S::Pending, S::Started, true)]
+    #[case::new_attempt(S::Started, S::Started, true)]
+    #[case::outcome_done(S::Started, S::Done, true)]
+    #[case::outcome_failed(S::Started, S::Failed, true)]
+    #[case::retry_failed(S::Failed, S::Started, true)]
+    #[case::probe_found_done(S::Failed, S::Done, true)]
+    #[case::undo_done(S::Done, S::Compensating, true)]
+    #[case::undo_started(S::Started, S::Compensating, true)]
+    #[case::undo_failed(S::Failed, S::Compensating, true)]
+    #[case::undone(S::Compensating, S::Compensated, true)]
+    #[case::no_skip_intent(S::Pending, S::Done, false)]
+    #[case::no_undo_pending(S::Pending, S::Compensating, false)]
+    #[case::no_redo_done(S::Done, S::Started, false)]
+    #[case::compensated_is_final(S::Compensated, S::Started, false)]
+    #[case::no_back_to_pending(S::Started, S::Pending, false)]
+    #[case::no_forward_from_compensating(S::Compensating, S::Started, false)]
+    fn step_transitions(#[case] from: StepState, #[case] to: StepState, #[case] ok: bool) {
+        assert_eq!(StepState::transition(from, to).is_ok(), ok, "{from} -> {to}");
+    }
+
+    #[test]
+    fn states_round_trip_and_match_the_schema() {
+        let sql = include_str!("../../journal-schema/0001_init.sql");
+        for s in RunState::ALL {
+            assert_eq!(RunState::parse(s.as_str()), Some(s));
+            assert!(sql.contains(&format!("'{}'", s.as_str())), "{s} missing from CHECK");
+        }
+        for s in StepState::ALL {
+            assert_eq!(StepState::parse(s.as_str()), Some(s));
+            assert!(sql.contains(&format!("'{}'", s.as_str())), "{s} missing from CHECK");
+        }
+    }
+
+    fn new_run(id: &str) -> NewRun {
+        NewRun {
+            id: id.into(),
+            lock_key: "k".into(),
+            plan: "p".into(),
+            plan_fingerprint: "f".into(),
+            sandbox: Some("demo".into()),
+            gateway: None,
+            mode: None,
+            params: json!({"apiKey": "sk", "n": 1}),
+            argv: vec!["nemoclaw".into()],
+            steps: vec![
+                NewStep { name: "a".into(), version: 1, destructive: false },
+                NewStep { name: "b".into(), version: 2, destructive: true },
+            ],
+        }
+    }
+
+    #[test]
+    fn run_lifecycle_writes_state_and_event_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = crate::journal::Journal::open_home(dir.path()).unwrap();
+        j.write("create", |tx| create_run(tx, &new_run("0190-aaaa"), 1)).unwrap();
+        j.write("create", |tx| create_run(tx, &new_run("0190-aaab"), 1)).unwrap();
+        let r = find_run(j.conn(), "0190-aaaa").unwrap();
+        assert_eq!(r.state, R::Running);
+        assert_eq!(r.params["apiKey"], "[redacted]");
+        assert!(find_run(j.conn(), "0190-aa").unwrap_err().to_string().contains("ambiguous"));
+        assert!(find_run(j.conn(), "0190-%").is_err(), "LIKE wildcards are literal");
+        j.write("s", |tx| {
+            set_step_state(tx, "0190-aaaa", 0, S::Started, StepChange::default(), 2)?;
+            set_step_state(
+                tx,
+                "0190-aaaa",
+                0,
+                S::Done,
+                StepChange { output: Some(&json!({"x": 1})), ..Default::default() },
+                3,
+            )
+        })
+        .unwrap();
+        // A forbidden transition fails and the transaction is rolled back with it.
+        let e = j
+            .write("bad", |tx| {
+                set_step_state(tx, "0190-aaaa", 1, S::Compensating, StepChange::default(), 4)
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("pending -> compensating"), "{e}");
+        let st = steps(j.conn(), "0190-aaaa").unwrap();
+        assert_eq!((st[0].state, st[0].attempt), (S::Done, 1));
+        assert_eq!(st[0].output, Some(json!({"x": 1})));
+        assert_eq!(st[1].state, S::Pending);
+        j.write("f", |tx| set_run_state(tx, "0190-aaaa", R::Failed, Some("boom"), 5, json!({})))
+            .unwrap();
+        let un =
+            unfinished_runs(j.conn(), &UnfinishedFilter { lock_key: Some("k"), sandbox: None })
+                .unwrap();
+        assert_eq!(un.len(), 2);
+        j.write("rb", |tx| {
+            set_run_state(tx, "0190-aaaa", R::RollingBack, None, 6, json!({}))?;
+            set_run_state(tx, "0190-aaaa", R::RolledBack, None, 7, json!({}))
+        })
+        .unwrap();
+        let r = get_run(j.conn(), "0190-aaaa").unwrap().unwrap();
+        assert_eq!(
+            (r.state, r.finished_at, r.error.as_deref()),
+            (R::RolledBack, Some(7), Some("boom"))
+        );
+        let kinds: Vec<String> = j
+            .conn()
+            .prepare("SELECT kind FROM events WHERE run_id = '0190-aaaa' ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            kinds,
+            [
+                "run_created",
+                "step_started",
+                "step_done",
+                "run_failed",
+                "run_rolling_back",
+                "run_rolled_back"
+            ]
+        );
+    }
+}
