@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use super::chain::{event_hash, EventFields, GENESIS};
 use super::events::{self, META_PRUNED_HEAD, META_PRUNED_ID};
+use super::runs::{RunState, StepState};
 use super::{Journal, JournalError};
 use crate::exit::{Exit, ExitCoded};
 
@@ -367,12 +368,13 @@ pub fn list_runs(
     Ok(())
 }
 
-/// `EXPLAIN QUERY PLAN` of the `journal list` query for `f`, one line per plan node (used by
-/// tests to prove the query walks an index instead of scanning and sorting the table).
-pub fn list_query_plan(conn: &Connection, f: &RunFilter) -> rusqlite::Result<Vec<String>> {
+/// `EXPLAIN QUERY PLAN` of the `journal list` query for `f`: `(parent node id, detail)` per
+/// plan node; parent 0 is the outer query (used by tests to prove the query walks an index
+/// instead of scanning and sorting the table).
+pub fn list_query_plan(conn: &Connection, f: &RunFilter) -> rusqlite::Result<Vec<(i64, String)>> {
     let (q, params) = list_sql(f);
     let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {q}"))?;
-    let rows = stmt.query_map(params_from_iter(params), |r| r.get::<_, String>(3))?;
+    let rows = stmt.query_map(params_from_iter(params), |r| Ok((r.get(1)?, r.get(3)?)))?;
     rows.collect()
 }
 
@@ -814,26 +816,20 @@ pub fn verify(j: &Journal) -> Result<VerifyReport, AuditError> {
     Ok(report)
 }
 
-/// Whether a run may go from `from` to `to` (mirrors the engine's run transition function).
+/// Whether a run may go from `from` to `to`: the engine's one transition function.
 fn run_transition_ok(from: &str, to: &str) -> bool {
-    matches!(
-        (from, to),
-        ("running", "succeeded" | "failed" | "interrupted" | "needs_operator" | "rolling_back")
-            | ("failed" | "interrupted" | "needs_operator", "running" | "rolling_back")
-            | ("rolling_back", "rolled_back")
-    )
+    match (RunState::parse(from), RunState::parse(to)) {
+        (Some(f), Some(t)) => RunState::transition(f, t).is_ok(),
+        _ => false,
+    }
 }
 
-/// Whether a step may go from `from` to `to` (mirrors the engine's step transition function).
+/// Whether a step may go from `from` to `to`: the engine's one transition function.
 fn step_transition_ok(from: &str, to: &str) -> bool {
-    matches!(
-        (from, to),
-        ("pending", "started")
-            | ("started", "started" | "done" | "failed" | "compensating")
-            | ("failed", "started" | "done" | "compensating")
-            | ("done", "compensating")
-            | ("compensating", "compensated")
-    )
+    match (StepState::parse(from), StepState::parse(to)) {
+        (Some(f), Some(t)) => StepState::transition(f, t).is_ok(),
+        _ => false,
+    }
 }
 
 struct RunRow {
