@@ -218,6 +218,30 @@ fn median(cmd: impl Fn() -> Command, reps: usize) -> (Duration, i64) {
     (v[v.len() / 2].wall, rss)
 }
 
+/// Max RSS (KiB) of one run of `program args`, measured by `/usr/bin/time -f %M`. Not wait4 on
+/// our own child: Linux carries a parent's RSS high-water mark into a forked child across exec,
+/// and this bench process is large after generating the journal.
+fn max_rss_kb(program: &Path, args: &[&std::ffi::OsStr]) -> i64 {
+    let out = std::env::temp_dir().join(format!("audit-bench-rss-{}", std::process::id()));
+    let st = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(&out)
+        .arg(program)
+        .args(args)
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("/usr/bin/time");
+    assert!(st.success(), "measured command failed");
+    let kb = std::fs::read_to_string(&out).unwrap_or_default().trim().parse().unwrap_or(-1);
+    let _ = std::fs::remove_file(&out);
+    kb
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -281,9 +305,16 @@ fn main() {
         median(|| nc(&home, &["journal", "list", "--sandbox", "sb-7", "--limit", "50"]), reps);
 
     let vreps = 3;
-    let (verify_big, rss_big) = median(|| nc(&home, &["journal", "verify"]), vreps);
-    let (verify_small, rss_small) = median(|| nc(&small, &["journal", "verify"]), vreps);
-    let (export_big, rss_export) = median(|| nc(&home, &["journal", "export"]), vreps);
+    let (verify_big, _) = median(|| nc(&home, &["journal", "verify"]), vreps);
+    let (verify_small, _) = median(|| nc(&small, &["journal", "verify"]), vreps);
+    let (export_big, _) = median(|| nc(&home, &["journal", "export"]), vreps);
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let rss = |h: &Path, cmd: &'static str| {
+        max_rss_kb(&bin, &[os("--home"), h.as_os_str(), os("journal"), os(cmd)])
+    };
+    let (rss_big, rss_small, rss_export) =
+        (rss(&home, "verify"), rss(&small, "verify"), rss(&home, "export"));
+    let rss_list = rss(&home, "list");
 
     let r = |a: Duration, b: Duration| ms(a) / ms(b);
     println!("## audit benchmark\n");
@@ -340,5 +371,10 @@ fn main() {
         events as f64 / export_big.as_secs_f64(),
         rss_export
     );
-    println!("\nverify max RSS ratio 1M/100k: {:.2}", rss_big as f64 / rss_small.max(1) as f64);
+    println!(
+        "\nmax RSS (KiB, /usr/bin/time): verify {} events {rss_small}, verify {events} events {rss_big} \
+         (ratio {:.2}); export {rss_export}; list {rss_list}",
+        small_runs * EVENTS_PER_RUN,
+        rss_big as f64 / rss_small.max(1) as f64
+    );
 }

@@ -653,23 +653,26 @@ pub struct ExportFilter {
 /// `{"schema_version":1,"type":"event","data":{...}}`. `data.data` is the event's JSON; its
 /// compact serialisation is the exact text the hash covers.
 pub fn export_line(e: &EventRecord, sandbox: Option<&str>) -> String {
-    json!({
-        "schema_version": AUDIT_SCHEMA_VERSION,
-        "type": "event",
-        "data": {
-            "id": e.id,
-            "at": e.at,
-            "at_iso": crate::util::iso_ms(e.at),
-            "run_id": e.run_id,
-            "sandbox": sandbox,
-            "step_seq": e.step_seq,
-            "kind": e.kind,
-            "data": e.data_json(),
-            "prev_hash": e.prev_hash,
-            "hash": e.hash,
-        }
-    })
-    .to_string()
+    // Built by hand rather than through a `Value`: the stored data text is already compact JSON
+    // (the schema CHECKs json_valid), so it is embedded as is, and the line costs no parse.
+    // Field order and spelling are the format; `q` quotes and escapes a string.
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "null".to_owned());
+    let opt = |s: Option<&str>| s.map(q).unwrap_or_else(|| "null".to_owned());
+    let data = if e.data.is_empty() { "null" } else { e.data.as_str() };
+    format!(
+        "{{\"schema_version\":{AUDIT_SCHEMA_VERSION},\"type\":\"event\",\"data\":{{\"id\":{},\"at\":{},\
+         \"at_iso\":\"{}\",\"run_id\":{},\"sandbox\":{},\"step_seq\":{},\"kind\":{},\"data\":{data},\
+         \"prev_hash\":{},\"hash\":{}}}}}",
+        e.id,
+        e.at,
+        crate::util::iso_ms(e.at),
+        opt(e.run_id.as_deref()),
+        opt(sandbox),
+        e.step_seq.map(|s| s.to_string()).unwrap_or_else(|| "null".to_owned()),
+        q(&e.kind),
+        q(&e.prev_hash),
+        q(&e.hash),
+    )
 }
 
 /// Stream matching events in chain order to `out` as JSON Lines. Returns how many were written.
@@ -832,6 +835,14 @@ fn step_transition_ok(from: &str, to: &str) -> bool {
     }
 }
 
+/// The only fields of a state-change event the consistency check needs (parsed without
+/// building a full `Value`: this runs once per event).
+#[derive(Debug, Default, serde::Deserialize)]
+struct FromTo<'a> {
+    #[serde(borrow)]
+    from: Option<std::borrow::Cow<'a, str>>,
+}
+
 struct RunRow {
     id: String,
     state: String,
@@ -980,8 +991,8 @@ fn check_run(
         if !known {
             continue;
         }
-        let d = e.data_json();
-        let from = d.get("from").and_then(Value::as_str).unwrap_or("");
+        let d: FromTo<'_> = serde_json::from_str(&e.data).unwrap_or_default();
+        let from: &str = d.from.as_deref().unwrap_or("");
         if !is_step {
             if from != run_state || !run_transition_ok(&run_state, to) {
                 out.push((
@@ -1131,6 +1142,17 @@ fn is_under(base: &Path, p: &Path) -> bool {
         && !p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
 }
 
+/// Whether `p`'s parent, with symlinks resolved, is still under `base` resolved: a symlinked
+/// directory on the way must not lead a removal outside the backups directory.
+fn resolves_under(base: &Path, p: &Path) -> bool {
+    match (p.parent().map(std::fs::canonicalize), std::fs::canonicalize(base)) {
+        (Some(Ok(parent)), Ok(base)) => parent.starts_with(base),
+        // Already gone: nothing to remove, nothing to escape through.
+        (Some(Err(e)), Ok(_)) => e.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
 /// Remove finished runs (succeeded, rolled back) that finished before `now - older_than`,
 /// with their events and — unless `keep_backups` — their backup directories.
 ///
@@ -1143,7 +1165,6 @@ fn is_under(base: &Path, p: &Path) -> bool {
 pub fn prune(j: &mut Journal, o: &PruneOptions) -> Result<PruneReport, AuditError> {
     let cutoff = o.now_ms - o.older_than_ms;
     let backups_base = o.home.join(BACKUPS_DIR);
-    let path = j.path().to_path_buf();
     let dry_run = o.dry_run;
     let keep_backups = o.keep_backups;
     let older_than_ms = o.older_than_ms;
@@ -1215,7 +1236,11 @@ pub fn prune(j: &mut Journal, o: &PruneOptions) -> Result<PruneReport, AuditErro
         drop(stmt);
         for p in candidates {
             let pb = PathBuf::from(&p);
-            if keep_backups || protected.contains(&p) || !is_under(&backups_base, &pb) {
+            if keep_backups
+                || protected.contains(&p)
+                || !is_under(&backups_base, &pb)
+                || !resolves_under(&backups_base, &pb)
+            {
                 report.backups_kept.push(p);
             } else {
                 report.backups_removed.push(p);
@@ -1283,11 +1308,10 @@ pub fn prune(j: &mut Journal, o: &PruneOptions) -> Result<PruneReport, AuditErro
                 Err(source) => return Err(AuditError::Backup { path: pb, source }),
             }
         }
-        if let Some(parent) = report.backups_removed.first().and(Some(&backups_base)) {
-            let _ = crate::util::fsync_dir(parent);
+        if !report.backups_removed.is_empty() {
+            let _ = crate::util::fsync_dir(&backups_base);
         }
     }
-    let _ = path;
     Ok(report)
 }
 
@@ -1365,6 +1389,29 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert_eq!(a[0].manifest_sha256.as_deref(), Some("ab"));
         assert_eq!(a[1].path, "/x");
+    }
+
+    #[test]
+    fn export_line_is_valid_json_with_the_documented_fields() {
+        let e = EventRecord {
+            id: 7,
+            run_id: Some("r\"1".into()),
+            step_seq: Some(2),
+            at: 1_780_308_000_000,
+            kind: "step_done".into(),
+            data: r#"{"name":"x","s":"a\nb"}"#.into(),
+            prev_hash: "p".into(),
+            hash: "h".into(),
+        };
+        let v: Value = serde_json::from_str(&export_line(&e, None)).unwrap();
+        assert_eq!(
+            v,
+            json!({"schema_version": 1, "type": "event", "data": {
+                "id": 7, "at": 1_780_308_000_000_i64, "at_iso": "2026-06-01T10:00:00.000Z",
+                "run_id": "r\"1", "sandbox": null, "step_seq": 2, "kind": "step_done",
+                "data": {"name": "x", "s": "a\nb"}, "prev_hash": "p", "hash": "h"}})
+        );
+        assert_eq!(v["data"]["data"].to_string(), e.data);
     }
 
     #[test]

@@ -543,6 +543,10 @@ fn prune_removes_a_finished_prefix_only_and_keeps_the_chain_verifiable() {
     rollback(home, &rb);
     let ok2 = rebuild(home, "alpha", false, json!({"backup_dir": shared}));
     let ok3 = rebuild(home, "delta", false, json!({"backup_dir": outside.path().join("b")}));
+    // A symlinked directory inside rebuild-backups must not lead the removal outside it.
+    std::os::unix::fs::symlink(outside.path(), home.join("rebuild-backups/link")).unwrap();
+    let ok4 =
+        rebuild(home, "delta", false, json!({"backup_dir": home.join("rebuild-backups/link/c")}));
     // Unfinished: failed after its backup (same directory as ok2), then a later finished run.
     fail(home, "restore", true);
     let unfinished = rebuild(home, "alpha", false, json!({"backup_dir": shared}));
@@ -569,9 +573,9 @@ fn prune_removes_a_finished_prefix_only_and_keeps_the_chain_verifiable() {
 
     // Dry run: reports, changes nothing.
     let d = prune(&["--dry-run"]);
-    assert_eq!(d["runs_removed"].as_array().unwrap().len(), 4);
+    assert_eq!(d["runs_removed"].as_array().unwrap().len(), 5);
     assert_eq!(count(home, "SELECT count(*) FROM events"), events_before);
-    assert_eq!(count(home, "SELECT count(*) FROM runs"), 6);
+    assert_eq!(count(home, "SELECT count(*) FROM runs"), 7);
     assert!(b1.is_dir());
 
     // Nothing is old enough yet: nothing changes.
@@ -584,7 +588,7 @@ fn prune_removes_a_finished_prefix_only_and_keeps_the_chain_verifiable() {
     let mut removed: Vec<String> =
         d["runs_removed"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
     removed.sort();
-    let mut want = vec![ok1.clone(), rb.clone(), ok2.clone(), ok3.clone()];
+    let mut want = vec![ok1.clone(), rb.clone(), ok2.clone(), ok3.clone(), ok4.clone()];
     want.sort();
     assert_eq!(removed, want);
     // The unfinished run stops the prefix; the later finished run waits for a later prune.
@@ -606,6 +610,8 @@ fn prune_removes_a_finished_prefix_only_and_keeps_the_chain_verifiable() {
     assert!(!b1.exists(), "backup of a pruned run is removed");
     assert!(shared.join("rebuild-manifest.json").is_file(), "an unfinished run's backup is kept");
     assert!(outside.path().join("b/rebuild-manifest.json").is_file(), "outside backups kept");
+    assert!(outside.path().join("c/rebuild-manifest.json").is_file(), "no escape via symlink");
+    assert!(d["backups_kept"].to_string().contains("link/c"), "{d}");
     assert!(b_later.is_dir());
     // The checkpoint event and the anchor; the chain verifies; new events chain on.
     assert_eq!(
