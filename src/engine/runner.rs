@@ -141,7 +141,7 @@ pub enum EngineError {
         /// Lock file.
         lock_path: PathBuf,
         /// What the journal says about the holder.
-        holder: Option<HolderRecord>,
+        holder: Option<Box<HolderRecord>>,
     },
     /// The lock file could not be opened or locked.
     #[error("cannot take the runner lock {path}: {source}")]
@@ -195,7 +195,7 @@ pub enum EngineError {
     },
 }
 
-fn holder_text(h: &Option<HolderRecord>) -> String {
+fn holder_text(h: &Option<Box<HolderRecord>>) -> String {
     match h {
         Some(h) => format!(
             "pid {} on host {}{} holds the lock since {}",
@@ -249,7 +249,7 @@ fn acquire(journal: &mut Journal, locks: &LockDir, key: &str) -> Result<Held, En
     let lock = match locks.try_lock(key) {
         Ok(Some(l)) => l,
         Ok(None) => {
-            let holder = runs::holder(journal.conn(), key)?;
+            let holder = runs::holder(journal.conn(), key)?.map(Box::new);
             return Err(EngineError::Busy {
                 key: key.to_owned(),
                 lock_path: locks.path_for(key),
