@@ -85,12 +85,12 @@ impl RunState {
     /// rolling_back → rolled_back. Nothing leaves succeeded or rolled_back.
     pub fn transition(from: RunState, to: RunState) -> Result<(), TransitionError> {
         use RunState::*;
-        let ok = match (from, to) {
-            (Running, Succeeded | Failed | Interrupted | NeedsOperator | RollingBack) => true,
-            (Failed | Interrupted | NeedsOperator, Running | RollingBack) => true,
-            (RollingBack, RolledBack) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (from, to),
+            (Running, Succeeded | Failed | Interrupted | NeedsOperator | RollingBack)
+                | (Failed | Interrupted | NeedsOperator, Running | RollingBack)
+                | (RollingBack, RolledBack)
+        );
         if ok {
             Ok(())
         } else {
