@@ -1118,8 +1118,10 @@ fn find_prefix(tx: &Transaction<'_>, cutoff: i64) -> rusqlite::Result<Option<i64
         let run: Option<String> = r.get(1)?;
         if let Some(run) = run {
             if current.as_deref() != Some(run.as_str()) {
-                if eligible.query_row(rusqlite::params![cutoff, run], |_| Ok(())).optional()?
-                    == None
+                if eligible
+                    .query_row(rusqlite::params![cutoff, run], |_| Ok(()))
+                    .optional()?
+                    .is_none()
                 {
                     break;
                 }

@@ -269,7 +269,7 @@ fn list_filters_ordering_and_index_use() {
         let all = format!("{plan:?}");
         assert!(outer[0].contains("USING INDEX runs_by_"), "{f:?}: {all}");
         // At most ties (same millisecond) are sorted, never the whole result.
-        assert!(!outer.iter().any(|d| *d == "USE TEMP B-TREE FOR ORDER BY"), "{f:?}: {all}");
+        assert!(!outer.contains(&"USE TEMP B-TREE FOR ORDER BY"), "{f:?}: {all}");
         // Steps are looked up by primary key per listed run.
         assert!(all.contains("sqlite_autoindex_steps_1 (run_id=?)"), "{all}");
     }
@@ -415,6 +415,9 @@ fn show_prefix_ambiguous_unknown() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// `id, run_id, step_seq, at, kind, data, prev_hash, hash` of one events row.
+type EventRow = (i64, Option<String>, Option<i64>, i64, String, String, String, String);
+
 #[test]
 fn export_round_trips_into_the_same_events() {
     let h = Home::new();
@@ -431,7 +434,7 @@ fn export_round_trips_into_the_same_events() {
             "SELECT id, run_id, step_seq, at, kind, data, prev_hash, hash FROM events ORDER BY id",
         )
         .unwrap();
-    let rows: Vec<(i64, Option<String>, Option<i64>, i64, String, String, String, String)> = stmt
+    let rows: Vec<EventRow> = stmt
         .query_map([], |r| {
             Ok((
                 r.get(0)?,
