@@ -267,17 +267,17 @@ fn print_show(ctx: &Ctx, d: &RunDetail, now: i64) {
     let mut head: Vec<Vec<(String, &str)>> = Vec::new();
     let mut kv = |k: &str, v: String, c: &'static str| head.push(vec![(k.to_owned(), ""), (v, c)]);
     kv("Run", r.id.clone(), "");
-    kv(
-        "Plan",
-        format!(
-            "{}{} of sandbox {} on gateway {}",
-            r.plan,
-            r.mode.as_ref().map(|m| format!(" ({m})")).unwrap_or_default(),
-            r.sandbox.clone().unwrap_or_else(dash),
-            r.gateway.clone().unwrap_or_else(dash)
-        ),
-        "",
-    );
+    let mut plan = r.plan.clone();
+    if let Some(m) = &r.mode {
+        plan.push_str(&format!(" ({m})"));
+    }
+    if let Some(sb) = &r.sandbox {
+        plan.push_str(&format!(" of sandbox {sb}"));
+    }
+    if let Some(gw) = &r.gateway {
+        plan.push_str(&format!(" on gateway {gw}"));
+    }
+    kv("Plan", plan, "");
     kv("State", r.state.clone(), state_color(&r.state));
     kv("Started", when(r.created_at, now), "");
     match r.finished_at {
@@ -286,7 +286,7 @@ fn print_show(ctx: &Ctx, d: &RunDetail, now: i64) {
         }
         None => kv(
             "Updated",
-            format!("{} ({} so far)", when(r.updated_at, now), human_duration(r.duration_ms)),
+            format!("{}, {} so far", when(r.updated_at, now), human_duration(r.duration_ms)),
             "",
         ),
     }

@@ -288,7 +288,7 @@ fn show_normal_stale_resumed_rolled_back_and_interrupted_runs() {
     let rolled = rebuild(h.path(), "gamma", true, json!({}));
     fail(h.path(), "onboard", false);
     rollback(h.path(), &rolled);
-    let interrupted = interrupted_synthetic_run(&h);
+    let interrupted = synthetic_run_stopped(&h, "intr", libc::SIGTERM);
 
     // Normal: every step with times and durations, the backup artifact with its digest.
     let o = h.run(&["journal", "show", &normal]);
@@ -355,11 +355,12 @@ fn show_normal_stale_resumed_rolled_back_and_interrupted_runs() {
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
 
-/// A synthetic run in a child process, stopped with SIGTERM while its second step sleeps.
-fn interrupted_synthetic_run(h: &Home) -> String {
+/// A synthetic run in a child process, sent `signal` while its second step sleeps. Returns the
+/// run id.
+fn synthetic_run_stopped(h: &Home, key: &str, signal: i32) -> String {
     let child = h
         .cmd()
-        .args(["internal", "synthetic", "run", "--steps", "3", "--step-ms", "400", "--key", "intr"])
+        .args(["internal", "synthetic", "run", "--steps", "3", "--step-ms", "400", "--key", key])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -374,8 +375,8 @@ fn interrupted_synthetic_run(h: &Home) -> String {
                 j.conn()
                     .query_row(
                         "SELECT count(*) FROM events WHERE kind = 'step_started' AND step_seq = 1 \
-                         AND run_id IN (SELECT id FROM runs WHERE lock_key = 'intr')",
-                        [],
+                         AND run_id IN (SELECT id FROM runs WHERE lock_key = ?1)",
+                        [key],
                         |r| r.get::<_, i64>(0),
                     )
                     .ok()
@@ -387,12 +388,60 @@ fn interrupted_synthetic_run(h: &Home) -> String {
         assert!(std::time::Instant::now() < deadline, "synthetic run never started step 1");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let pid = child.id() as i32;
+    unsafe { libc::kill(pid, signal) };
     let o = child.wait_with_output().unwrap();
+    if signal == libc::SIGKILL {
+        // Nothing got to run: the run id comes from the journal.
+        assert_eq!(o.status.code(), None);
+        let j = Journal::open_readonly(&h.path().join("journal.sqlite3")).unwrap().unwrap();
+        return j
+            .conn()
+            .query_row("SELECT id FROM runs WHERE lock_key = ?1", [key], |r| r.get(0))
+            .unwrap();
+    }
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     let id = stdout(&o).trim().to_owned();
     assert_eq!(run_state(h.path(), &id), "interrupted");
     id
+}
+
+#[test]
+fn show_takeover_after_a_killed_runner_and_verify_wants_a_holder_for_running_runs() {
+    let h = Home::new();
+    let run = synthetic_run_stopped(&h, "kill", libc::SIGKILL);
+    assert_eq!(run_state(h.path(), &run), "running");
+    // A killed runner leaves its holder row: still consistent.
+    let o = h.run(&["journal", "verify"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&h.run(&["journal", "show", &run]));
+    assert!(
+        out.lines().any(|l| l.starts_with("State") && l.trim_end().ends_with(" running")),
+        "{out}"
+    );
+
+    // Without its holder row a running run is an inconsistency.
+    sqlite(h.path(), "DELETE FROM holders;");
+    let o = h.run(&["journal", "verify"]);
+    assert_eq!(o.status.code(), Some(65));
+    assert!(stdout(&o).contains("no holder row names it"), "{}", stdout(&o));
+
+    // Resume takes the dead runner's run over; the timeline shows the takeover.
+    let o = h.run(&["internal", "synthetic", "resume", "--key", "kill"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = json_out(&h, &["journal", "show", &run]);
+    assert_eq!(d["data"]["state"], "succeeded");
+    let kinds: Vec<&str> = d["data"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"takeover"), "{kinds:?}");
+    let out = stdout(&h.run(&["journal", "show", &run]));
+    assert!(out.contains("takeover"), "{out}");
+    let o = h.run(&["journal", "verify"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
 
 #[test]
