@@ -775,3 +775,40 @@ fn output_is_aligned_coloured_only_when_asked_and_json_is_stable() {
         "events": events, "now": "<v>", "artifacts": []}});
     assert_eq!(v, expected, "{}", serde_json::to_string_pretty(&v).unwrap());
 }
+
+/// Colour follows the terminal: on a pseudo-terminal (`script` from util-linux) `auto` colours,
+/// and `NO_COLOR` turns it off there too.
+#[test]
+fn colour_on_a_tty_unless_no_color() {
+    let script = Path::new("/usr/bin/script");
+    if !script.exists() {
+        eprintln!("skipped: /usr/bin/script (util-linux) is not installed");
+        return;
+    }
+    let h = Home::new();
+    rebuild(h.path(), "alpha", true, json!({}));
+    let on_tty = |no_color: bool| {
+        let line = format!(
+            "{} --home {} journal list",
+            crate::common::bin().display(),
+            h.path().display()
+        );
+        let mut c = Command::new(script);
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", h.path())
+            .env("TERM", "xterm")
+            .args(["-qec", &line, "/dev/null"])
+            .stdin(std::process::Stdio::null());
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let coloured = on_tty(false);
+    assert!(coloured.contains("\x1b[32msucceeded\x1b[0m"), "{coloured:?}");
+    let plain = on_tty(true);
+    assert!(plain.contains("succeeded") && !plain.contains('\x1b'), "{plain:?}");
+}
