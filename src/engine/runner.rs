@@ -529,7 +529,8 @@ struct Exec<'a> {
 
 /// The `input` journaled with an intent: who applies the effect.
 fn intent_input() -> Value {
-    json!({ "pid": std::process::id(), "host": crate::util::hostname() })
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    json!({ "pid": std::process::id(), "host": HOST.get_or_init(crate::util::hostname) })
 }
 
 impl<'a> Exec<'a> {
