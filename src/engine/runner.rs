@@ -141,7 +141,7 @@ pub enum EngineError {
         /// Lock file.
         lock_path: PathBuf,
         /// What the journal says about the holder.
-        holder: Option<HolderRecord>,
+        holder: Option<Box<HolderRecord>>,
     },
     /// The lock file could not be opened or locked.
     #[error("cannot take the runner lock {path}: {source}")]
@@ -195,7 +195,7 @@ pub enum EngineError {
     },
 }
 
-fn holder_text(h: &Option<HolderRecord>) -> String {
+fn holder_text(h: &Option<Box<HolderRecord>>) -> String {
     match h {
         Some(h) => format!(
             "pid {} on host {}{} holds the lock since {}",
@@ -249,7 +249,7 @@ fn acquire(journal: &mut Journal, locks: &LockDir, key: &str) -> Result<Held, En
     let lock = match locks.try_lock(key) {
         Ok(Some(l)) => l,
         Ok(None) => {
-            let holder = runs::holder(journal.conn(), key)?;
+            let holder = runs::holder(journal.conn(), key)?.map(Box::new);
             return Err(EngineError::Busy {
                 key: key.to_owned(),
                 lock_path: locks.path_for(key),
@@ -529,7 +529,8 @@ struct Exec<'a> {
 
 /// The `input` journaled with an intent: who applies the effect.
 fn intent_input() -> Value {
-    json!({ "pid": std::process::id(), "host": crate::util::hostname() })
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    json!({ "pid": std::process::id(), "host": HOST.get_or_init(crate::util::hostname) })
 }
 
 impl<'a> Exec<'a> {
@@ -926,5 +927,124 @@ impl<'a> Exec<'a> {
             then(tx, &run_id, now)
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::engine::synthetic;
+
+    #[derive(Default)]
+    struct Record(Mutex<Vec<String>>);
+
+    impl Observer for Record {
+        fn step_started(&self, seq: usize, name: &str, resumed: bool) {
+            self.0.lock().unwrap().push(format!("start {seq} {name} {resumed}"));
+        }
+        fn step_finished(&self, seq: usize, _: &str, _: Duration, outcome: &StepOutcome) {
+            self.0.lock().unwrap().push(format!("end {seq} {outcome:?}"));
+        }
+        fn compensating(&self, seq: usize, _: &str) {
+            self.0.lock().unwrap().push(format!("comp {seq}"));
+        }
+        fn compensated(&self, seq: usize, _: &str, _: Duration) {
+            self.0.lock().unwrap().push(format!("undone {seq}"));
+        }
+    }
+
+    fn spec(ledger: &std::path::Path, n: usize) -> RunSpec {
+        RunSpec { lock_key: "k".into(), params: synthetic::params(n, ledger), ..RunSpec::default() }
+    }
+
+    #[test]
+    fn one_commit_per_step_transition() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open_home(dir.path()).unwrap();
+        let locks = LockDir::new(dir.path());
+        for n in [1usize, 5, 20] {
+            let ledger = dir.path().join(format!("l{n}"));
+            let plan = synthetic::plan(n, &ledger, synthetic::Options::default());
+            let before = j.commits();
+            let r = start(&mut j, &locks, &plan, spec(&ledger, n), &Quiet).unwrap();
+            assert_eq!(r.state, RunState::Succeeded);
+            // lock + create + one commit per step (its intent, carrying the previous outcome)
+            // + finish (last outcome + succeeded) + release.
+            assert_eq!(j.commits() - before, n as u64 + 4, "{n} steps");
+        }
+    }
+
+    #[test]
+    fn failed_step_then_unknown_probe_needs_an_operator_then_resume_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open_home(dir.path()).unwrap();
+        let locks = LockDir::new(dir.path());
+        let ledger = dir.path().join("ledger");
+        let opts = synthetic::Options { fail_at: Some(1), step_ms: 0 };
+        let obs = Record::default();
+        let r = start(&mut j, &locks, &synthetic::plan(3, &ledger, opts), spec(&ledger, 3), &obs)
+            .unwrap();
+        assert_eq!((r.state, r.failed_step.as_deref()), (RunState::Failed, Some("s1")));
+        assert_eq!(r.exit(), Exit::Failed);
+        // A second start on the key is refused while the run is unfinished.
+        let e = start(&mut j, &locks, &synthetic::plan(1, &ledger, opts), spec(&ledger, 1), &Quiet)
+            .unwrap_err();
+        assert_eq!(e.exit(), Exit::Refused);
+        // Someone applied step 1 twice by hand: the probe cannot tell, an operator must look.
+        std::fs::write(&ledger, "+0\n+1\n+1\n").unwrap();
+        let res = synthetic::Resolver::default();
+        let r = resume(&mut j, &locks, &r.run_id, &res, &obs).unwrap();
+        assert_eq!(r.state, RunState::NeedsOperator);
+        assert!(r.needs_operator.as_deref().unwrap().contains("applied 2 times"), "{r:?}");
+        // Fixed by hand: the probe finds step 1 done, so it is not applied again.
+        std::fs::write(&ledger, "+0\n+1\n").unwrap();
+        let r = resume(&mut j, &locks, &r.run_id[..8], &res, &obs).unwrap();
+        assert_eq!(r.state, RunState::Succeeded);
+        assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "+0\n+1\n+2\n");
+        let log = obs.0.lock().unwrap().join("\n");
+        assert!(
+            log.contains("start 1 s1 true\nend 1 FoundDone\nstart 2 s2 false\nend 2 Done"),
+            "{log}"
+        );
+        // Finished runs: resume reports, rollback refuses.
+        assert_eq!(
+            resume(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap().state,
+            RunState::Succeeded
+        );
+        assert_eq!(
+            rollback(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap_err().exit(),
+            Exit::Refused
+        );
+    }
+
+    #[test]
+    fn rollback_compensates_in_reverse_and_busy_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open_home(dir.path()).unwrap();
+        let locks = LockDir::new(dir.path());
+        let ledger = dir.path().join("ledger");
+        let opts = synthetic::Options { fail_at: Some(2), step_ms: 0 };
+        let r = start(&mut j, &locks, &synthetic::plan(3, &ledger, opts), spec(&ledger, 3), &Quiet)
+            .unwrap();
+        let obs = Record::default();
+        let res = synthetic::Resolver::default();
+        // Hold the key's lock as another runner would: rollback is refused, naming it.
+        let held = acquire(&mut j, &locks, "k").unwrap();
+        let e = rollback(&mut j, &locks, &r.run_id, &res, &obs).unwrap_err();
+        assert_eq!(e.exit(), Exit::Busy);
+        assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+        held.release(&mut j);
+        let r = rollback(&mut j, &locks, &r.run_id, &res, &obs).unwrap();
+        assert_eq!(r.state, RunState::RolledBack);
+        assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "+0\n+1\n-1\n-0\n");
+        assert_eq!(
+            obs.0.lock().unwrap().join(","),
+            "comp 2,undone 2,comp 1,undone 1,comp 0,undone 0"
+        );
+        let steps = runs::steps(j.conn(), &r.run_id).unwrap();
+        assert!(steps.iter().all(|s| s.state == StepState::Compensated));
+        assert!(crate::journal::verify_chain(j.conn()).unwrap() > 10);
     }
 }

@@ -8,6 +8,16 @@ use super::chain::{event_hash, EventFields, GENESIS};
 use super::redact::redact;
 use super::JournalError;
 
+/// Execute one statement through the connection's statement cache (the hot path of every
+/// transition: parsing SQL anew each time would cost more than the rest of the transaction).
+pub(crate) fn exec(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(params)
+}
+
 /// Append one event inside `tx`. `data` is redacted before it is written. Returns the event id.
 pub fn append(
     tx: &Transaction<'_>,
@@ -19,10 +29,8 @@ pub fn append(
 ) -> Result<i64, JournalError> {
     let data = redact(data).to_string();
     let last: Option<(i64, String)> = tx
-        .query_row("SELECT id, hash FROM events ORDER BY id DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()
+        .prepare_cached("SELECT id, hash FROM events ORDER BY id DESC LIMIT 1")
+        .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
         .map_err(JournalError::from_sqlite)?;
     let (id, prev) = match last {
         Some((id, hash)) => (id + 1, hash),
@@ -30,7 +38,8 @@ pub fn append(
         None => (checkpoint_next_id(tx)?, checkpoint_head(tx)?),
     };
     let hash = event_hash(&prev, &EventFields { id, run_id, step_seq, at, kind, data: &data });
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO events (id, run_id, step_seq, at, kind, data, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![id, run_id, step_seq, at, kind, data, prev, hash],

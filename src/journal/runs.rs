@@ -9,7 +9,7 @@ use std::fmt;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use serde_json::{json, Value};
 
-use super::events;
+use super::events::{self, exec};
 use super::JournalError;
 
 /// A forbidden state change.
@@ -85,12 +85,12 @@ impl RunState {
     /// rolling_back → rolled_back. Nothing leaves succeeded or rolled_back.
     pub fn transition(from: RunState, to: RunState) -> Result<(), TransitionError> {
         use RunState::*;
-        let ok = match (from, to) {
-            (Running, Succeeded | Failed | Interrupted | NeedsOperator | RollingBack) => true,
-            (Failed | Interrupted | NeedsOperator, Running | RollingBack) => true,
-            (RollingBack, RolledBack) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (from, to),
+            (Running, Succeeded | Failed | Interrupted | NeedsOperator | RollingBack)
+                | (Failed | Interrupted | NeedsOperator, Running | RollingBack)
+                | (RollingBack, RolledBack)
+        );
         if ok {
             Ok(())
         } else {
@@ -387,7 +387,8 @@ fn step_from_row(r: &Row<'_>) -> rusqlite::Result<StepRecord> {
 pub fn create_run(tx: &Transaction<'_>, run: &NewRun, at: i64) -> Result<(), JournalError> {
     let params_json = super::redact::redact(&run.params).to_string();
     let argv = Value::from(run.argv.clone()).to_string();
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO runs (id, lock_key, plan, plan_fingerprint, sandbox, gateway, mode, state,
              params, binary_version, host, user, pid, argv, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
@@ -410,7 +411,8 @@ pub fn create_run(tx: &Transaction<'_>, run: &NewRun, at: i64) -> Result<(), Jou
     )
     .map_err(raw)?;
     for (seq, s) in run.steps.iter().enumerate() {
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO steps (run_id, seq, name, version, destructive, state)
              VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
             params![run.id, seq as i64, s.name, s.version as i64, s.destructive as i64],
@@ -459,7 +461,8 @@ pub fn set_run_state(
     let from = current_run_state(tx, run_id)?;
     RunState::transition(from, to).map_err(transition_err)?;
     let finished = if to.is_final() { Some(at) } else { None };
-    tx.execute(
+    exec(
+        tx,
         "UPDATE runs SET state = ?2, updated_at = ?3, finished_at = ?4,
              error = CASE WHEN ?2 IN ('succeeded', 'running') THEN NULL ELSE coalesce(?5, error) END
          WHERE id = ?1",
@@ -484,8 +487,7 @@ pub fn run_event(
     at: i64,
     data: Value,
 ) -> Result<(), JournalError> {
-    tx.execute("UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run_id, at])
-        .map_err(raw)?;
+    exec(tx, "UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run_id, at]).map_err(raw)?;
     events::append(tx, Some(run_id), None, at, kind, &data)?;
     Ok(())
 }
@@ -521,12 +523,11 @@ pub fn set_step_state(
     at: i64,
 ) -> Result<StepState, JournalError> {
     let row: Option<(String, i64, String)> = tx
-        .query_row(
-            "SELECT state, attempt, name FROM steps WHERE run_id = ?1 AND seq = ?2",
-            params![run_id, seq as i64],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()
+        .prepare_cached("SELECT state, attempt, name FROM steps WHERE run_id = ?1 AND seq = ?2")
+        .and_then(|mut st| {
+            st.query_row(params![run_id, seq as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()
+        })
         .map_err(raw)?;
     let (from, attempt, name) = row.ok_or_else(|| {
         JournalError::NotFound(format!("run `{run_id}` has no step {seq} in the journal"))
@@ -538,28 +539,33 @@ pub fn set_step_state(
     let n = match to {
         StepState::Started => {
             data["attempt"] = json!(attempt + 1);
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE steps SET state = 'started', attempt = attempt + 1, input = ?3,
                      error = NULL, started_at = ?4, finished_at = NULL
                  WHERE run_id = ?1 AND seq = ?2",
                 params![run_id, seq as i64, redacted(change.input), at],
             )
         }
-        StepState::Done => tx.execute(
+        StepState::Done => exec(
+            tx,
             "UPDATE steps SET state = 'done', output = ?3, error = NULL, finished_at = ?4
              WHERE run_id = ?1 AND seq = ?2",
             params![run_id, seq as i64, redacted(change.output), at],
         ),
-        StepState::Failed => tx.execute(
+        StepState::Failed => exec(
+            tx,
             "UPDATE steps SET state = 'failed', error = ?3, finished_at = ?4
              WHERE run_id = ?1 AND seq = ?2",
             params![run_id, seq as i64, change.error, at],
         ),
-        StepState::Compensating => tx.execute(
+        StepState::Compensating => exec(
+            tx,
             "UPDATE steps SET state = 'compensating' WHERE run_id = ?1 AND seq = ?2",
             params![run_id, seq as i64],
         ),
-        StepState::Compensated => tx.execute(
+        StepState::Compensated => exec(
+            tx,
             "UPDATE steps SET state = 'compensated', compensated_at = ?3
              WHERE run_id = ?1 AND seq = ?2",
             params![run_id, seq as i64, at],
@@ -579,8 +585,8 @@ pub fn set_step_state(
         &format!("step_{}", to.as_str()),
         &data,
     )?;
-    tx.execute("UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run_id, at])
-        .map_err(raw)?;
+    // `runs.updated_at` is left alone: it tracks run-level changes, and not touching the runs
+    // row keeps a step transition to the pages it must write (steps, events).
     Ok(from)
 }
 
@@ -666,7 +672,8 @@ pub fn holder(conn: &Connection, lock_key: &str) -> Result<Option<HolderRecord>,
 
 /// Record `h` as the holder of its key (replacing any previous row).
 pub fn set_holder(tx: &Transaction<'_>, h: &HolderRecord) -> Result<(), JournalError> {
-    tx.execute(
+    exec(
+        tx,
         "INSERT OR REPLACE INTO holders (lock_key, run_id, pid, host, started_at, acquired_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![h.lock_key, h.run_id, h.pid, h.host, h.started_at, h.acquired_at],
@@ -681,7 +688,7 @@ pub fn set_holder_run(
     lock_key: &str,
     run_id: &str,
 ) -> Result<(), JournalError> {
-    tx.execute("UPDATE holders SET run_id = ?2 WHERE lock_key = ?1", params![lock_key, run_id])
+    exec(tx, "UPDATE holders SET run_id = ?2 WHERE lock_key = ?1", params![lock_key, run_id])
         .map_err(raw)?;
     Ok(())
 }
@@ -693,7 +700,8 @@ pub fn clear_holder(
     pid: i64,
     host: &str,
 ) -> Result<(), JournalError> {
-    tx.execute(
+    exec(
+        tx,
         "DELETE FROM holders WHERE lock_key = ?1 AND pid = ?2 AND host = ?3",
         params![lock_key, pid, host],
     )

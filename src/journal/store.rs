@@ -40,6 +40,7 @@ pub fn commit_count() -> u64 {
 pub struct Journal {
     conn: Connection,
     path: PathBuf,
+    commits: u64,
 }
 
 impl Journal {
@@ -68,7 +69,7 @@ impl Journal {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| JournalError::sql(path, "cannot open the journal", e))?;
-        let mut j = Self { conn, path: path.to_path_buf() };
+        let mut j = Self { conn, path: path.to_path_buf(), commits: 0 };
         j.configure()?;
         j.migrate()?;
         Ok(j)
@@ -86,7 +87,7 @@ impl Journal {
         )
         .map_err(|e| JournalError::sql(path, "cannot open the journal", e))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| JournalError::sql(path, "busy_timeout", e))?;
-        let j = Self { conn, path: path.to_path_buf() };
+        let j = Self { conn, path: path.to_path_buf(), commits: 0 };
         let v = j.user_version()?;
         if v > SCHEMA_VERSION {
             return Err(JournalError::TooNew { path: j.path, found: v, supported: SCHEMA_VERSION });
@@ -164,6 +165,11 @@ impl Journal {
         &self.conn
     }
 
+    /// How many [`Journal::write`] transactions this handle has committed.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -189,6 +195,7 @@ impl Journal {
         })?;
         tx.commit().map_err(|e| JournalError::sql(&p, what, e))?;
         COMMITS.fetch_add(1, Ordering::Relaxed);
+        self.commits += 1;
         Ok(out)
     }
 
