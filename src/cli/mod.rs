@@ -214,7 +214,3 @@ fn init_tracing(verbose: u8) {
 pub fn parse_name(s: &str) -> Result<crate::names::SandboxName, CliError> {
     crate::names::SandboxName::parse(s).map_err(|e| CliError::new(Exit::Usage, e.to_string()))
 }
-
-fn not_yet(what: &str) -> CliError {
-    CliError::new(Exit::Failed, format!("`{what}` is not implemented in this build"))
-}

@@ -105,6 +105,26 @@ pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
     !list.is_empty()
 }
 
+/// Refuse (exit 3) a command that would change a sandbox with an unfinished run: recovery
+/// needs the host as the journal left it.
+pub fn refuse_if_unfinished(ctx: &Ctx, name: &SandboxName, what: &str) -> Result<(), CliError> {
+    let path = ctx.home.join(crate::journal::store::FILE_NAME);
+    let Some(j) = Journal::open_readonly(&path)? else { return Ok(()) };
+    match unfinished_for(&j, name)?.into_iter().next() {
+        None => Ok(()),
+        Some(r) => Err(CliError::new(
+            Exit::Refused,
+            format!(
+                "a rebuild of '{name}' is unfinished (run {}, {}); `{what}` is refused until it is resumed or rolled back (nothing was changed)",
+                r.id,
+                r.state.as_str()
+            ),
+        )
+        .hint(format!("resume it: `nemoclaw recover --resume {}`", r.id))
+        .hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.id))),
+    }
+}
+
 fn short(id: &str) -> &str {
     &id[..id.len().min(13)]
 }
@@ -115,22 +135,7 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
     let p = &ctx.printer;
     // Unfinished runs first: a second rebuild of the same sandbox is refused until the first
     // is resumed or rolled back.
-    let journal_path = ctx.home.join(crate::journal::store::FILE_NAME);
-    if let Some(j) = Journal::open_readonly(&journal_path)? {
-        if let Some(r) = unfinished_for(&j, name)?.into_iter().next() {
-            return Err(CliError::new(
-                Exit::Refused,
-                format!(
-                    "a rebuild of '{name}' is unfinished (run {}, {}, step {}); it must be finished before another rebuild",
-                    r.id,
-                    r.state.as_str(),
-                    last_step(&j, &r.id)
-                ),
-            )
-            .hint(format!("resume it: `nemoclaw recover --resume {}`", r.id))
-            .hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.id)));
-        }
-    }
+    refuse_if_unfinished(ctx, name, "rebuild")?;
 
     let pf = rebuild::preflight(&ctx.home, name, ctx.global.openshell.as_deref())?;
     let mode = match &pf.decision {

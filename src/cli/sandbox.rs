@@ -52,6 +52,7 @@ fn sample_state(dir: &std::path::Path, name: &SandboxName, agent: &str) -> std::
 pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
     // Validate everything the operator typed before touching the disk.
     let name = super::parse_name(&a.name)?;
+    super::rebuild_cmd::refuse_if_unfinished(ctx, &name, "onboard")?;
     let binding = match &a.gateway {
         Some(g) => Binding::parse(g).ok_or_else(|| {
             CliError::new(
@@ -233,10 +234,20 @@ fn shields_word(s: &ShieldsState) -> &'static str {
 pub fn dispatch(ctx: &Ctx, sc: SandboxCli) -> CmdResult {
     let name = super::parse_name(&sc.name)?;
     match sc.action {
+        // rebuild makes its own, stricter check (it refuses).
         SandboxAction::Rebuild(a) => super::rebuild_cmd::rebuild(ctx, &sc.name, a),
-        SandboxAction::Status => status(ctx, &name),
-        SandboxAction::Shields { action } => shields_cmd(ctx, &name, action),
-        SandboxAction::Destroy { yes } => destroy(ctx, &name, yes),
+        SandboxAction::Status => {
+            super::rebuild_cmd::warn_unfinished(ctx, &name);
+            status(ctx, &name)
+        }
+        SandboxAction::Shields { action } => {
+            super::rebuild_cmd::warn_unfinished(ctx, &name);
+            shields_cmd(ctx, &name, action)
+        }
+        SandboxAction::Destroy { yes } => {
+            super::rebuild_cmd::refuse_if_unfinished(ctx, &name, "destroy")?;
+            destroy(ctx, &name, yes)
+        }
     }
 }
 
