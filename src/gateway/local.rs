@@ -348,6 +348,11 @@ impl Gateway for LocalGateway {
         crate::host::backup::copy_tree(&self.state_dir(name), dest).map_err(host_err)
     }
 
+    fn local_state_path(&self, name: &SandboxName) -> Option<PathBuf> {
+        let dir = self.state_dir(name);
+        dir.is_dir().then_some(dir)
+    }
+
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError> {
         self.check("upload")?;
         self.require(name)?;

@@ -188,6 +188,13 @@ pub trait Gateway: Send + Sync {
     /// which must be an empty directory.
     fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError>;
 
+    /// The sandbox's live state tree on this host's filesystem, when the driver keeps it here
+    /// (the local gateway). Lets a verification read it in place instead of downloading a copy.
+    /// Nothing may be written through it.
+    fn local_state_path(&self, _name: &SandboxName) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Copy the contents of `src` into the sandbox's state tree, replacing files of the same path.
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError>;
 

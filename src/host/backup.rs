@@ -138,9 +138,80 @@ impl Backup {
             .create(&dir)
             .map_err(|e| HostError::io("cannot create backup directory", &dir, e))?;
         let files = copy_entries(&entries, &dir)?;
-        // Every directory we created is fsynced so the copied files' names are durable before
-        // the manifest claims they exist.
-        fsync_tree_dirs(&dir)?;
+        // The copied files and the directory entries naming them are durable, and every copy
+        // re-reads to the digest of what was read from the source, before the manifest claims
+        // they exist.
+        sync_tree(&dir)?;
+        verify_files(&dir, &files, false)?;
+        Self::commit(meta, timestamp, &parent, dir, &entries, files)
+    }
+
+    /// Like [`Backup::create`], but `fill` writes the state straight into the new backup
+    /// directory (e.g. a gateway's download), saving a staging copy. The result is walked with
+    /// the same safety rules; an unsafe entry removes the directory and fails. Digests are taken
+    /// from the backup's own bytes after they are durable.
+    pub fn create_with(
+        home: &Path,
+        meta: &BackupMeta,
+        timestamp: &str,
+        fill: impl FnOnce(&Path) -> Result<(), HostError>,
+    ) -> Result<Backup, HostError> {
+        if timestamp.is_empty() || timestamp.contains(['/', '\0']) || timestamp.starts_with('.') {
+            return Err(HostError::Invalid(format!("invalid backup timestamp `{timestamp}`")));
+        }
+        let parent = backups_dir(home, &meta.sandbox);
+        private_dir(&parent)?;
+        let dir = parent.join(timestamp);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| HostError::io("cannot create backup directory", &dir, e))?;
+        let filled = fill(&dir).and_then(|()| {
+            let entries = walk(&dir)?;
+            if entries.iter().any(|e| e.rel == MANIFEST_FILE) {
+                return Err(HostError::Invalid(format!(
+                    "the state contains a file named {MANIFEST_FILE}, which would clash with the backup manifest"
+                )));
+            }
+            sync_tree(&dir)?;
+            let mut files = Vec::new();
+            for e in &entries {
+                match &e.kind {
+                    Kind::Dir => {}
+                    Kind::File => {
+                        let (size, sha256) = hash_file(&e.abs)?;
+                        files.push(ManifestFile { path: e.rel.clone(), size, sha256, symlink: None });
+                    }
+                    Kind::Symlink(t) => files.push(ManifestFile {
+                        path: e.rel.clone(),
+                        size: t.len() as u64,
+                        sha256: crate::util::sha256_hex(t.as_bytes()),
+                        symlink: Some(t.clone()),
+                    }),
+                }
+            }
+            Ok((entries, files))
+        });
+        match filled {
+            Ok((entries, files)) => Self::commit(meta, timestamp, &parent, dir, &entries, files),
+            Err(e) => {
+                // Without a manifest the directory is nobody's backup; remove it now rather
+                // than leave it for the next run to trip over.
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Write the manifest — the commit point — for a backup whose files are durable.
+    fn commit(
+        meta: &BackupMeta,
+        timestamp: &str,
+        parent: &Path,
+        dir: PathBuf,
+        entries: &[Entry],
+        files: Vec<ManifestFile>,
+    ) -> Result<Backup, HostError> {
         let mut top: Vec<String> = entries
             .iter()
             .filter(|e| matches!(e.kind, Kind::Dir))
@@ -167,10 +238,44 @@ impl Backup {
         // The commit point: written last, atomically (temp, fsync, rename, fsync dir).
         crate::util::atomic_write(&mpath, &bytes)
             .map_err(|e| HostError::io("cannot write", &mpath, e))?;
-        crate::util::fsync_dir(&parent).map_err(|e| HostError::io("cannot sync", &parent, e))?;
+        crate::util::fsync_dir(parent).map_err(|e| HostError::io("cannot sync", parent, e))?;
         Ok(Backup { path: dir, manifest, manifest_digest: crate::util::sha256_hex(&bytes) })
     }
 
+    /// Hard-link the backed-up files into `dest` (created if missing) without the manifest: a
+    /// view of the state to upload, at no copying cost. Falls back to copying across
+    /// filesystems. The backup is verified first.
+    pub fn link_out(&self, dest: &Path) -> Result<(), HostError> {
+        self.verify()?;
+        private_dir(dest)?;
+        for f in &self.manifest.files {
+            check_rel(&f.path).map_err(|why| {
+                HostError::Invalid(format!(
+                    "backup {} lists `{}`: {why}",
+                    self.path.display(),
+                    f.path
+                ))
+            })?;
+            let from = self.path.join(&f.path);
+            let to = dest.join(&f.path);
+            if let Some(p) = to.parent() {
+                private_dir(p)?;
+            }
+            match &f.symlink {
+                Some(t) => std::os::unix::fs::symlink(t, &to)
+                    .map_err(|e| HostError::io("cannot create symlink", &to, e))?,
+                None => {
+                    if let Err(e) = fs::hard_link(&from, &to) {
+                        if e.raw_os_error() != Some(libc::EXDEV) {
+                            return Err(HostError::io("cannot link", &to, e));
+                        }
+                        copy_file(&from, &to)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
     /// Open a backup directory. Only a complete manifest (version 1, `complete: true`, safe
     /// relative paths) is accepted; anything else is refused naming the directory.
     pub fn open(path: &Path) -> Result<Backup, HostError> {
@@ -259,7 +364,7 @@ impl Backup {
             entries.into_iter().filter(|e| wanted.contains(e.rel.as_str())).collect();
         private_dir(dest)?;
         copy_entries(&picked, dest)?;
-        fsync_tree_dirs(dest)?;
+        sync_tree(dest)?;
         self.verify_tree(dest)
     }
 }
@@ -287,13 +392,14 @@ pub fn tree_digest(dir: &Path) -> Result<String, HostError> {
 }
 
 /// Copy the contents of `src` into `dest` (created if missing), replacing files of the same
-/// path, with the same safety rules as backups (no escaping symlinks, no special files) and every
-/// copied file fsynced and verified. Used by the local gateway to move state in and out.
+/// path, with the same safety rules as backups (no escaping symlinks, no special files); the
+/// copy is durable (one `syncfs`) when this returns. Used by the local gateway to move state in
+/// and out.
 pub fn copy_tree(src: &Path, dest: &Path) -> Result<(), HostError> {
     let entries = walk(src)?;
     private_dir(dest)?;
     copy_entries(&entries, dest)?;
-    fsync_tree_dirs(dest)
+    sync_tree(dest)
 }
 
 #[derive(Debug, Clone)]
@@ -426,8 +532,9 @@ fn hash_file(path: &Path) -> Result<(u64, String), HostError> {
     Ok((size, hex::encode(h.finalize())))
 }
 
-/// Copy walked entries under `dest`, fsyncing each file and verifying its digest by re-reading
-/// the copy. Returns the manifest rows for files and symlinks.
+/// Copy walked entries under `dest`, hashing what was read. Returns the manifest rows for files
+/// and symlinks. Not yet durable nor verified: callers follow with [`sync_tree`] and a
+/// verification pass over the copy.
 fn copy_entries(entries: &[Entry], dest: &Path) -> Result<Vec<ManifestFile>, HostError> {
     let mut files = Vec::new();
     for e in entries {
@@ -460,14 +567,6 @@ fn copy_entries(entries: &[Entry], dest: &Path) -> Result<Vec<ManifestFile>, Hos
             }
             Kind::File => {
                 let (size, digest) = copy_file(&e.abs, &to)?;
-                let (vsize, vdigest) = hash_file(&to)?;
-                if (vsize, &vdigest) != (size, &digest) {
-                    return Err(HostError::Invalid(format!(
-                        "copy of {} to {} does not verify (sha256 {digest} vs {vdigest})",
-                        e.abs.display(),
-                        to.display()
-                    )));
-                }
                 files.push(ManifestFile {
                     path: e.rel.clone(),
                     size,
@@ -510,18 +609,15 @@ fn copy_file(from: &Path, to: &Path) -> Result<(u64, String), HostError> {
     }
     // Copies are private (host files are 0600): keep only the owner's execute bit of the source.
     let _ = dst.set_permissions(fs::Permissions::from_mode((mode & 0o100) | 0o600));
-    dst.sync_all().map_err(|e| HostError::io("cannot sync", to, e))?;
+    // No per-file fsync: callers make the whole tree durable with one `syncfs` (see
+    // `sync_tree`) before anything claims the copy exists.
     Ok((size, hex::encode(h.finalize())))
 }
 
-fn fsync_tree_dirs(root: &Path) -> Result<(), HostError> {
-    for e in walk(root)? {
-        if matches!(e.kind, Kind::Dir) {
-            crate::util::fsync_dir(&e.abs)
-                .map_err(|err| HostError::io("cannot sync", &e.abs, err))?;
-        }
-    }
-    crate::util::fsync_dir(root).map_err(|e| HostError::io("cannot sync", root, e))
+/// Make a freshly written tree durable: one `syncfs` covers every file and directory entry
+/// under `root` (and the entry naming `root` in its parent).
+fn sync_tree(root: &Path) -> Result<(), HostError> {
+    crate::util::syncfs(root).map_err(|e| HostError::io("cannot sync", root, e))
 }
 
 fn verify_files(root: &Path, files: &[ManifestFile], what_restored: bool) -> Result<(), HostError> {

@@ -262,9 +262,6 @@ impl Step for BackupStep {
             })?;
         }
         let s = snap(env, ctx)?;
-        let staging = staging_dir(&env.home, ctx.run_id, "download")?;
-        env.gateway.download_state(&env.name, &staging).map_err(gw_err)?;
-        crash::point(MID_EFFECT);
         let meta = BackupMeta {
             sandbox: env.name.clone(),
             agent_type: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
@@ -272,8 +269,19 @@ impl Step for BackupStep {
             policy_presets: string_list(s.entry.get("policies")),
             custom_policies: s.entry.get("customPolicies").cloned().unwrap_or(json!([])),
         };
-        let b = Backup::create(&env.home, &meta, &env.backup_ts, &staging).map_err(host_err)?;
-        let _ = std::fs::remove_dir_all(&staging);
+        // The gateway writes straight into the backup directory; the manifest is committed
+        // only after the files are durable and hashed.
+        let mut gw_failure = None;
+        let b = Backup::create_with(&env.home, &meta, &env.backup_ts, |dir| {
+            if let Err(e) = env.gateway.download_state(&env.name, dir) {
+                let msg = e.to_string();
+                gw_failure = Some(e);
+                return Err(HostError::Invalid(msg));
+            }
+            crash::point(MID_EFFECT);
+            Ok(())
+        })
+        .map_err(|e| gw_failure.take().map(gw_err).unwrap_or_else(|| host_err(e)))?;
         Ok(Self::output(&b))
     }
     fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
@@ -455,7 +463,7 @@ fn restore_backup(env: &Env, ctx: &StepCtx<'_>, out: Option<&Value>) -> Result<(
         )));
     }
     let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
-    b.copy_out(&staging).map_err(host_err)?;
+    b.link_out(&staging).map_err(host_err)?;
     env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
     crash::point(MID_EFFECT);
     let _ = std::fs::remove_dir_all(&staging);
@@ -463,6 +471,9 @@ fn restore_backup(env: &Env, ctx: &StepCtx<'_>, out: Option<&Value>) -> Result<(
 }
 
 fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+    if let Some(live) = env.gateway.local_state_path(&env.name) {
+        return b.verify_tree(&live).map_err(host_err);
+    }
     let check = staging_dir(&env.home, ctx.run_id, "verify")?;
     env.gateway.download_state(&env.name, &check).map_err(gw_err)?;
     let r = b.verify_tree(&check).map_err(host_err);

@@ -190,7 +190,7 @@ enum Phase {
 fn phase(point: &str) -> Phase {
     match point {
         "after_run_created" | "before_finish" => Phase::Forward { per_step: false },
-        "before_intent" | "after_intent" | "after_effect" | "after_outcome" => {
+        "before_intent" | "after_intent" | "mid_effect" | "after_effect" | "after_outcome" => {
             Phase::Forward { per_step: true }
         }
         "after_lock" => Phase::Lock,

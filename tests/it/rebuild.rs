@@ -723,10 +723,8 @@ fn sigint_interrupts_cleanly_and_resume_completes() {
 /// `NEMOCLAW_SOAK_SEED` replays a failure; `NEMOCLAW_SOAK_CYCLES` changes the count (≥ 50).
 #[test]
 fn kill9_soak() {
-    let seed: u64 = std::env::var("NEMOCLAW_SOAK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(nanos);
+    let seed: u64 =
+        std::env::var("NEMOCLAW_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(nanos);
     let cycles: u32 =
         std::env::var("NEMOCLAW_SOAK_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
     eprintln!("kill9_soak: seed {seed} (replay with NEMOCLAW_SOAK_SEED={seed}), {cycles} cycles");
@@ -759,7 +757,9 @@ fn kill9_soak() {
         }
         check_soak(&w, &b, &ctx);
     }
-    eprintln!("kill9_soak: {killed_runs} killed and recovered, {completed} completed before the kill");
+    eprintln!(
+        "kill9_soak: {killed_runs} killed and recovered, {completed} completed before the kill"
+    );
     assert!(killed_runs >= cycles / 2, "too few kills landed inside a run: {killed_runs}");
 }
 
