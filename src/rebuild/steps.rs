@@ -103,7 +103,7 @@ fn carries_run_label(l: &Liveness, run_id: &str) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 
-/// 1. Record the registry entry verbatim, the default flag, shields files and session.
+/// Step 1: Record the registry entry verbatim, the default flag, shields files and session.
 pub struct SnapshotStep(pub Arc<Env>);
 
 impl SnapshotStep {
@@ -173,7 +173,7 @@ impl Step for SnapshotStep {
 
 // ---------------------------------------------------------------------------------------------
 
-/// 2. (normal, only when locked) Unlock shields so the state can be read.
+/// Step 2: (normal, only when locked) Unlock shields so the state can be read.
 pub struct ShieldsDownStep(pub Arc<Env>);
 
 impl Step for ShieldsDownStep {
@@ -221,7 +221,7 @@ fn shields_match(env: &Env, raw: Option<&str>) -> Result<bool, StepError> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// 3. (normal) Copy the live state into a verified backup; commit its manifest.
+/// Step 3: (normal) Copy the live state into a verified backup; commit its manifest.
 pub struct BackupStep(pub Arc<Env>);
 
 impl BackupStep {
@@ -310,7 +310,7 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// 4. Delete the sandbox, confirm absence, then remove the registry row. Point of no return.
+/// Step 4: Delete the sandbox, confirm absence, then remove the registry row. Point of no return.
 pub struct RemoveStep(pub Arc<Env>);
 
 impl RemoveStep {
@@ -483,7 +483,7 @@ fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepE
 
 // ---------------------------------------------------------------------------------------------
 
-/// 5. Recreate the sandbox from the snapshot with the current image, labelled with the run id;
+/// Step 5: Recreate the sandbox from the snapshot with the current image, labelled with the run id;
 /// register a fresh entry that keeps the snapshot's fields.
 pub struct OnboardStep(pub Arc<Env>);
 
@@ -582,7 +582,7 @@ impl Step for OnboardStep {
 
 // ---------------------------------------------------------------------------------------------
 
-/// 6. (normal) Put the backup into the new sandbox and verify every digest.
+/// Step 6: (normal) Put the backup into the new sandbox and verify every digest.
 pub struct RestoreStep(pub Arc<Env>);
 
 impl Step for RestoreStep {
@@ -615,7 +615,7 @@ impl Step for RestoreStep {
 
 // ---------------------------------------------------------------------------------------------
 
-/// 7. Re-apply `policies` and `customPolicies` (NemoClaw never re-applied custom ones).
+/// Step 7: Re-apply `policies` and `customPolicies` (NemoClaw never re-applied custom ones).
 pub struct PoliciesStep(pub Arc<Env>);
 
 impl PoliciesStep {
@@ -677,7 +677,7 @@ impl Step for PoliciesStep {
 
 // ---------------------------------------------------------------------------------------------
 
-/// 8. Normal: re-lock shields if they were locked. Stale: clear the stale seal.
+/// Step 8: Normal: re-lock shields if they were locked. Stale: clear the stale seal.
 pub struct ShieldsStep(pub Arc<Env>);
 
 impl ShieldsStep {
