@@ -739,7 +739,13 @@ fn kill9_soak() {
         let b = w.snapshot();
         let resume = cycle % 2 == 0;
         let delay = full.mul_f64(rng.unit() * 1.1);
-        let mut child = w.home.cmd().args(["alpha", "rebuild", "--yes"]).spawn().unwrap();
+        let mut child = w
+            .home
+            .cmd()
+            .args(["alpha", "rebuild", "--yes"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         // Deliberate: the kill must land at a random moment of the run.
         std::thread::sleep(delay);
         unsafe {
@@ -800,5 +806,199 @@ impl XorShift {
     }
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same rebuild through the openshell driver, against the test double in child processes.
+
+mod via_openshell {
+    use super::*;
+    use crate::gateway::{double_config, double_wrapper};
+
+    /// A sandbox onboarded on gateway `gw` through the double, with workspace files.
+    pub struct Os {
+        pub home: Home,
+        pub state: PathBuf,
+        pub program: PathBuf,
+        pub gw: String,
+    }
+
+    impl Os {
+        pub fn new(gw: &str) -> Os {
+            let home = Home::new();
+            let state = home.path().join("double");
+            double_config(
+                &state,
+                json!({"version": "0.0.116", "gateways": {gw: "connected"}, "active": gw}),
+            );
+            let program = double_wrapper(home.path(), &state);
+            let os = Os { home, state, program, gw: gw.to_owned() };
+            let o = os.run(&["onboard", "alpha", "--gateway", gw, "--policy", "npm"]);
+            assert_ok(&o);
+            let ws = os.tree();
+            for i in 0..10 {
+                std::fs::create_dir_all(ws.join("workspace/notes")).unwrap();
+                std::fs::write(ws.join(format!("workspace/notes/n{i}.md")), format!("note {i}\n"))
+                    .unwrap();
+            }
+            os
+        }
+
+        pub fn run(&self, args: &[&str]) -> Output {
+            self.cmd().args(args).output().unwrap()
+        }
+
+        pub fn cmd(&self) -> std::process::Command {
+            let mut c = self.home.cmd();
+            c.env("NEMOCLAW_OPENSHELL", &self.program).env("NEMOCLAW_OPENSHELL_POLL_MS", "10");
+            c
+        }
+
+        /// The sandbox's `/sandbox/.openclaw` as the double keeps it.
+        pub fn tree(&self) -> PathBuf {
+            self.state.join(format!("gw/{}/alpha/state", self.gw))
+        }
+
+        pub fn config(&self, cfg: Value) {
+            double_config(&self.state, cfg);
+        }
+
+        pub fn calls(&self) -> Vec<Value> {
+            std::fs::read_to_string(self.state.join("calls.log"))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+
+        pub fn registry_bytes(&self) -> Vec<u8> {
+            std::fs::read(self.home.path().join("sandboxes.json")).unwrap()
+        }
+
+        pub fn digest(&self) -> String {
+            backup::tree_digest(&self.tree()).unwrap()
+        }
+    }
+
+    fn verbs(calls: &[Value]) -> Vec<String> {
+        calls
+            .iter()
+            .map(|c| {
+                let a: Vec<&str> =
+                    c["argv"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+                a.iter().take(2).cloned().collect::<Vec<_>>().join(" ")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn normal_rebuild_moves_real_files_through_the_cli() {
+        let os = Os::new("nemoclaw");
+        let before = os.digest();
+        let calls_before = os.calls().len();
+        let o = os.run(&["alpha", "rebuild", "--yes"]);
+        assert_ok(&o);
+        assert_eq!(os.digest(), before, "workspace byte-identical after the rebuild");
+        let calls = os.calls()[calls_before..].to_vec();
+        // Every call is scoped to the recorded gateway; the operator's selection is never changed.
+        for c in &calls {
+            let argv: Vec<&str> =
+                c["argv"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+            if argv == ["--version"] {
+                continue;
+            }
+            assert!(argv.windows(2).any(|w| w == ["-g", "nemoclaw"]), "unscoped call {argv:?}");
+            assert!(!argv.starts_with(&["gateway", "select"]), "changed the selected gateway");
+            assert_eq!(c["scrubbed"], true);
+        }
+        let v = verbs(&calls);
+        assert!(v.iter().any(|x| x == "sandbox delete"), "{v:?}");
+        assert!(v.iter().any(|x| x == "sandbox create"), "{v:?}");
+        assert!(v.iter().any(|x| x == "sandbox upload"), "{v:?}");
+        check_journal(os.home.path());
+        assert_eq!(runs(os.home.path()).last().unwrap().1, "succeeded");
+    }
+
+    #[test]
+    fn stale_rebuild_through_the_cli() {
+        let os = Os::new("nemoclaw");
+        std::fs::remove_dir_all(os.state.join("gw/nemoclaw/alpha")).unwrap();
+        let o = os.run(&["alpha", "rebuild", "--yes"]);
+        assert_ok(&o);
+        let err = stderr(&o);
+        assert!(err.contains("absent from the live OpenShell gateway"), "{err}");
+        assert!(!err.contains("Backing up sandbox state"), "{err}");
+        assert!(os.state.join("gw/nemoclaw/alpha/meta.json").is_file(), "recreated");
+        let v = verbs(&os.calls());
+        assert!(v.iter().any(|x| x == "policy set"), "policies re-applied: {v:?}");
+    }
+
+    #[test]
+    fn recorded_on_9000_while_nemoclaw_is_active_is_refused() {
+        let os = Os::new("nemoclaw-9000");
+        let reg = os.registry_bytes();
+        let digest = os.digest();
+        // The operator switched to `nemoclaw`; nemoclaw-9000 is down.
+        os.config(json!({"version": "0.0.116", "gateways": {"nemoclaw": "connected", "nemoclaw-9000": "refused"}, "active": "nemoclaw"}));
+        let n = os.calls().len();
+        let o = os.run(&["alpha", "rebuild", "--yes"]);
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains("registered against the NemoClaw gateway 'nemoclaw-9000', but the currently active OpenShell gateway is 'nemoclaw'"), "{err}");
+        assert!(err.contains("NOT been removed"), "{err}");
+        assert!(err.contains("openshell gateway select nemoclaw-9000"), "{err}");
+        assert_eq!(os.registry_bytes(), reg, "registry untouched");
+        assert_eq!(os.digest(), digest);
+        let v = verbs(&os.calls()[n..]);
+        assert!(!v.iter().any(|x| x == "sandbox delete" || x == "sandbox create"), "{v:?}");
+        assert!(v.len() <= 6, "a refusal needs only a few calls, made {}: {v:?}", v.len());
+    }
+
+    #[test]
+    fn unreachable_gateway_is_refused_and_not_found_from_it_is_not_missing() {
+        let os = Os::new("nemoclaw");
+        let reg = os.registry_bytes();
+        os.config(json!({"version": "0.0.116", "gateways": {"nemoclaw": "refused"}, "active": "nemoclaw"}));
+        let o = os.run(&["alpha", "rebuild", "--yes"]);
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        assert!(stderr(&o).contains("Could not confirm live state of 'alpha'"), "{}", stderr(&o));
+        assert_eq!(os.registry_bytes(), reg);
+        assert!(os.state.join("gw/nemoclaw/alpha/meta.json").is_file(), "nothing removed");
+    }
+
+    /// A representative subset of the crash matrix through the double: kill inside and after
+    /// the delete, after the recreate, then resume or roll back.
+    #[test]
+    fn crash_subset_through_the_double() {
+        for (point, resume) in [
+            ("mid_effect:2", true), // normal: between delete and registry removal
+            ("mid_effect:2", false),
+            ("after_effect:4", true), // after the recreate
+            ("after_effect:4", false),
+            ("after_intent:5", true), // restore started
+        ] {
+            let os = Os::new("nemoclaw");
+            let before = os.digest();
+            let reg = os.registry_bytes();
+            let o = os
+                .cmd()
+                .env("NEMOCLAW_CRASHPOINT", point)
+                .args(["alpha", "rebuild", "--yes"])
+                .output()
+                .unwrap();
+            assert!(killed(&o), "{point}: not killed: {}", stderr(&o));
+            let r = os.run(&recover_args(resume));
+            assert!(r.status.success(), "{point} resume={resume}: {}", stderr(&r));
+            check_journal(os.home.path());
+            assert_eq!(os.digest(), before, "{point} resume={resume}: workspace");
+            let last = runs(os.home.path()).last().unwrap().1.clone();
+            if resume {
+                assert_eq!(last, "succeeded");
+            } else {
+                assert_eq!(last, "rolled_back");
+                assert_eq!(os.registry_bytes(), reg, "{point}: registry byte-equal after rollback");
+            }
+        }
     }
 }
