@@ -86,7 +86,8 @@ fn resolve_home(g: &Global) -> Result<PathBuf, CliError> {
 
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(sandbox_named_like_a_command(argv)) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -96,7 +97,12 @@ pub fn main() -> ExitCode {
     init_tracing(cli.global.verbose);
     let (global, command) = (cli.global, cli.command);
     let outcome = match command {
-        Command::Sandbox(argv) => match SandboxCli::try_parse_from(argv) {
+        Command::Sandbox(mut argv) => match SandboxCli::try_parse_from({
+            if argv.first().is_some_and(|a| a == SANDBOX_MARKER) {
+                argv.remove(0);
+            }
+            argv
+        }) {
             Ok(sc) => {
                 let merged = merge_global(global, sc.global.clone());
                 run_with(merged, |ctx| sandbox::dispatch(ctx, sc))
@@ -110,6 +116,41 @@ pub fn main() -> ExitCode {
     };
     ExitCode::from(outcome.code())
 }
+
+/// A sandbox may be named like a top-level command (`nemoclaw demo status`): when the word
+/// after the command is a sandbox action, parse it as `nemoclaw <name> <action>` instead.
+/// The flags before the name are kept; a marker word in front of the name makes clap take the
+/// external-subcommand path.
+fn sandbox_named_like_a_command(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const COMMANDS: [&str; 6] = ["onboard", "list", "recover", "journal", "demo", "internal"];
+    const ACTIONS: [&str; 4] = ["status", "rebuild", "shields", "destroy"];
+    const VALUED: [&str; 3] = ["--home", "--color", "--openshell"];
+    let mut i = 1;
+    while i < argv.len() {
+        let a = argv[i].to_string_lossy();
+        if VALUED.contains(&a.as_ref()) {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    let word = |j: usize| argv.get(j).map(|w| w.to_string_lossy().into_owned()).unwrap_or_default();
+    if COMMANDS.contains(&word(i).as_str()) && ACTIONS.contains(&word(i + 1).as_str()) {
+        // `nemoclaw [flags] sandbox-as <name> <action> ...` — clap has no such command, so the
+        // whole tail arrives as the external `Sandbox` subcommand; the marker is dropped again
+        // in `main` before the sandbox arguments are parsed.
+        let mut out = argv[..i].to_vec();
+        out.push(SANDBOX_MARKER.into());
+        out.extend(argv[i..].iter().cloned());
+        return out;
+    }
+    argv
+}
+
+/// Placeholder external subcommand used by [`sandbox_named_like_a_command`].
+const SANDBOX_MARKER: &str = "sandbox-named-like-a-command";
 
 fn run_with(global: Global, f: impl FnOnce(&Ctx) -> CmdResult) -> Exit {
     let printer = Printer::from_global(&global);
@@ -172,8 +213,4 @@ fn init_tracing(verbose: u8) {
 /// Parse a sandbox name at the CLI edge: an invalid one is a usage error (exit 2) before any I/O.
 pub fn parse_name(s: &str) -> Result<crate::names::SandboxName, CliError> {
     crate::names::SandboxName::parse(s).map_err(|e| CliError::new(Exit::Usage, e.to_string()))
-}
-
-fn not_yet(what: &str) -> CliError {
-    CliError::new(Exit::Failed, format!("`{what}` is not implemented in this build"))
 }

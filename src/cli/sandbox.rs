@@ -1,25 +1,486 @@
 //! `onboard`, `list`, and `nemoclaw <name> status|shields|destroy`.
+//!
+//! Every handler validates the sandbox name before any path or command is built, reads host
+//! files through `crate::host` (corrupt files are reported, never overwritten) and reaches live
+//! sandboxes only through a `Gateway` scoped to the entry's recorded binding.
 
-use super::args::{OnboardArgs, SandboxAction, SandboxCli};
-use super::{not_yet, CmdResult, Ctx};
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::args::{OnboardArgs, SandboxAction, SandboxCli, ShieldsAction};
+use super::{CliError, CmdResult, Ctx};
+use crate::exit::Exit;
+use crate::gateway::{self, CreateSpec, Gateway, Liveness, PolicySpec, Unhealthy};
+use crate::host::{
+    self, binding_of, registry, shields, Binding, HostError, Registry, ShieldsState,
+};
+use crate::names::SandboxName;
+
+/// How long `destroy` waits for the gateway to confirm a deletion.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The gateway binding onboard uses when none is given: `local` unless an `openshell` binary is
+/// available (`--openshell` / `NEMOCLAW_OPENSHELL`, or on PATH), then `nemoclaw`.
+fn default_binding(ctx: &Ctx) -> Binding {
+    if ctx.global.openshell.is_some() || gateway::openshell::find_on_path().is_some() {
+        Binding::OpenShell("nemoclaw".to_owned())
+    } else {
+        Binding::Local
+    }
+}
+
+fn open_gateway(ctx: &Ctx, binding: &Binding) -> Result<Box<dyn Gateway>, CliError> {
+    crate::host::mkdir_private(&ctx.home)
+        .map_err(|e| HostError::io("cannot create", &ctx.home, e))?;
+    Ok(gateway::open(&ctx.home, binding.name(), ctx.global.openshell.as_deref())?)
+}
+
+/// Files a freshly onboarded sandbox starts with (its `/sandbox/.openclaw`).
+fn sample_state(dir: &std::path::Path, name: &SandboxName, agent: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir.join("workspace"))?;
+    std::fs::create_dir_all(dir.join("memory"))?;
+    std::fs::write(dir.join("workspace/AGENTS.md"), format!("# {name}\n\nAgent: {agent}\n"))?;
+    std::fs::write(dir.join("workspace/USER.md"), "# User\n\nNotes the agent keeps about you.\n")?;
+    std::fs::write(dir.join("memory/MEMORY.md"), "# Memory\n")?;
+    std::fs::write(dir.join("openclaw.json"), format!("{{\n  \"agent\": \"{agent}\"\n}}\n"))?;
+    Ok(())
+}
 
 /// `nemoclaw onboard`.
-pub fn onboard(_ctx: &Ctx, _a: OnboardArgs) -> CmdResult {
-    Err(not_yet("onboard"))
+pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
+    // Validate everything the operator typed before touching the disk.
+    let name = super::parse_name(&a.name)?;
+    super::rebuild_cmd::refuse_if_unfinished(ctx, &name, "onboard")?;
+    let binding = match &a.gateway {
+        Some(g) => Binding::parse(g).ok_or_else(|| {
+            CliError::new(
+                Exit::Usage,
+                format!("invalid gateway `{g}`: expected `local`, `nemoclaw` or `nemoclaw-<port>` (not `nemoclaw-8080`)"),
+            )
+        })?,
+        None => default_binding(ctx),
+    };
+    let p = &ctx.printer;
+    let reg = Registry::load(&ctx.home)?;
+    if reg.entry(&name).is_some() {
+        return Err(CliError::new(
+            Exit::Refused,
+            format!("sandbox '{name}' is already registered"),
+        )
+        .hint(format!(
+            "see it with `nemoclaw {name} status`, or recreate it with `nemoclaw {name} rebuild`"
+        )));
+    }
+    let gw = open_gateway(ctx, &binding)?;
+    if let Some(bad) = gw.health() {
+        return Err(CliError::new(
+            Exit::Refused,
+            format!(
+                "gateway '{}' is not in a known-good state: {}",
+                binding,
+                gateway::openshell::describe(&bad)
+            ),
+        )
+        .hint("nothing was created; fix the gateway and retry"));
+    }
+    let agent = a.agent.clone().unwrap_or_else(|| "openclaw".to_owned());
+    let image = a
+        .image
+        .clone()
+        .unwrap_or_else(|| format!("openshell/sandbox-from:{}", crate::util::now_ms() / 1000));
+    let spec = CreateSpec {
+        name: name.clone(),
+        image: image.clone(),
+        labels: [("nemoclaw-sandbox".to_owned(), name.to_string())].into(),
+        agent: a.agent.clone(),
+        gpu: false,
+    };
+    p.info(format!("Creating sandbox '{name}' on gateway '{binding}'..."));
+    let live = gw.create(&spec).map_err(|e| {
+        let exists = matches!(e, gateway::GatewayError::AlreadyExists(..));
+        let err = CliError::from(e);
+        if exists {
+            err.hint(format!("a sandbox '{name}' exists on the gateway but is not registered; remove it there first"))
+        } else {
+            err
+        }
+    })?;
+    // From here on a failure must not leave an unregistered sandbox behind: undo the create.
+    let finish = || -> Result<Value, CliError> {
+        let staging = ctx.home.join(format!(".onboard-{}", uuid::Uuid::now_v7()));
+        let seeded = sample_state(&staging, &name, &agent)
+            .map_err(|e| CliError::from(HostError::io("cannot write", &staging, e)))
+            .and_then(|_| gw.upload_state(&name, &staging).map_err(CliError::from));
+        let _ = std::fs::remove_dir_all(&staging);
+        seeded?;
+        for preset in &a.policies {
+            p.info(format!("Applying policy preset '{preset}'..."));
+            gw.apply_policy(&name, &PolicySpec::Preset { name: preset.clone() })?;
+        }
+        let mut entry = json!({
+            "name": name.as_str(),
+            "createdAt": crate::util::iso_ms(crate::util::now_ms()),
+            "model": a.model.clone().unwrap_or_else(|| "nvidia/nemotron-3-super-120b-a12b".to_owned()),
+            "provider": a.provider.clone().unwrap_or_else(|| "nvidia-prod".to_owned()),
+            "gpuEnabled": false,
+            "policies": a.policies,
+            "customPolicies": [],
+            "agent": a.agent,
+            "imageTag": image,
+            "gatewayName": binding.name(),
+        });
+        if let Binding::OpenShell(g) = &binding {
+            let port =
+                g.strip_prefix("nemoclaw-").and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
+            entry["gatewayPort"] = json!(port);
+        }
+        let stored = entry.clone();
+        registry::update(&ctx.home, |reg| {
+            if reg.entry(&name).is_some() {
+                return Err(HostError::Invalid(format!(
+                    "sandbox '{name}' was registered by someone else meanwhile"
+                )));
+            }
+            reg.set_entry(&name, stored);
+            if reg.default_sandbox().is_none() {
+                reg.set_default(Some(&name));
+            }
+            Ok(())
+        })?;
+        Ok(entry)
+    };
+    let entry = match finish() {
+        Ok(e) => e,
+        Err(e) => {
+            p.warn(format!("Onboarding failed; removing the half-created sandbox '{name}'..."));
+            if let Err(undo) = gw.delete(&name, DELETE_TIMEOUT) {
+                p.warn(format!("Could not remove it: {undo}"));
+            }
+            return Err(e);
+        }
+    };
+    if p.json {
+        p.json_doc("onboard", json!({"name": name.as_str(), "gateway": binding.name(), "sandbox": live, "entry": entry}));
+    } else {
+        p.success(format!("✓ Sandbox '{name}' created on gateway '{binding}'"));
+        p.hint(format!("check it with `nemoclaw {name} status`"));
+    }
+    Ok(Exit::Ok)
 }
 
 /// `nemoclaw list`.
-pub fn list(_ctx: &Ctx) -> CmdResult {
-    Err(not_yet("list"))
+pub fn list(ctx: &Ctx) -> CmdResult {
+    let reg = Registry::load(&ctx.home)?;
+    let p = &ctx.printer;
+    let default = reg.default_sandbox().map(str::to_owned);
+    let mut rows = Vec::new();
+    for (name, entry) in reg.entries() {
+        let gateway = binding_of(entry)
+            .map(|b| b.name().to_owned())
+            .unwrap_or_else(|_| "(invalid)".to_owned());
+        let shields = SandboxName::parse(name)
+            .ok()
+            .and_then(|n| ShieldsState::load(&ctx.home, &n).ok())
+            .map(|s| shields_word(&s))
+            .unwrap_or("unknown");
+        rows.push(json!({
+            "name": name,
+            "default": default.as_deref() == Some(name),
+            "gateway": gateway,
+            "model": entry.get("model").cloned().unwrap_or(Value::Null),
+            "provider": entry.get("provider").cloned().unwrap_or(Value::Null),
+            "createdAt": entry.get("createdAt").cloned().unwrap_or(Value::Null),
+            "shields": shields,
+        }));
+    }
+    if p.json {
+        p.json_doc("list", json!({"default": default, "sandboxes": rows}));
+        return Ok(Exit::Ok);
+    }
+    if rows.is_empty() {
+        p.info("No sandboxes registered.");
+        p.hint("create one with `nemoclaw onboard <name>`");
+        return Ok(Exit::Ok);
+    }
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    let width = rows.iter().map(|r| s(&r["name"]).len()).max().unwrap_or(4).max(4);
+    p.data(p.bold(&format!("  {:width$}  {:16}  {:8}  {}", "NAME", "GATEWAY", "SHIELDS", "MODEL")));
+    for r in &rows {
+        let mark = if r["default"] == true { "*" } else { " " };
+        p.data(format!(
+            "{mark} {:width$}  {:16}  {:8}  {}",
+            s(&r["name"]),
+            s(&r["gateway"]),
+            s(&r["shields"]),
+            s(&r["model"])
+        ));
+    }
+    p.info(p.dim("* = default sandbox"));
+    Ok(Exit::Ok)
+}
+
+fn shields_word(s: &ShieldsState) -> &'static str {
+    match (s.exists(), s.corrupt.is_some(), s.locked()) {
+        (false, _, _) => "none",
+        (true, true, _) => "corrupt",
+        (true, false, true) => "up",
+        (true, false, false) => "down",
+    }
 }
 
 /// `nemoclaw <name> <action>`.
 pub fn dispatch(ctx: &Ctx, sc: SandboxCli) -> CmdResult {
-    let _name = super::parse_name(&sc.name)?;
+    let name = super::parse_name(&sc.name)?;
     match sc.action {
+        // rebuild makes its own, stricter check (it refuses).
         SandboxAction::Rebuild(a) => super::rebuild_cmd::rebuild(ctx, &sc.name, a),
-        SandboxAction::Status => Err(not_yet("status")),
-        SandboxAction::Shields { .. } => Err(not_yet("shields")),
-        SandboxAction::Destroy { .. } => Err(not_yet("destroy")),
+        SandboxAction::Status => {
+            super::rebuild_cmd::warn_unfinished(ctx, &name);
+            status(ctx, &name)
+        }
+        SandboxAction::Shields { action } => {
+            super::rebuild_cmd::warn_unfinished(ctx, &name);
+            shields_cmd(ctx, &name, action)
+        }
+        SandboxAction::Destroy { yes } => {
+            super::rebuild_cmd::refuse_if_unfinished(ctx, &name, "destroy")?;
+            destroy(ctx, &name, yes)
+        }
     }
+}
+
+fn registered(reg: &Registry, name: &SandboxName) -> Result<Value, CliError> {
+    reg.entry(name).cloned().ok_or_else(|| {
+        CliError::new(
+            Exit::Refused,
+            format!("sandbox '{name}' is not registered in {}", reg.path().display()),
+        )
+        .hint("see registered sandboxes with `nemoclaw list`")
+    })
+}
+
+fn classify(ctx: &Ctx, binding: &Binding, name: &SandboxName) -> Liveness {
+    match open_gateway(ctx, binding) {
+        Ok(gw) => gw.classify(name),
+        Err(e) => Liveness::Unknown { detail: e.message },
+    }
+}
+
+fn status(ctx: &Ctx, name: &SandboxName) -> CmdResult {
+    let reg = Registry::load(&ctx.home)?;
+    let entry = registered(&reg, name)?;
+    let binding = binding_of(&entry)?;
+    let is_default = reg.default_sandbox() == Some(name.as_str());
+    let sh = ShieldsState::load(&ctx.home, name)?;
+    let live = classify(ctx, &binding, name);
+    let p = &ctx.printer;
+    if p.json {
+        p.json_doc(
+            "status",
+            json!({
+                "name": name.as_str(),
+                "default": is_default,
+                "gateway": binding.name(),
+                "entry": entry,
+                "live": live,
+                "shields": {"state": shields_word(&sh), "locked": sh.locked(), "corrupt": sh.corrupt},
+            }),
+        );
+        return Ok(Exit::Ok);
+    }
+    let field = |k: &str| entry.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+    let policies: Vec<String> = entry
+        .get("policies")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    let custom = entry.get("customPolicies").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
+    let live_word = match &live {
+        Liveness::Present(s) => format!("present (id {}, phase {})", s.id, s.phase),
+        Liveness::Missing => "missing".to_owned(),
+        Liveness::Unhealthy { reason, detail, .. } => {
+            format!("unknown — gateway unhealthy ({reason:?}): {detail}")
+        }
+        Liveness::Unknown { detail } => format!("unknown — {detail}"),
+    };
+    p.data(p.bold(&format!("Sandbox: {name}{}", if is_default { " (default)" } else { "" })));
+    p.data(format!("  Gateway:   {binding}"));
+    p.data(format!("  Model:     {}", field("model")));
+    p.data(format!("  Provider:  {}", field("provider")));
+    p.data(format!(
+        "  Agent:     {}",
+        entry.get("agent").and_then(Value::as_str).unwrap_or("openclaw")
+    ));
+    p.data(format!("  Image:     {}", field("imageTag")));
+    p.data(format!("  Created:   {}", field("createdAt")));
+    let pol = if policies.is_empty() { "-".to_owned() } else { policies.join(", ") };
+    let pol = if custom > 0 { format!("{pol} (+{custom} custom)") } else { pol };
+    p.data(format!("  Policies:  {pol}"));
+    p.data(format!("  Shields:   {}", shields_word(&sh)));
+    p.data(format!("  Live:      {live_word}"));
+    if let Some(why) = &sh.corrupt {
+        p.warn(format!(
+            "⚠ The shields file {} is corrupt ({why}); it counts as locked.",
+            sh.path.display()
+        ));
+    }
+    match &live {
+        Liveness::Present(_) => {}
+        Liveness::Missing => {
+            p.warn(format!(
+                "⚠ Sandbox '{name}' is registered locally but not present in the live gateway '{binding}'."
+            ));
+            p.info("Nothing was removed: the local registry entry has been preserved.");
+            p.hint(format!(
+                "recreate it from the preserved registry metadata with `nemoclaw {name} rebuild --yes`"
+            ));
+        }
+        Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => {
+            p.warn(format!(
+                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'. Your sandbox has NOT been removed."
+            ));
+            p.info("Switch gateways and retry:");
+            p.hint(format!("`openshell gateway select {binding}`"));
+        }
+        _ => {
+            p.warn(format!(
+                "Could not confirm live state of '{name}' (gateway not in a known-good state)."
+            ));
+            p.info("Your local registry entry has been preserved — nothing was removed.");
+            p.hint(format!("check the gateway, then run `nemoclaw {name} status` again"));
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+fn shields_cmd(ctx: &Ctx, name: &SandboxName, action: ShieldsAction) -> CmdResult {
+    let p = &ctx.printer;
+    match action {
+        ShieldsAction::Status => {
+            let s = ShieldsState::load_strict(&ctx.home, name)?;
+            if p.json {
+                p.json_doc(
+                    "shields",
+                    json!({"name": name.as_str(), "state": shields_word(&s), "locked": s.locked(), "file": s.doc}),
+                );
+            } else {
+                let line = match shields_word(&s) {
+                    "up" => format!("Shields are UP for '{name}' (locked)."),
+                    "down" => format!(
+                        "Shields are DOWN for '{name}'{}.",
+                        s.reason().map(|r| format!(" (reason: {r})")).unwrap_or_default()
+                    ),
+                    _ => format!("Shields were never raised for '{name}' (mutable)."),
+                };
+                p.data(line);
+            }
+            Ok(Exit::Ok)
+        }
+        ShieldsAction::Up => {
+            registered(&Registry::load(&ctx.home)?, name)?;
+            shields::raise(&ctx.home, name)?;
+            report_shields(ctx, name, "up")
+        }
+        ShieldsAction::Down { reason } => {
+            registered(&Registry::load(&ctx.home)?, name)?;
+            shields::lower(&ctx.home, name, reason.as_deref())?;
+            report_shields(ctx, name, "down")
+        }
+    }
+}
+
+fn report_shields(ctx: &Ctx, name: &SandboxName, word: &str) -> CmdResult {
+    let p = &ctx.printer;
+    if p.json {
+        p.json_doc(
+            "shields",
+            json!({"name": name.as_str(), "state": word, "locked": word == "up"}),
+        );
+    } else {
+        p.success(format!("✓ Shields {word} for '{name}'"));
+    }
+    Ok(Exit::Ok)
+}
+
+/// The refusal for a sandbox whose live state could not be confirmed, in NemoClaw's words.
+fn refusal(name: &SandboxName, binding: &Binding, live: &Liveness) -> CliError {
+    match live {
+        Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => CliError::new(
+            Exit::Refused,
+            format!(
+                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'. Your sandbox has NOT been removed."
+            ),
+        )
+        .hint(format!("switch gateways and retry: `openshell gateway select {binding}`")),
+        other => CliError::new(
+            Exit::Refused,
+            format!(
+                "Could not confirm live state of '{name}' (gateway not in a known-good state): {}",
+                gateway::openshell::describe(other)
+            ),
+        )
+        .hint("your local registry entry has been preserved — nothing was removed"),
+    }
+}
+
+fn confirm(question: &str) -> bool {
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).is_ok() && matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
+    let p = &ctx.printer;
+    let reg = Registry::load(&ctx.home)?;
+    let entry = registered(&reg, name)?;
+    let binding = binding_of(&entry)?;
+    let gw = open_gateway(ctx, &binding)?;
+    // Classify before asking: the question must describe what will really happen.
+    let live = gw.classify(name);
+    let plan = match &live {
+        Liveness::Present(_) => {
+            format!("delete sandbox '{name}' on gateway '{binding}' and remove its registry entry")
+        }
+        Liveness::Missing => format!(
+            "remove the registry entry of '{name}' (it is already absent from gateway '{binding}')"
+        ),
+        other => return Err(refusal(name, &binding, other)),
+    };
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(CliError::new(
+                Exit::Refused,
+                format!("refusing to {plan} without confirmation"),
+            )
+            .hint(format!("run `nemoclaw {name} destroy --yes`")));
+        }
+        if !confirm(&format!("This will {plan}. Continue?")) {
+            p.info("Cancelled; nothing was changed.");
+            return Ok(Exit::Refused);
+        }
+    }
+    if matches!(live, Liveness::Present(_)) {
+        p.info(format!("Deleting sandbox '{name}'..."));
+        gw.delete(name, DELETE_TIMEOUT)?;
+    }
+    // Registry row only after the gateway confirmed absence: a crash in between leaves a
+    // registered-but-missing sandbox, which `status` explains and `rebuild` can recover.
+    registry::update(&ctx.home, |reg| {
+        reg.remove_entry(name);
+        Ok(())
+    })?;
+    host::shields::clear(&ctx.home, name)?;
+    if p.json {
+        p.json_doc(
+            "destroy",
+            json!({"name": name.as_str(), "gateway": binding.name(), "deleted": true}),
+        );
+    } else {
+        p.success(format!("✓ Sandbox '{name}' destroyed"));
+        p.info("Backups under rebuild-backups/ were kept.");
+    }
+    Ok(Exit::Ok)
 }

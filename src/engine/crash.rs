@@ -22,6 +22,9 @@ pub const AFTER_RUN_CREATED: &str = "after_run_created";
 pub const BEFORE_INTENT: &str = "before_intent";
 /// After a step's intent is durable, before its effect starts.
 pub const AFTER_INTENT: &str = "after_intent";
+/// Inside a step's effect (or a compensation's), between two of its parts — e.g. after the
+/// rebuild's delete and before its registry removal. Steps call it; the runner does not.
+pub const MID_EFFECT: &str = "mid_effect";
 /// After a step's effect returned, before its outcome is committed.
 pub const AFTER_EFFECT: &str = "after_effect";
 /// After the commit that holds a step's outcome.
@@ -45,6 +48,7 @@ pub const CRASH_POINTS: &[&str] = &[
     AFTER_RUN_CREATED,
     BEFORE_INTENT,
     AFTER_INTENT,
+    MID_EFFECT,
     AFTER_EFFECT,
     AFTER_OUTCOME,
     BEFORE_FINISH,

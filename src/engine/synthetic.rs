@@ -119,6 +119,8 @@ impl Step for LedgerStep {
         } else {
             append_line(&self.ledger, &format!("={}", self.k))?;
         }
+        // The ledger line is the effect; the step's output is its second part.
+        crate::engine::crash::point(crate::engine::crash::MID_EFFECT);
         Ok(json!({ "k": self.k }))
     }
 
@@ -127,6 +129,7 @@ impl Step for LedgerStep {
         if self.net()? == 1 {
             append_line(&self.ledger, &format!("-{}", self.k))?;
         }
+        crate::engine::crash::point(crate::engine::crash::MID_EFFECT);
         Ok(())
     }
 }

@@ -6,7 +6,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::exit::{Exit, ExitCoded};
 use crate::names::SandboxName;
+
+pub mod classify;
+pub mod local;
+pub mod openshell;
 
 /// A sandbox as a gateway reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -191,4 +196,50 @@ pub trait Gateway: Send + Sync {
 
     /// Names of the policies currently applied, when the gateway can tell.
     fn applied_policies(&self, name: &SandboxName) -> Result<Vec<String>, GatewayError>;
+}
+
+impl ExitCoded for GatewayError {
+    fn exit(&self) -> Exit {
+        match self {
+            // Nothing was changed: the operator must act first.
+            GatewayError::AlreadyExists(..)
+            | GatewayError::NotFound(..)
+            | GatewayError::Unhealthy { .. }
+            | GatewayError::Spawn { .. } => Exit::Refused,
+            GatewayError::Io { .. } => Exit::Io,
+            GatewayError::Timeout { .. } | GatewayError::Other(_) => Exit::Failed,
+        }
+    }
+}
+
+/// Open the driver for a binding: `local` → the embedded [`local::LocalGateway`] under `home`;
+/// `nemoclaw` / `nemoclaw-<port>` → [`openshell::OpenShellGateway`] running `openshell`
+/// (`openshell` path given, else found on PATH). Opening runs nothing on the gateway.
+pub fn open(
+    home: &Path,
+    binding: &str,
+    openshell: Option<&Path>,
+) -> Result<Box<dyn Gateway>, GatewayError> {
+    match binding {
+        "local" => Ok(Box::new(local::LocalGateway::open(home)?)),
+        b if b == "nemoclaw"
+            || b.strip_prefix("nemoclaw-")
+                .is_some_and(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit())) =>
+        {
+            let program = match openshell {
+                Some(p) => p.to_owned(),
+                None => openshell::find_on_path().ok_or_else(|| GatewayError::Spawn {
+                    program: "openshell".to_owned(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "not found on PATH (pass --openshell PATH)",
+                    ),
+                })?,
+            };
+            Ok(Box::new(openshell::OpenShellGateway::new(program, b)))
+        }
+        other => Err(GatewayError::Other(format!(
+            "unknown gateway binding `{other}` (expected `local`, `nemoclaw` or `nemoclaw-<port>`)"
+        ))),
+    }
 }

@@ -1,5 +1,6 @@
 //! The SQLite journal: open, migrate, runs/steps/events, audit queries.
 
+pub mod audit;
 pub mod chain;
 pub mod events;
 pub mod redact;

@@ -1,1 +1,266 @@
 //! The rebuild saga: preflight classification, the concrete steps, NemoClaw's messages.
+//!
+//! `preflight` changes nothing: it loads the entry, resolves its gateway binding and classifies
+//! the sandbox. Its [`Decision`] picks the plan (normal or stale) or a refusal. The plan runs on
+//! the generic engine; [`Resolver`] rebuilds it from the journaled params for `recover`.
+
+pub mod messages;
+pub mod snapshot;
+pub mod steps;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::engine::runner::PlanResolver;
+use crate::engine::{Plan, Step};
+use crate::gateway::{Gateway, Liveness, Unhealthy};
+use crate::host::registry::{self, Binding};
+use crate::host::{shields, HostError};
+use crate::journal::runs::RunRecord;
+use crate::names::SandboxName;
+use steps::Env;
+
+/// Name of the rebuild plan in the journal.
+pub const PLAN_NAME: &str = "rebuild";
+
+/// Image used for a recreate when `NEMOCLAW_SANDBOX_IMAGE` is not set.
+pub const DEFAULT_IMAGE: &str = "openshell/sandbox-base:latest";
+
+/// Normal rebuild or stale recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The sandbox is live: backup → replace → restore.
+    Normal,
+    /// The sandbox is registered but proved gone: recreate from the registry metadata.
+    Stale,
+}
+
+impl Mode {
+    /// Journaled spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Normal => "normal",
+            Mode::Stale => "stale",
+        }
+    }
+
+    /// Parse the journaled spelling.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "normal" => Some(Mode::Normal),
+            "stale" => Some(Mode::Stale),
+            _ => None,
+        }
+    }
+}
+
+/// What preflight decided.
+#[derive(Debug)]
+pub enum Decision {
+    /// Go ahead in this mode.
+    Proceed(Mode),
+    /// Refuse: these lines, in order (the first is the error, the rest follow-up lines).
+    Refuse(Vec<String>),
+}
+
+/// Everything preflight learned. Nothing was changed to learn it.
+pub struct Preflight {
+    /// The sandbox.
+    pub name: SandboxName,
+    /// Its registry entry, verbatim.
+    pub entry: Value,
+    /// Its gateway binding.
+    pub binding: Binding,
+    /// The gateway driver.
+    pub gateway: Arc<dyn Gateway>,
+    /// The classification.
+    pub liveness: Liveness,
+    /// Whether shields are up.
+    pub shields_locked: bool,
+    /// The decision.
+    pub decision: Decision,
+}
+
+/// Errors before a run starts.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// Host files.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// Gateway driver could not be opened.
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
+    /// No such sandbox in the registry.
+    #[error("sandbox '{0}' does not exist in the registry")]
+    NotRegistered(String),
+}
+
+impl crate::exit::ExitCoded for PreflightError {
+    fn exit(&self) -> crate::exit::Exit {
+        match self {
+            PreflightError::Host(e) => e.exit(),
+            PreflightError::Gateway(e) => e.exit(),
+            PreflightError::NotRegistered(_) => crate::exit::Exit::Refused,
+        }
+    }
+}
+
+/// Load, resolve, classify. Changes nothing.
+pub fn preflight(
+    home: &Path,
+    name: &SandboxName,
+    openshell: Option<&Path>,
+) -> Result<Preflight, PreflightError> {
+    let reg = registry::Registry::load(home)?;
+    let entry =
+        reg.entry(name).cloned().ok_or_else(|| PreflightError::NotRegistered(name.to_string()))?;
+    let binding = registry::binding_of(&entry)?;
+    // A corrupt shields file stops here (exit 65), before anything is touched.
+    let shields_locked = shields::ShieldsState::load_strict(home, name)?.locked();
+    let gateway: Arc<dyn Gateway> =
+        Arc::from(crate::gateway::open(home, binding.name(), openshell)?);
+    let liveness = gateway.classify(name);
+    let decision = decide(name, &binding, &liveness);
+    Ok(Preflight {
+        name: name.clone(),
+        entry,
+        binding,
+        gateway,
+        liveness,
+        shields_locked,
+        decision,
+    })
+}
+
+/// The decision table of spec §3.1.
+pub fn decide(name: &SandboxName, binding: &Binding, live: &Liveness) -> Decision {
+    let n = name.as_str();
+    match live {
+        Liveness::Present(_) => Decision::Proceed(Mode::Normal),
+        Liveness::Missing => Decision::Proceed(Mode::Stale),
+        Liveness::Unhealthy { reason: Unhealthy::Foreign, active, .. } => {
+            let active = active.clone().unwrap_or_else(|| "unknown".to_owned());
+            Decision::Refuse(vec![
+                messages::foreign_gateway(n, binding.name(), &active),
+                messages::SWITCH_AND_RETRY.to_owned(),
+                format!("  {}", messages::select_cmd(binding.name())),
+            ])
+        }
+        Liveness::Unhealthy { detail, .. } | Liveness::Unknown { detail } => {
+            Decision::Refuse(vec![
+                messages::could_not_confirm(n),
+                format!("  {detail}"),
+                messages::ENTRY_PRESERVED.to_owned(),
+            ])
+        }
+    }
+}
+
+/// The image a recreate uses.
+pub fn current_image() -> String {
+    std::env::var("NEMOCLAW_SANDBOX_IMAGE")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_IMAGE.to_owned())
+}
+
+/// How long a delete may take to be confirmed.
+pub fn delete_timeout() -> Duration {
+    Duration::from_millis(
+        std::env::var("NEMOCLAW_DELETE_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(120_000),
+    )
+}
+
+/// The runner-lock key of a sandbox: one runner per gateway + sandbox.
+pub fn lock_key(binding: &str, name: &SandboxName) -> String {
+    format!("{binding}/{name}")
+}
+
+/// Params journaled with a new run: enough to rebuild the plan in another process.
+pub fn params(pf: &Preflight, mode: Mode, now_ms: i64) -> Value {
+    let evidence = match &pf.liveness {
+        Liveness::Present(s) => {
+            json!({"gateway": pf.binding.name(), "status": "present", "id": s.id, "phase": s.phase})
+        }
+        Liveness::Missing => json!({"gateway": pf.binding.name(), "status": "missing"}),
+        other => json!({"gateway": pf.binding.name(), "status": format!("{other:?}")}),
+    };
+    json!({
+        "sandbox": pf.name.as_str(),
+        "gateway": pf.binding.name(),
+        "mode": mode.as_str(),
+        "image": current_image(),
+        "backup_ts": crate::host::backup::backup_timestamp(now_ms),
+        "shields_locked": pf.shields_locked,
+        "evidence": evidence,
+    })
+}
+
+/// Build the plan for a mode. `shields_locked` decides whether `shields_down` is in it.
+pub fn plan(env: Arc<Env>, shields_locked: bool) -> Plan {
+    let mut steps: Vec<Box<dyn Step>> = vec![Box::new(steps::SnapshotStep(env.clone()))];
+    if env.mode == Mode::Normal {
+        if shields_locked {
+            steps.push(Box::new(steps::ShieldsDownStep(env.clone())));
+        }
+        steps.push(Box::new(steps::BackupStep(env.clone())));
+    }
+    steps.push(Box::new(steps::RemoveStep(env.clone())));
+    steps.push(Box::new(steps::OnboardStep(env.clone())));
+    if env.mode == Mode::Normal {
+        steps.push(Box::new(steps::RestoreStep(env.clone())));
+    }
+    steps.push(Box::new(steps::PoliciesStep(env.clone())));
+    steps.push(Box::new(steps::ShieldsStep(env)));
+    Plan { name: PLAN_NAME.to_owned(), steps }
+}
+
+/// The step environment from journaled params.
+pub fn env_from_params(
+    home: &Path,
+    params: &Value,
+    gateway: Arc<dyn Gateway>,
+    stale_image_failed: bool,
+) -> Option<Env> {
+    Some(Env {
+        home: home.to_path_buf(),
+        name: SandboxName::parse(params["sandbox"].as_str()?).ok()?,
+        gateway,
+        mode: Mode::parse(params["mode"].as_str()?)?,
+        image: params["image"].as_str()?.to_owned(),
+        backup_ts: params["backup_ts"].as_str()?.to_owned(),
+        delete_timeout: delete_timeout(),
+        stale_image_failed,
+    })
+}
+
+/// Rebuilds the rebuild plan of a journaled run, for `recover`.
+pub struct Resolver {
+    /// NemoClaw home.
+    pub home: PathBuf,
+    /// `--openshell`, when given.
+    pub openshell: Option<PathBuf>,
+    /// Whether the run's onboard step was attempted (decides `imageTag: null` on a stale
+    /// rollback: the recorded image just failed to produce a sandbox).
+    pub onboard_attempted: bool,
+}
+
+impl PlanResolver for Resolver {
+    fn plan_for(&self, run: &RunRecord) -> Option<Plan> {
+        if run.plan != PLAN_NAME {
+            return None;
+        }
+        let binding = run.params["gateway"].as_str()?;
+        let gw: Arc<dyn Gateway> =
+            Arc::from(crate::gateway::open(&self.home, binding, self.openshell.as_deref()).ok()?);
+        let env = env_from_params(&self.home, &run.params, gw, self.onboard_attempted)?;
+        let locked = run.params["shields_locked"].as_bool()?;
+        Some(plan(Arc::new(env), locked))
+    }
+}

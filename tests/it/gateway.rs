@@ -1,1 +1,542 @@
-//! Integration tests: gateway.
+//! Integration tests: gateway classification (a table over every output and error text of
+//! openshell.md) and one behavioural suite run against both drivers — the local gateway and the
+//! openshell driver talking to the test double in real child processes.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nemoclaw::gateway::classify::{classify_get, classify_status, CallOutput};
+use nemoclaw::gateway::local::LocalGateway;
+use nemoclaw::gateway::openshell::OpenShellGateway;
+use nemoclaw::gateway::{CreateSpec, Gateway, GatewayError, Liveness, PolicySpec, Unhealthy};
+use nemoclaw::host::tree_digest;
+use nemoclaw::names::SandboxName;
+use rstest::rstest;
+use serde_json::json;
+
+/// A compact verdict for table assertions.
+fn verdict(l: &Liveness) -> String {
+    match l {
+        Liveness::Present(s) => format!("present:{}:{}", s.name, s.phase),
+        Liveness::Missing => "missing".into(),
+        Liveness::Unknown { .. } => "unknown".into(),
+        Liveness::Unhealthy { reason, active, .. } => match active {
+            Some(a) => format!("unhealthy:{reason:?}:{a}").to_lowercase(),
+            None => format!("unhealthy:{reason:?}").to_lowercase(),
+        },
+    }
+}
+
+fn timeout() -> CallOutput {
+    CallOutput { timed_out: true, ..Default::default() }
+}
+
+const OLD_NOT_FOUND: &str =
+    "Error:   × status: NotFound, message: \"sandbox not found\", details: [], metadata: MetadataMap { headers: {} }";
+const NEW_NOT_FOUND: &str =
+    "Error:   × code: 'Some requested entity was not found', message: \"sandbox not found\"";
+const TABLE_GET: &str = "Sandbox:\n\n  Id: 5f0c01\n  Name: demo\n  Phase: \x1b[1;32mReady\x1b[0m\n  Resource version: 7\n  Labels:\n    rebuild-run: 0190\n";
+
+#[rstest]
+#[case::table_present(CallOutput::exited(0, TABLE_GET, ""), true, "present:demo:Ready")]
+#[case::json_present(CallOutput::exited(0, r#"{"id":"1","name":"demo","phase":"Running","labels":{},"policy_source":"x","revision":1,"policy":null}"#, ""), true, "present:demo:Running")]
+#[case::json_phase_number(
+    CallOutput::exited(0, r#"{"id":"1","name":"demo","phase":1}"#, ""),
+    true,
+    "present:demo:Provisioning"
+)]
+#[case::old_not_found_proved(CallOutput::exited(1, "", OLD_NOT_FOUND), true, "missing")]
+#[case::new_not_found_proved(CallOutput::exited(1, "", NEW_NOT_FOUND), true, "missing")]
+#[case::not_found_health_not_proved(CallOutput::exited(1, "", NEW_NOT_FOUND), false, "unknown")]
+#[case::old_not_found_not_proved(CallOutput::exited(1, "", OLD_NOT_FOUND), false, "unknown")]
+#[case::timeout(timeout(), true, "unknown")]
+#[case::spawn_failure(CallOutput { spawn_error: Some("No such file".into()), ..Default::default() }, true, "unknown")]
+#[case::garbage_exit0(CallOutput::exited(0, "\u{1}}{ garbage ~~~", ""), true, "unknown")]
+#[case::empty_exit0(CallOutput::exited(0, "", ""), true, "unknown")]
+#[case::no_spec(
+    CallOutput::exited(1, "", "Error:   × status: Internal, message: \"sandbox has no spec\""),
+    true,
+    "unknown"
+)]
+#[case::other_error(CallOutput::exited(1, "", "Error:   × something odd"), true, "unknown")]
+#[case::usage_error(
+    CallOutput::exited(2, "", "error: unexpected argument '-o' found"),
+    true,
+    "unknown"
+)]
+#[case::other_name(
+    CallOutput::exited(0, r#"{"id":"1","name":"other","phase":"Ready"}"#, ""),
+    true,
+    "unknown"
+)]
+#[case::transport(
+    CallOutput::exited(1, "", "Error:   × transport error"),
+    true,
+    "unhealthy:unreachable"
+)]
+#[case::tcp_connect(
+    CallOutput::exited(1, "", "Error: tcp connect error: Connection refused (os error 111)"),
+    true,
+    "unhealthy:unreachable"
+)]
+#[case::refused(
+    CallOutput::exited(1, "", "Connection refused (os error 111)"),
+    true,
+    "unhealthy:unreachable"
+)]
+#[case::reset(
+    CallOutput::exited(1, "", "Error:   × connection reset by peer"),
+    true,
+    "unhealthy:unreachable"
+)]
+#[case::client_connect(
+    CallOutput::exited(1, "", "Error:   × client error (Connect)"),
+    true,
+    "unhealthy:unreachable"
+)]
+#[case::no_active(
+    CallOutput::exited(1, "", "Error:   × No active gateway"),
+    true,
+    "unhealthy:unreachable"
+)]
+#[case::no_configured(
+    CallOutput::exited(1, "", "Error:   × No gateway configured"),
+    true,
+    "unhealthy:unreachable"
+)]
+#[case::unknown_gateway(
+    CallOutput::exited(1, "", "Error:   × Unknown gateway 'nemoclaw-9000'"),
+    true,
+    "unhealthy:unreachable"
+)]
+#[case::handshake(
+    CallOutput::exited(1, "", "Error:   × handshake verification failed"),
+    true,
+    "unhealthy:identity"
+)]
+#[case::unauthorized(CallOutput::exited(1, "", "Error: unauthorized"), true, "unhealthy:auth")]
+#[case::forbidden(CallOutput::exited(1, "", "Error: Forbidden"), true, "unhealthy:auth")]
+#[case::permission_denied(
+    CallOutput::exited(1, "", "Error: permission denied"),
+    true,
+    "unhealthy:auth"
+)]
+#[case::invalid_token(CallOutput::exited(1, "", "Error: invalid token"), true, "unhealthy:auth")]
+#[case::expired_token(CallOutput::exited(1, "", "Error: expired token"), true, "unhealthy:auth")]
+#[case::missing_token(
+    CallOutput::exited(1, "", "Error: missing gateway auth token"),
+    true,
+    "unhealthy:auth"
+)]
+#[case::wire_type(
+    CallOutput::exited(1, "", "Error: invalid wire type: LengthDelimited"),
+    true,
+    "unhealthy:schema"
+)]
+#[case::proto_decode(
+    CallOutput::exited(1, "", "Error: proto decode failed"),
+    true,
+    "unhealthy:schema"
+)]
+#[case::protobuf_decode(
+    CallOutput::exited(1, "", "Error: protobuf decode error"),
+    true,
+    "unhealthy:schema"
+)]
+#[case::schema_before_not_found(
+    CallOutput::exited(1, "", "invalid wire type; sandbox not found"),
+    true,
+    "unhealthy:schema"
+)]
+#[case::auth_before_transport(
+    CallOutput::exited(1, "", "transport error: unauthorized"),
+    true,
+    "unhealthy:auth"
+)]
+#[case::identity_before_transport(
+    CallOutput::exited(1, "", "transport error: handshake verification failed"),
+    true,
+    "unhealthy:identity"
+)]
+#[case::transport_before_not_found(
+    CallOutput::exited(1, "", "tcp connect error; sandbox not found"),
+    true,
+    "unhealthy:unreachable"
+)]
+fn classify_sandbox_get(#[case] out: CallOutput, #[case] proved: bool, #[case] want: &str) {
+    assert_eq!(verdict(&classify_get(&out, "demo", proved)), want);
+}
+
+#[rstest]
+#[case::json_connected(r#"{"gateway":"nemoclaw","server":"https://127.0.0.1:8080","status":"connected","authentication":{"status":"authenticated"},"version":"0.0.92"}"#, "nemoclaw", "healthy")]
+#[case::json_no_auth_needed(
+    r#"{"gateway":"nemoclaw","status":"connected","authentication":{"status":"not_required"}}"#,
+    "nemoclaw",
+    "healthy"
+)]
+#[case::json_foreign(
+    r#"{"gateway":"nemoclaw","status":"connected","authentication":{"status":"authenticated"}}"#,
+    "nemoclaw-9000",
+    "unhealthy:foreign:nemoclaw"
+)]
+#[case::json_error(
+    r#"{"gateway":"nemoclaw","status":"error","authentication":{"status":"unverified"}}"#,
+    "nemoclaw",
+    "unhealthy:unreachable"
+)]
+#[case::json_disconnected(
+    r#"{"gateway":"nemoclaw","status":"disconnected"}"#,
+    "nemoclaw",
+    "unhealthy:unreachable"
+)]
+#[case::json_not_configured(r#"{"status":"not_configured"}"#, "nemoclaw", "unhealthy:unreachable")]
+#[case::json_auth_failed(
+    r#"{"gateway":"nemoclaw","status":"connected","authentication":{"status":"failed"}}"#,
+    "nemoclaw",
+    "unhealthy:auth"
+)]
+#[case::json_connected_http(
+    r#"{"gateway":"nemoclaw","status":"connected_http"}"#,
+    "nemoclaw",
+    "unknown"
+)]
+#[case::json_broken("{\"gateway\": ", "nemoclaw", "unknown")]
+#[case::table_connected(
+    "Server Status\n\n  Gateway: nemoclaw\n  Server: http://127.0.0.1:8080\n  Status: Connected\n",
+    "nemoclaw",
+    "healthy"
+)]
+#[case::table_connected_ansi(
+    "Server Status\n\n  Gateway: nemoclaw\n  Status: \x1b[32mConnected\x1b[0m\n",
+    "nemoclaw",
+    "healthy"
+)]
+#[case::table_foreign(
+    "Server Status\n\n  Gateway: nemoclaw\n  Status: Connected\n",
+    "nemoclaw-9000",
+    "unhealthy:foreign:nemoclaw"
+)]
+#[case::table_refused(
+    "Server Status\n\nGateway: nemoclaw\nError: Connection refused (os error 111)",
+    "nemoclaw",
+    "unhealthy:unreachable"
+)]
+#[case::table_disconnected(
+    "Server Status\n\n  Gateway: nemoclaw\n  Status: Disconnected\n",
+    "nemoclaw",
+    "unhealthy:unreachable"
+)]
+#[case::no_active_gateway("Error:   × No active gateway", "nemoclaw", "unhealthy:unreachable")]
+#[case::handshake(
+    "Server Status\n\nGateway: nemoclaw\nError:   × handshake verification failed",
+    "nemoclaw",
+    "unhealthy:identity"
+)]
+#[case::garbage("\u{1}}{ garbage ~~~", "nemoclaw", "unknown")]
+fn classify_gateway_status(#[case] stdout: &str, #[case] gateway: &str, #[case] want: &str) {
+    let got = classify_status(&CallOutput::exited(0, stdout, ""), gateway);
+    assert_eq!(got.as_ref().map(verdict).unwrap_or_else(|| "healthy".into()), want);
+}
+
+#[test]
+fn status_timeout_is_unknown() {
+    assert_eq!(
+        classify_status(&timeout(), "nemoclaw").as_ref().map(verdict).as_deref(),
+        Some("unknown")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both drivers, one behavioural suite.
+
+/// A gateway under test plus the means to make it misbehave.
+struct Rig {
+    _home: tempfile::TempDir,
+    home: PathBuf,
+    /// The double's state directory (openshell rigs only).
+    double: Option<PathBuf>,
+    gw: Box<dyn Gateway>,
+}
+
+/// A wrapper script named `openshell` that runs the double with its own state directory, so
+/// parallel tests never share one.
+pub fn double_wrapper(dir: &Path, state: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = env!("CARGO_BIN_EXE_openshell-double");
+    let p = dir.join("openshell");
+    fs::write(
+        &p,
+        format!("#!/bin/sh\nOPENSHELL_DOUBLE_STATE='{}' exec '{bin}' \"$@\"\n", state.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Write the double's config.json.
+pub fn double_config(state: &Path, cfg: serde_json::Value) {
+    fs::create_dir_all(state).unwrap();
+    fs::write(state.join("config.json"), cfg.to_string()).unwrap();
+}
+
+impl Rig {
+    fn local() -> Rig {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().to_owned();
+        Rig { gw: Box::new(LocalGateway::open(&home).unwrap()), home, double: None, _home: t }
+    }
+
+    fn openshell(version: &str, gateway: &str) -> Rig {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().to_owned();
+        let state = home.join("double");
+        double_config(&state, json!({"version": version}));
+        let program = double_wrapper(&home, &state);
+        let gw = OpenShellGateway::new(program, gateway)
+            .with_timeout(Duration::from_secs(20))
+            .with_create_timeout(Duration::from_secs(20))
+            .with_poll(Duration::from_millis(10));
+        Rig { gw: Box::new(gw), home, double: Some(state), _home: t }
+    }
+
+    fn make_unreachable(&self) {
+        match &self.double {
+            None => {
+                fs::write(self.home.join("local-gateway/fault.json"), r#"{"health":"unreachable"}"#)
+                    .unwrap()
+            }
+            Some(s) => {
+                double_config(s, json!({"gateways": {"nemoclaw": "refused"}, "active": "nemoclaw"}))
+            }
+        }
+    }
+
+    fn calls(&self) -> Vec<serde_json::Value> {
+        let Some(s) = &self.double else { return Vec::new() };
+        fs::read_to_string(s.join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn name(s: &str) -> SandboxName {
+    SandboxName::parse(s).unwrap()
+}
+
+fn spec(n: &str, run: &str) -> CreateSpec {
+    CreateSpec {
+        name: name(n),
+        image: "openshell/sandbox-from:1".into(),
+        labels: BTreeMap::from([("rebuild-run".to_owned(), run.to_owned())]),
+        agent: None,
+        gpu: false,
+    }
+}
+
+fn sample_tree(dir: &Path) {
+    fs::create_dir_all(dir.join("workspace/notes")).unwrap();
+    fs::create_dir_all(dir.join("memory")).unwrap();
+    fs::write(dir.join("workspace/AGENTS.md"), "# agents\n").unwrap();
+    fs::write(dir.join("workspace/notes/todo.txt"), "ship it\n").unwrap();
+    fs::write(dir.join("memory/facts.json"), "{\"k\":1}\n").unwrap();
+    std::os::unix::fs::symlink("notes/todo.txt", dir.join("workspace/latest")).unwrap();
+}
+
+#[rstest]
+#[case::local(Rig::local())]
+#[case::openshell_json(Rig::openshell("0.0.116", "nemoclaw"))]
+#[case::openshell_tables_old_errors(Rig::openshell("0.0.40", "nemoclaw"))]
+fn driver_behaviour(#[case] rig: Rig) {
+    let gw = rig.gw.as_ref();
+    let demo = name("demo");
+    assert_eq!(gw.health(), None, "fresh gateway must be healthy");
+    assert_eq!(gw.classify(&demo), Liveness::Missing);
+
+    let created = gw.create(&spec("demo", "run-1")).unwrap();
+    assert!(created.is_ready());
+    assert_eq!(created.labels.get("rebuild-run").map(String::as_str), Some("run-1"));
+    assert!(matches!(gw.create(&spec("demo", "run-2")), Err(GatewayError::AlreadyExists(..))));
+    let Liveness::Present(live) = gw.classify(&demo) else { panic!("demo must be present") };
+    assert_eq!(live.id, created.id);
+    assert_eq!(live.labels.get("rebuild-run").map(String::as_str), Some("run-1"));
+    assert_eq!(gw.list().unwrap().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["demo"]);
+
+    // State moves as real files, byte for byte.
+    let scratch = tempfile::tempdir().unwrap();
+    let src = scratch.path().join("src");
+    sample_tree(&src);
+    gw.upload_state(&demo, &src).unwrap();
+    let out = scratch.path().join("out");
+    fs::create_dir(&out).unwrap();
+    gw.download_state(&demo, &out).unwrap();
+    assert_eq!(tree_digest(&out).unwrap(), tree_digest(&src).unwrap());
+    assert_eq!(fs::read(out.join("workspace/notes/todo.txt")).unwrap(), b"ship it\n");
+
+    gw.apply_policy(&demo, &PolicySpec::Preset { name: "npm".into() }).unwrap();
+    let custom = PolicySpec::Custom {
+        name: "corp-proxy".into(),
+        content: "version: 1\nnetwork_policies: {}\n".into(),
+    };
+    gw.apply_policy(&demo, &custom).unwrap();
+    gw.apply_policy(&demo, &custom).unwrap();
+    assert_eq!(gw.applied_policies(&demo).unwrap(), ["npm", "corp-proxy"]);
+
+    gw.delete(&demo, Duration::from_secs(10)).unwrap();
+    assert_eq!(gw.classify(&demo), Liveness::Missing);
+    gw.delete(&demo, Duration::from_secs(10)).unwrap();
+    assert!(gw.list().unwrap().is_empty());
+
+    // A gateway in trouble never reports a sandbox missing.
+    gw.create(&spec("demo", "run-3")).unwrap();
+    rig.make_unreachable();
+    let l = gw.classify(&demo);
+    assert!(matches!(l, Liveness::Unhealthy { reason: Unhealthy::Unreachable, .. }), "{l:?}");
+    assert!(gw.delete(&demo, Duration::from_secs(1)).is_err());
+
+    // openshell: every sandbox call was scoped to the recorded gateway.
+    for c in rig.calls() {
+        let argv: Vec<&str> =
+            c["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let unscoped_ok =
+            argv == ["--version"] || argv.starts_with(&["gateway", "list"]) || argv == ["status"];
+        assert!(
+            unscoped_ok || argv.windows(2).any(|w| w == ["-g", "nemoclaw"]),
+            "unscoped call {argv:?}"
+        );
+        assert!(!argv.contains(&"select"), "must never select a gateway: {argv:?}");
+    }
+}
+
+fn pid_dead(pid: i32) -> bool {
+    // A zombie (state Z) is dead too: it only waits for its parent to reap it.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    !alive
+        || fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(true)
+}
+
+#[test]
+fn hang_is_killed_with_its_process_group_and_classified_unknown() {
+    let rig = Rig::openshell("0.0.116", "nemoclaw");
+    let state = rig.double.clone().unwrap();
+    rig.gw.create(&spec("demo", "r")).unwrap();
+    double_config(&state, json!({"hang": "sandbox get"}));
+    let gw = OpenShellGateway::new(rig.home.join("openshell"), "nemoclaw")
+        .with_timeout(Duration::from_millis(1500));
+    let t = Instant::now();
+    let l = gw.classify(&name("demo"));
+    assert!(matches!(&l, Liveness::Unknown { detail } if detail.contains("timed out")), "{l:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    let pids = fs::read_to_string(state.join("hang.pids")).expect("the double recorded its pids");
+    let pids: Vec<i32> = pids.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pids.len(), 2);
+    // The grandchild (`sleep`) is reaped by init asynchronously: allow it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pids.iter().all(|p| pid_dead(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in pids {
+        assert!(pid_dead(p), "pid {p} of the hung process group is still alive");
+    }
+}
+
+#[test]
+fn asynchronous_delete_is_confirmed_by_polling() {
+    let rig = Rig::openshell("0.0.116", "nemoclaw");
+    let state = rig.double.clone().unwrap();
+    rig.gw.create(&spec("demo", "r")).unwrap();
+    double_config(&state, json!({"delete_polls": 3}));
+    let before = rig.calls().len();
+    rig.gw.delete(&name("demo"), Duration::from_secs(10)).unwrap();
+    let gets = rig.calls()[before..]
+        .iter()
+        .filter(|c| c["argv"][0] == "sandbox" && c["argv"][1] == "get")
+        .count();
+    assert!(gets >= 4, "absence must be confirmed by polling (saw {gets} gets)");
+    assert!(!state.join("gw/nemoclaw/demo").exists());
+    assert_eq!(rig.gw.classify(&name("demo")), Liveness::Missing);
+}
+
+#[test]
+fn recorded_port_gateway_while_another_is_active_is_foreign() {
+    let rig = Rig::openshell("0.0.116", "nemoclaw-9000");
+    double_config(
+        rig.double.as_ref().unwrap(),
+        json!({"gateways": {"nemoclaw": "connected"}, "active": "nemoclaw"}),
+    );
+    let l = rig.gw.classify(&name("demo"));
+    assert_eq!(verdict(&l), "unhealthy:foreign:nemoclaw", "{l:?}");
+}
+
+#[rstest]
+#[case::garbage(json!({"garbage": "sandbox get"}))]
+#[case::no_spec(json!({"no_spec": true}))]
+#[case::auth(json!({"gateways": {"nemoclaw": "auth"}}))]
+#[case::handshake(json!({"gateways": {"nemoclaw": "handshake"}}))]
+#[case::schema(json!({"gateways": {"nemoclaw": "schema"}}))]
+fn misbehaving_openshell_is_never_missing(#[case] cfg: serde_json::Value) {
+    let rig = Rig::openshell("0.0.116", "nemoclaw");
+    double_config(rig.double.as_ref().unwrap(), cfg);
+    let l = rig.gw.classify(&name("demo"));
+    assert!(!matches!(l, Liveness::Missing | Liveness::Present(_)), "{l:?}");
+}
+
+#[test]
+fn create_timeout_adopts_only_a_sandbox_with_this_runs_label() {
+    let rig = Rig::openshell("0.0.116", "nemoclaw");
+    let state = rig.double.clone().unwrap();
+    double_config(&state, json!({"hang": "sandbox create"}));
+    let gw = OpenShellGateway::new(rig.home.join("openshell"), "nemoclaw")
+        .with_timeout(Duration::from_secs(20))
+        .with_create_timeout(Duration::from_millis(1500))
+        .with_poll(Duration::from_millis(10));
+    let s = gw.create(&spec("demo", "run-7")).unwrap();
+    assert_eq!(s.labels.get("rebuild-run").map(String::as_str), Some("run-7"));
+    // Another run's sandbox of the same name is not adopted.
+    let other = gw.create(&spec("demo", "run-8"));
+    assert!(other.is_err(), "{other:?}");
+}
+
+#[test]
+fn local_gateway_cleans_interrupted_creates_and_deletes() {
+    let t = tempfile::tempdir().unwrap();
+    let gw = LocalGateway::open(t.path()).unwrap();
+    // A dead creator's temp dir and an unfinished delete's trash.
+    fs::create_dir_all(gw.root().join(".tmp.demo.999999999.x/state")).unwrap();
+    fs::create_dir_all(gw.root().join(".trash.old.y/state")).unwrap();
+    assert!(gw.list().unwrap().is_empty());
+    let gw = LocalGateway::open(t.path()).unwrap();
+    let left: Vec<_> = fs::read_dir(gw.root()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["sandboxes"]);
+    // A sandbox directory removed by hand is what a reaped sandbox looks like: missing.
+    gw.create(&spec("demo", "r")).unwrap();
+    fs::remove_dir_all(gw.sandbox_dir(&name("demo"))).unwrap();
+    assert_eq!(gw.classify(&name("demo")), Liveness::Missing);
+}
+
+#[test]
+fn local_fault_file_fails_one_operation() {
+    let t = tempfile::tempdir().unwrap();
+    let gw = LocalGateway::open(t.path()).unwrap();
+    fs::write(gw.root().join("fault.json"), r#"{"fail":{"create":"quota exceeded"}}"#).unwrap();
+    let e = gw.create(&spec("demo", "r")).unwrap_err();
+    assert!(e.to_string().contains("quota exceeded"));
+    assert_eq!(gw.classify(&name("demo")), Liveness::Missing);
+    fs::write(gw.root().join("fault.json"), r#"{"health":"foreign","foreign_active":"nemoclaw"}"#)
+        .unwrap();
+    assert_eq!(verdict(&gw.classify(&name("demo"))), "unhealthy:foreign:nemoclaw");
+}
+
+#[test]
+fn a_missing_openshell_binary_is_unknown_not_missing() {
+    let t = tempfile::tempdir().unwrap();
+    let gw = OpenShellGateway::new(t.path().join("no-such-openshell"), "nemoclaw");
+    assert_eq!(verdict(&gw.classify(&name("demo"))), "unknown");
+    let e = gw.create(&spec("demo", "r")).unwrap_err();
+    assert!(e.to_string().contains("no-such-openshell"), "{e}");
+}

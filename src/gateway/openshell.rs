@@ -1,0 +1,562 @@
+//! The `openshell` driver: drives the real `openshell` CLI for bindings `nemoclaw` and
+//! `nemoclaw-<port>` (openshell.md).
+//!
+//! Every call: `-g <recorded gateway>` (nothing relies on the globally selected gateway, and the
+//! driver never runs `gateway select`); `OPENSHELL_GATEWAY`, `OPENSHELL_GATEWAY_ENDPOINT` and
+//! `OPENSHELL_WORKSPACE` scrubbed from the environment; stdin `/dev/null`; stdout and stderr
+//! captured separately up to a size bound; its own process group, killed as a whole when the
+//! call times out. A timeout is *unknown*, never *missing*.
+//!
+//! Knobs (environment): `NEMOCLAW_OPENSHELL_TIMEOUT_MS` (per call, default 60 s),
+//! `NEMOCLAW_OPENSHELL_CREATE_TIMEOUT_MS` (create and wait-until-ready, default 600 s),
+//! `NEMOCLAW_OPENSHELL_POLL_MS` (delete / readiness polling interval, default 500 ms),
+//! `NEMOCLAW_POLICY_PRESETS` (directory of `<preset>.yaml` files).
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::classify::{self, CallOutput, Capabilities, ErrorText, Version};
+use super::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec, Unhealthy};
+use crate::names::SandboxName;
+
+/// Where a sandbox's state lives inside it.
+pub const SANDBOX_STATE_PATH: &str = "/sandbox/.openclaw";
+/// Environment variables that would redirect `openshell` away from the recorded gateway.
+pub const SCRUBBED_ENV: [&str; 3] =
+    ["OPENSHELL_GATEWAY", "OPENSHELL_GATEWAY_ENDPOINT", "OPENSHELL_WORKSPACE"];
+/// At most this much of stdout and of stderr is kept (the rest is drained and dropped).
+pub const MAX_OUTPUT: usize = 4 << 20;
+/// Marker line prepended to every policy file, so applied policies can be named back.
+pub const POLICY_MARKER: &str = "# nemoclaw-policy: ";
+
+fn env_ms(var: &str, default: u64) -> Duration {
+    Duration::from_millis(std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+}
+
+/// First executable `openshell` on PATH.
+pub fn find_on_path() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("openshell")).find(|p| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// Run `program args` as openshell calls are run: scrubbed env, stdin null, own process group,
+/// bounded capture, and on timeout SIGKILL to the whole group. ANSI is stripped from the output.
+pub fn run_command(program: &Path, args: &[String], timeout: Duration) -> CallOutput {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for v in SCRUBBED_ENV {
+        cmd.env_remove(v);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return CallOutput {
+                spawn_error: Some(format!("{}: {e}", program.display())),
+                ..Default::default()
+            }
+        }
+    };
+    let pgid = child.id() as i32;
+    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+    for (is_out, pipe) in [
+        (true, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+        (false, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            if let Some(mut p) = pipe {
+                let mut buf = [0u8; 8192];
+                // Keep reading past the bound so the child never blocks on a full pipe.
+                while let Ok(n) = p.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let room = MAX_OUTPUT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+            }
+            let _ = tx.send((is_out, kept));
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s.code(),
+            Ok(None) if Instant::now() >= deadline => {
+                timed_out = true;
+                // SAFETY: kill(2) on our own child's process group; -pgid addresses the group.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+                let _ = child.wait();
+                break None;
+            }
+            // Deliberate polling: std has no wait-with-timeout; 5 ms keeps latency low.
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => {
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    // A grandchild that escaped the group could hold a pipe open forever: do not wait on it.
+    let drain_deadline = Instant::now() + Duration::from_secs(2);
+    for _ in 0..2 {
+        let left = drain_deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((true, b)) => out = b,
+            Ok((false, b)) => err = b,
+            Err(_) => break,
+        }
+    }
+    CallOutput {
+        status,
+        stdout: classify::strip_ansi(&String::from_utf8_lossy(&out)),
+        stderr: classify::strip_ansi(&String::from_utf8_lossy(&err)),
+        timed_out,
+        spawn_error: None,
+    }
+}
+
+/// The openshell driver for one recorded gateway.
+#[derive(Debug)]
+pub struct OpenShellGateway {
+    program: PathBuf,
+    gateway: String,
+    timeout: Duration,
+    create_timeout: Duration,
+    poll: Duration,
+    version: OnceLock<Result<(Version, Capabilities), String>>,
+}
+
+impl OpenShellGateway {
+    /// A driver running `program` against `gateway`. Runs nothing yet.
+    pub fn new(program: PathBuf, gateway: &str) -> Self {
+        OpenShellGateway {
+            program,
+            gateway: gateway.to_owned(),
+            timeout: env_ms("NEMOCLAW_OPENSHELL_TIMEOUT_MS", 60_000),
+            create_timeout: env_ms("NEMOCLAW_OPENSHELL_CREATE_TIMEOUT_MS", 600_000),
+            poll: env_ms("NEMOCLAW_OPENSHELL_POLL_MS", 500),
+            version: OnceLock::new(),
+        }
+    }
+
+    /// Override the per-call timeout.
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Override the create (and wait-until-ready) timeout.
+    pub fn with_create_timeout(mut self, t: Duration) -> Self {
+        self.create_timeout = t;
+        self
+    }
+
+    /// Override the polling interval of delete and readiness waits.
+    pub fn with_poll(mut self, p: Duration) -> Self {
+        self.poll = p;
+        self
+    }
+
+    /// The `openshell` version and its capability profile (one `--version` call, cached).
+    pub fn version(&self) -> Result<(Version, Capabilities), GatewayError> {
+        self.version
+            .get_or_init(|| {
+                let out = run_command(&self.program, &["--version".to_owned()], self.timeout);
+                if !out.ok() {
+                    return Err(format!("`openshell --version` failed: {}", out.summary()));
+                }
+                let v = Version::parse(&out.stdout).ok_or_else(|| {
+                    format!("unrecognised `openshell --version` output: {}", out.stdout.trim())
+                })?;
+                Ok((v, Capabilities::of(v)))
+            })
+            .clone()
+            .map_err(GatewayError::Other)
+    }
+
+    fn caps(&self) -> Option<Capabilities> {
+        self.version().ok().map(|(_, c)| c)
+    }
+
+    /// Run one scoped call: `openshell <args...> -g <gateway>`.
+    fn call(&self, args: &[&str], timeout: Duration) -> CallOutput {
+        let mut argv: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        argv.push("-g".to_owned());
+        argv.push(self.gateway.clone());
+        tracing::debug!("openshell {}", argv.join(" "));
+        run_command(&self.program, &argv, timeout)
+    }
+
+    fn json_flag(&self, cap: impl Fn(Capabilities) -> bool) -> Vec<&'static str> {
+        if self.caps().is_some_and(cap) {
+            vec!["-o", "json"]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `status -g G`; on a non-healthy answer, look for a foreign active gateway.
+    fn prove_health(&self) -> Option<Liveness> {
+        if let Err(e) = self.version() {
+            return Some(Liveness::Unknown { detail: e.to_string() });
+        }
+        let mut args = vec!["status"];
+        args.extend(self.json_flag(|c| c.get_json));
+        let out = self.call(&args, self.timeout);
+        let bad = classify::classify_status(&out, &self.gateway)?;
+        Some(match bad {
+            Liveness::Unhealthy { reason: Unhealthy::Unreachable, detail, .. } => match self.active_gateway() {
+                Some(active) if active != self.gateway => Liveness::Unhealthy {
+                    reason: Unhealthy::Foreign,
+                    detail: format!("gateway '{}' is not reachable ({detail}); the active gateway is '{active}'", self.gateway),
+                    active: Some(active),
+                },
+                _ => Liveness::Unhealthy { reason: Unhealthy::Unreachable, detail, active: None },
+            },
+            other => other,
+        })
+    }
+
+    /// The operator's active gateway (unscoped on purpose: this is the one question about the
+    /// global selection). `gateway list -o json` first, plain `status` as a fallback.
+    fn active_gateway(&self) -> Option<String> {
+        let out = run_command(
+            &self.program,
+            &["gateway".into(), "list".into(), "-o".into(), "json".into()],
+            self.timeout,
+        );
+        if out.ok() {
+            if let Some(a) = classify::parse_active_gateway(&out.stdout) {
+                return Some(a);
+            }
+        }
+        let out = run_command(&self.program, &["status".into()], self.timeout);
+        if out.ok()
+            && classify::classify_status(&out, "").map_or(true, |l| {
+                matches!(l, Liveness::Unhealthy { reason: Unhealthy::Foreign, .. })
+            })
+        {
+            return classify::parse_active_gateway(&out.stdout);
+        }
+        None
+    }
+
+    fn get(&self, name: &str, health_proved: bool) -> Liveness {
+        let mut args = vec!["sandbox", "get", name];
+        args.extend(self.json_flag(|c| c.get_json));
+        let out = self.call(&args, self.timeout);
+        classify::classify_get(&out, name, health_proved)
+    }
+
+    fn fail(&self, out: &CallOutput, what: &str, name: &str, timeout: Duration) -> GatewayError {
+        if out.timed_out {
+            return GatewayError::Timeout {
+                command: format!("openshell {what} -g {}", self.gateway),
+                after: timeout,
+            };
+        }
+        if let Some(e) = &out.spawn_error {
+            return GatewayError::Spawn {
+                program: self.program.display().to_string(),
+                source: std::io::Error::other(e.clone()),
+            };
+        }
+        if let Some(Liveness::Unhealthy { detail, .. }) = classify::gateway_trouble(out) {
+            return GatewayError::Unhealthy { gateway: self.gateway.clone(), detail };
+        }
+        match classify::error_text(&out.text()) {
+            Some(ErrorText::AlreadyExists) => {
+                GatewayError::AlreadyExists(name.to_owned(), self.gateway.clone())
+            }
+            Some(ErrorText::NotFound) => {
+                GatewayError::NotFound(name.to_owned(), self.gateway.clone())
+            }
+            _ => GatewayError::Other(format!(
+                "`openshell {what} -g {}` failed: {}",
+                self.gateway,
+                out.summary()
+            )),
+        }
+    }
+
+    fn require_healthy(&self) -> Result<(), GatewayError> {
+        match self.prove_health() {
+            None => Ok(()),
+            Some(l) => {
+                Err(GatewayError::Unhealthy { gateway: self.gateway.clone(), detail: describe(&l) })
+            }
+        }
+    }
+
+    /// Poll `get` until the sandbox is ready (or the deadline passes).
+    fn wait_ready(&self, name: &str, deadline: Instant) -> Result<LiveSandbox, GatewayError> {
+        loop {
+            match self.get(name, false) {
+                Liveness::Present(s) if s.is_ready() => return Ok(s),
+                Liveness::Present(s) if s.phase == "Error" => {
+                    return Err(GatewayError::Other(format!(
+                        "sandbox '{name}' went to phase Error after create"
+                    )))
+                }
+                Liveness::Present(_) | Liveness::Unknown { .. } if Instant::now() < deadline => {}
+                Liveness::Present(s) => {
+                    return Err(GatewayError::Timeout {
+                        command: format!(
+                            "waiting for '{name}' to become Ready (phase {})",
+                            s.phase
+                        ),
+                        after: self.create_timeout,
+                    })
+                }
+                other => {
+                    return Err(GatewayError::Other(format!(
+                        "sandbox '{name}' after create: {}",
+                        describe(&other)
+                    )))
+                }
+            }
+            std::thread::sleep(self.poll);
+        }
+    }
+}
+
+/// One line describing a non-present liveness.
+pub fn describe(l: &Liveness) -> String {
+    match l {
+        Liveness::Present(s) => format!("present (id {}, phase {})", s.id, s.phase),
+        Liveness::Missing => "missing".to_owned(),
+        Liveness::Unhealthy { detail, .. } | Liveness::Unknown { detail } => detail.clone(),
+    }
+}
+
+fn temp_policy_file(content: &str) -> Result<PathBuf, GatewayError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = std::env::temp_dir().join(format!("nemoclaw-policy-{}.yaml", uuid::Uuid::now_v7()));
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p).map_err(
+            |e| GatewayError::Io { context: format!("cannot write {}", p.display()), source: e },
+        )?;
+    f.write_all(content.as_bytes()).map_err(|e| GatewayError::Io {
+        context: format!("cannot write {}", p.display()),
+        source: e,
+    })?;
+    Ok(p)
+}
+
+impl Gateway for OpenShellGateway {
+    fn name(&self) -> &str {
+        &self.gateway
+    }
+
+    fn health(&self) -> Option<Liveness> {
+        self.prove_health()
+    }
+
+    fn classify(&self, name: &SandboxName) -> Liveness {
+        if let Some(bad) = self.prove_health() {
+            return bad;
+        }
+        // The recorded gateway was just proved healthy: a scoped not-found is a real absence.
+        self.get(name.as_str(), true)
+    }
+
+    fn list(&self) -> Result<Vec<LiveSandbox>, GatewayError> {
+        let json = self.caps().is_some_and(|c| c.list_json);
+        let mut all = Vec::new();
+        let page = 100usize;
+        for offset in (0..).step_by(page) {
+            let (l, o) = (page.to_string(), offset.to_string());
+            let mut args = vec!["sandbox", "list", "--limit", &l, "--offset", &o];
+            if json {
+                args.extend(["-o", "json"]);
+            }
+            let out = self.call(&args, self.timeout);
+            if !out.ok() {
+                return Err(self.fail(&out, "sandbox list", "", self.timeout));
+            }
+            let rows = classify::parse_list(&out.stdout).map_err(|e| {
+                GatewayError::Other(format!("unparsable `openshell sandbox list` output: {e}"))
+            })?;
+            let n = rows.len();
+            all.extend(rows);
+            if n < page {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    fn create(&self, spec: &CreateSpec) -> Result<LiveSandbox, GatewayError> {
+        self.version()?;
+        let name = spec.name.as_str();
+        let mut args: Vec<String> = ["sandbox", "create", "--name", name, "--from", &spec.image]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        for (k, v) in &spec.labels {
+            args.push("--label".to_owned());
+            args.push(format!("{k}={v}"));
+        }
+        if self.caps().is_some_and(|c| c.get_json) {
+            args.extend(["-o".to_owned(), "json".to_owned()]);
+        }
+        let started = Instant::now();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.call(&refs, self.create_timeout);
+        let deadline = started + self.create_timeout;
+        if out.timed_out {
+            // Never retry blindly: adopt only a sandbox carrying this run's label.
+            return match (self.get(name, false), spec.labels.get("rebuild-run")) {
+                (Liveness::Present(s), Some(run)) if s.labels.get("rebuild-run") == Some(run) => {
+                    self.wait_ready(name, Instant::now() + self.create_timeout)
+                }
+                _ => Err(self.fail(&out, "sandbox create", name, self.create_timeout)),
+            };
+        }
+        if !out.ok() {
+            return Err(self.fail(&out, "sandbox create", name, self.create_timeout));
+        }
+        if let Ok(s) = classify::parse_sandbox(out.stdout.trim()) {
+            if s.name == name && s.is_ready() {
+                return Ok(s);
+            }
+        }
+        self.wait_ready(name, deadline)
+    }
+
+    fn delete(&self, name: &SandboxName, timeout: Duration) -> Result<(), GatewayError> {
+        self.require_healthy()?;
+        let out = self.call(&["sandbox", "delete", name.as_str()], self.timeout);
+        if !out.ok() && classify::error_text(&out.text()) != Some(ErrorText::NotFound) {
+            return Err(self.fail(&out, "sandbox delete", name.as_str(), self.timeout));
+        }
+        // Deletion is asynchronous: poll until the scoped query says not-found, then prove the
+        // gateway healthy once more so the absence is not a transient gateway problem.
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.get(name.as_str(), true) {
+                Liveness::Missing => {
+                    self.require_healthy()?;
+                    return Ok(());
+                }
+                Liveness::Present(_) if Instant::now() < deadline => std::thread::sleep(self.poll),
+                Liveness::Present(s) => {
+                    return Err(GatewayError::Timeout {
+                        command: format!("waiting for '{name}' to be deleted (phase {})", s.phase),
+                        after: timeout,
+                    })
+                }
+                other => {
+                    return Err(GatewayError::Other(format!(
+                        "could not confirm that '{name}' was deleted: {}",
+                        describe(&other)
+                    )))
+                }
+            }
+        }
+    }
+
+    fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
+        crate::host::mkdir_private(dest).map_err(|e| GatewayError::Io {
+            context: format!("cannot create {}", dest.display()),
+            source: e,
+        })?;
+        let d = dest.to_string_lossy();
+        let out = self.call(
+            &["sandbox", "download", name.as_str(), SANDBOX_STATE_PATH, &d],
+            self.create_timeout,
+        );
+        if !out.ok() {
+            return Err(self.fail(&out, "sandbox download", name.as_str(), self.create_timeout));
+        }
+        // Accept both copy conventions: contents directly in `dest`, or `dest/.openclaw/...`.
+        let nested = dest.join(".openclaw");
+        let entries: Vec<_> = std::fs::read_dir(dest)
+            .map(|rd| rd.filter_map(Result::ok).collect())
+            .unwrap_or_default();
+        if entries.len() == 1 && nested.is_dir() {
+            let io = |e| GatewayError::Io {
+                context: format!("cannot unpack {}", nested.display()),
+                source: e,
+            };
+            for e in std::fs::read_dir(&nested).map_err(io)? {
+                let e = e.map_err(io)?;
+                std::fs::rename(e.path(), dest.join(e.file_name())).map_err(io)?;
+            }
+            std::fs::remove_dir(&nested).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError> {
+        let s = src.to_string_lossy();
+        let out = self.call(
+            &["sandbox", "upload", name.as_str(), &s, SANDBOX_STATE_PATH],
+            self.create_timeout,
+        );
+        if !out.ok() {
+            return Err(self.fail(&out, "sandbox upload", name.as_str(), self.create_timeout));
+        }
+        Ok(())
+    }
+
+    fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError> {
+        let body = match policy {
+            PolicySpec::Custom { content, .. } => content.clone(),
+            PolicySpec::Preset { name: preset } => {
+                let dir = std::env::var_os("NEMOCLAW_POLICY_PRESETS").map(PathBuf::from);
+                match dir.map(|d| d.join(format!("{preset}.yaml"))).filter(|p| p.is_file()) {
+                    Some(p) => std::fs::read_to_string(&p).map_err(|e| GatewayError::Io {
+                        context: format!("cannot read {}", p.display()),
+                        source: e,
+                    })?,
+                    None => "version: 1\n".to_owned(),
+                }
+            }
+        };
+        let file = temp_policy_file(&format!("{POLICY_MARKER}{}\n{body}", policy.name()))?;
+        let f = file.to_string_lossy().into_owned();
+        let out = self.call(&["policy", "set", name.as_str(), "--policy", &f], self.timeout);
+        let _ = std::fs::remove_file(&file);
+        if !out.ok() {
+            return Err(self.fail(&out, "policy set", name.as_str(), self.timeout));
+        }
+        Ok(())
+    }
+
+    fn applied_policies(&self, name: &SandboxName) -> Result<Vec<String>, GatewayError> {
+        let out = self.call(&["policy", "get", "--full", name.as_str()], self.timeout);
+        if !out.ok() {
+            return Err(self.fail(&out, "policy get", name.as_str(), self.timeout));
+        }
+        let mut names: Vec<String> = Vec::new();
+        for l in out.stdout.lines() {
+            if let Some(n) = l.trim().strip_prefix(POLICY_MARKER.trim_end()) {
+                let n = n.trim().to_owned();
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        Ok(names)
+    }
+}

@@ -1,0 +1,589 @@
+//! Rebuild backups, `<home>/rebuild-backups/<name>/<timestamp>/` (spec §2.4).
+//!
+//! A backup holds the copied state directories and `rebuild-manifest.json` with NemoClaw's
+//! fields plus a `files` list (relative path, size, sha256) and `complete: true`.
+//!
+//! Write order is what makes a backup trustworthy: every file is copied, fsynced and re-read to
+//! verify its digest, every directory is fsynced, and only then is the manifest written
+//! (atomically, fsynced). A crash at any earlier point leaves a directory without a manifest,
+//! which [`Backup::open`] refuses, so a half-written backup is never restored.
+//!
+//! Copying in and out walks trees without following symlinks and refuses absolute paths, `..`,
+//! symlinks that escape the tree, and device files, fifos and sockets, naming the path.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{private_dir, HostError};
+use crate::names::SandboxName;
+
+/// Directory of backups inside the NemoClaw home.
+pub const BACKUPS_DIR: &str = "rebuild-backups";
+/// The manifest's file name inside a backup.
+pub const MANIFEST_FILE: &str = "rebuild-manifest.json";
+
+/// One backed-up file (or symlink) in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Path relative to the state root, `/`-separated.
+    pub path: String,
+    /// Size in bytes (for a symlink: length of its target).
+    pub size: u64,
+    /// SHA-256 of the content (for a symlink: of its target text).
+    pub sha256: String,
+    /// For a symlink (one that stays inside the tree): its target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink: Option<String>,
+}
+
+/// `rebuild-manifest.json`: NemoClaw's fields plus `files` and `complete`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    /// Always 1.
+    pub version: u32,
+    /// The sandbox backed up.
+    pub sandbox_name: String,
+    /// The backup's timestamp (also its directory name).
+    pub timestamp: String,
+    /// Agent kind (`openclaw` when the entry says null).
+    pub agent_type: String,
+    /// Agent version, when known.
+    pub agent_version: Option<String>,
+    /// Top-level state directories found in the sandbox.
+    pub state_dirs: Vec<String>,
+    /// Top-level state directories actually copied.
+    pub backed_up_dirs: Vec<String>,
+    /// Absolute path of the backup directory.
+    pub backup_path: String,
+    /// Policy presets of the entry.
+    pub policy_presets: Vec<String>,
+    /// Custom policies of the entry, verbatim.
+    pub custom_policies: Value,
+    /// Every file copied, sorted by path.
+    pub files: Vec<ManifestFile>,
+    /// True only when every file was copied and verified before the manifest was written.
+    pub complete: bool,
+}
+
+/// What the caller knows about the sandbox being backed up.
+#[derive(Debug, Clone)]
+pub struct BackupMeta {
+    /// Sandbox name.
+    pub sandbox: SandboxName,
+    /// Agent kind (`None` = openclaw).
+    pub agent_type: Option<String>,
+    /// Agent version.
+    pub agent_version: Option<String>,
+    /// Policy presets (`policies` of the entry).
+    pub policy_presets: Vec<String>,
+    /// `customPolicies` of the entry, verbatim (`[]` when absent).
+    pub custom_policies: Value,
+}
+
+/// A complete, verified-on-open backup.
+#[derive(Debug, Clone)]
+pub struct Backup {
+    /// The backup directory.
+    pub path: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// SHA-256 of the manifest file's bytes (journaled by the rebuild).
+    pub manifest_digest: String,
+}
+
+/// Backup directory timestamp: ISO-8601 UTC with `:` and `.` replaced by `-`
+/// (`2026-06-09T10-02-11-399Z`).
+pub fn backup_timestamp(ms: i64) -> String {
+    crate::util::iso_ms(ms).replace([':', '.'], "-")
+}
+
+/// `<home>/rebuild-backups/<name>/`.
+pub fn backups_dir(home: &Path, name: &SandboxName) -> PathBuf {
+    home.join(BACKUPS_DIR).join(name.as_str())
+}
+
+impl Backup {
+    /// Copy the state tree `src` into a new backup `<home>/rebuild-backups/<name>/<timestamp>/`,
+    /// verify every copied file's digest, then commit the manifest. Refuses an existing target
+    /// directory and any unsafe entry in `src` (before copying anything).
+    pub fn create(
+        home: &Path,
+        meta: &BackupMeta,
+        timestamp: &str,
+        src: &Path,
+    ) -> Result<Backup, HostError> {
+        if timestamp.is_empty() || timestamp.contains(['/', '\0']) || timestamp.starts_with('.') {
+            return Err(HostError::Invalid(format!("invalid backup timestamp `{timestamp}`")));
+        }
+        // Walk first: an unsafe entry aborts before a single byte is copied.
+        let entries = walk(src)?;
+        if entries.iter().any(|e| e.rel == MANIFEST_FILE) {
+            return Err(HostError::Invalid(format!(
+                "{} contains a file named {MANIFEST_FILE}, which would clash with the backup manifest",
+                src.display()
+            )));
+        }
+        let parent = backups_dir(home, &meta.sandbox);
+        private_dir(&parent)?;
+        let dir = parent.join(timestamp);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| HostError::io("cannot create backup directory", &dir, e))?;
+        let files = copy_entries(&entries, &dir)?;
+        // Every directory we created is fsynced so the copied files' names are durable before
+        // the manifest claims they exist.
+        fsync_tree_dirs(&dir)?;
+        let mut top: Vec<String> = entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Dir))
+            .filter(|e| !e.rel.contains('/'))
+            .map(|e| e.rel.clone())
+            .collect();
+        top.sort();
+        let manifest = Manifest {
+            version: 1,
+            sandbox_name: meta.sandbox.as_str().to_owned(),
+            timestamp: timestamp.to_owned(),
+            agent_type: meta.agent_type.clone().unwrap_or_else(|| "openclaw".to_owned()),
+            agent_version: meta.agent_version.clone(),
+            state_dirs: top.clone(),
+            backed_up_dirs: top,
+            backup_path: dir.to_string_lossy().into_owned(),
+            policy_presets: meta.policy_presets.clone(),
+            custom_policies: meta.custom_policies.clone(),
+            files,
+            complete: true,
+        };
+        let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        let mpath = dir.join(MANIFEST_FILE);
+        // The commit point: written last, atomically (temp, fsync, rename, fsync dir).
+        crate::util::atomic_write(&mpath, &bytes)
+            .map_err(|e| HostError::io("cannot write", &mpath, e))?;
+        crate::util::fsync_dir(&parent).map_err(|e| HostError::io("cannot sync", &parent, e))?;
+        Ok(Backup { path: dir, manifest, manifest_digest: crate::util::sha256_hex(&bytes) })
+    }
+
+    /// Open a backup directory. Only a complete manifest (version 1, `complete: true`, safe
+    /// relative paths) is accepted; anything else is refused naming the directory.
+    pub fn open(path: &Path) -> Result<Backup, HostError> {
+        let mpath = path.join(MANIFEST_FILE);
+        let bytes = match fs::read(&mpath) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(HostError::Invalid(format!(
+                    "backup {} has no manifest: it is incomplete and cannot be used",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(HostError::io("cannot read", &mpath, e)),
+        };
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| HostError::corrupt(&mpath, format!("not a rebuild manifest ({e})")))?;
+        if manifest.version != 1 || !manifest.complete {
+            return Err(HostError::Invalid(format!(
+                "backup {} is not complete (version {}, complete {})",
+                path.display(),
+                manifest.version,
+                manifest.complete
+            )));
+        }
+        for f in &manifest.files {
+            check_rel(&f.path).map_err(|why| {
+                HostError::Invalid(format!(
+                    "backup {} lists an unsafe path `{}`: {why}",
+                    path.display(),
+                    f.path
+                ))
+            })?;
+            if let Some(t) = &f.symlink {
+                check_link(&f.path, t).map_err(|why| {
+                    HostError::Invalid(format!(
+                        "backup {} has symlink `{}` → `{t}`: {why}",
+                        path.display(),
+                        f.path
+                    ))
+                })?;
+            }
+        }
+        Ok(Backup {
+            path: path.to_owned(),
+            manifest,
+            manifest_digest: crate::util::sha256_hex(&bytes),
+        })
+    }
+
+    /// Complete backups of `name`, oldest first (timestamps sort lexically). Directories without
+    /// a complete manifest are skipped.
+    pub fn list(home: &Path, name: &SandboxName) -> Result<Vec<Backup>, HostError> {
+        let dir = backups_dir(home, name);
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(HostError::io("cannot list", &dir, e)),
+        };
+        let mut paths: Vec<PathBuf> = rd
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        paths.sort();
+        Ok(paths.iter().filter_map(|p| Backup::open(p).ok()).collect())
+    }
+
+    /// Check that the backup's own files still match the manifest (before restoring it).
+    pub fn verify(&self) -> Result<(), HostError> {
+        verify_files(&self.path, &self.manifest.files, false)
+    }
+
+    /// Check that `dir` (e.g. a restored sandbox's state) holds every manifest file with the
+    /// recorded digest. Extra files in `dir` are allowed.
+    pub fn verify_tree(&self, dir: &Path) -> Result<(), HostError> {
+        verify_files(dir, &self.manifest.files, true)
+    }
+
+    /// Copy the backed-up state into `dest` (created if missing), verifying each file's digest.
+    pub fn copy_out(&self, dest: &Path) -> Result<(), HostError> {
+        self.verify()?;
+        let entries = walk(&self.path)?;
+        let wanted: std::collections::BTreeSet<&str> =
+            self.manifest.files.iter().map(|f| f.path.as_str()).collect();
+        let picked: Vec<Entry> =
+            entries.into_iter().filter(|e| wanted.contains(e.rel.as_str())).collect();
+        private_dir(dest)?;
+        copy_entries(&picked, dest)?;
+        fsync_tree_dirs(dest)?;
+        self.verify_tree(dest)
+    }
+}
+
+/// A digest of a directory tree: SHA-256 over each file's and symlink's relative path and
+/// content digest, in sorted path order. Directories themselves (and so empty directories) and
+/// modes are not part of it: it answers "same files with the same bytes".
+pub fn tree_digest(dir: &Path) -> Result<String, HostError> {
+    let mut h = Sha256::new();
+    for e in walk(dir)? {
+        let (tag, digest) = match &e.kind {
+            Kind::Dir => continue,
+            Kind::File => ("f", hash_file(&e.abs)?.1),
+            Kind::Symlink(t) => ("l", crate::util::sha256_hex(t.as_bytes())),
+        };
+        // NUL cannot occur in a path, so the encoding is unambiguous.
+        h.update(e.rel.as_bytes());
+        h.update([0]);
+        h.update(tag.as_bytes());
+        h.update([0]);
+        h.update(digest.as_bytes());
+        h.update(b"\n");
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Copy the contents of `src` into `dest` (created if missing), replacing files of the same
+/// path, with the same safety rules as backups (no escaping symlinks, no special files) and every
+/// copied file fsynced and verified. Used by the local gateway to move state in and out.
+pub fn copy_tree(src: &Path, dest: &Path) -> Result<(), HostError> {
+    let entries = walk(src)?;
+    private_dir(dest)?;
+    copy_entries(&entries, dest)?;
+    fsync_tree_dirs(dest)
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Dir,
+    File,
+    Symlink(String),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    rel: String,
+    abs: PathBuf,
+    kind: Kind,
+}
+
+/// Walk `root` without following symlinks, sorted by relative path, refusing anything unsafe.
+fn walk(root: &Path) -> Result<Vec<Entry>, HostError> {
+    let meta = fs::symlink_metadata(root).map_err(|e| HostError::io("cannot read", root, e))?;
+    if !meta.is_dir() {
+        return Err(HostError::Invalid(format!("{} is not a directory", root.display())));
+    }
+    let mut out = Vec::new();
+    walk_into(root, "", &mut out)?;
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok(out)
+}
+
+fn walk_into(dir: &Path, prefix: &str, out: &mut Vec<Entry>) -> Result<(), HostError> {
+    let rd = fs::read_dir(dir).map_err(|e| HostError::io("cannot list", dir, e))?;
+    for item in rd {
+        let item = item.map_err(|e| HostError::io("cannot list", dir, e))?;
+        let abs = item.path();
+        let Some(name) = item.file_name().to_str().map(str::to_owned) else {
+            return Err(HostError::Invalid(format!(
+                "{} has a name that is not UTF-8",
+                abs.display()
+            )));
+        };
+        let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+        let ft = fs::symlink_metadata(&abs)
+            .map_err(|e| HostError::io("cannot read", &abs, e))?
+            .file_type();
+        if ft.is_dir() {
+            out.push(Entry { rel: rel.clone(), abs: abs.clone(), kind: Kind::Dir });
+            walk_into(&abs, &rel, out)?;
+        } else if ft.is_file() {
+            out.push(Entry { rel, abs, kind: Kind::File });
+        } else if ft.is_symlink() {
+            let target =
+                fs::read_link(&abs).map_err(|e| HostError::io("cannot read link", &abs, e))?;
+            let Some(t) = target.to_str().map(str::to_owned) else {
+                return Err(HostError::Invalid(format!(
+                    "{} links to a non-UTF-8 path",
+                    abs.display()
+                )));
+            };
+            check_link(&rel, &t).map_err(|why| {
+                HostError::Invalid(format!("refusing symlink {} → {t}: {why}", abs.display()))
+            })?;
+            out.push(Entry { rel, abs, kind: Kind::Symlink(t) });
+        } else {
+            return Err(HostError::Invalid(format!(
+                "refusing {}: device files, fifos and sockets cannot be backed up or restored",
+                abs.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A manifest path must be relative, `/`-separated, without `.`, `..` or empty components.
+fn check_rel(rel: &str) -> Result<(), &'static str> {
+    if rel.is_empty() {
+        return Err("empty path");
+    }
+    if rel.starts_with('/') {
+        return Err("absolute path");
+    }
+    if rel.contains('\0') {
+        return Err("NUL in path");
+    }
+    for c in rel.split('/') {
+        match c {
+            "" => return Err("empty path component"),
+            "." | ".." => return Err("`.` or `..` component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A symlink at `rel` pointing to `target` must stay inside the tree.
+fn check_link(rel: &str, target: &str) -> Result<(), &'static str> {
+    if target.is_empty() {
+        return Err("empty target");
+    }
+    if Path::new(target).is_absolute() {
+        return Err("absolute target escapes the tree");
+    }
+    // Resolve lexically from the link's directory; going above the root escapes.
+    let mut depth: i64 = rel.split('/').count() as i64 - 1;
+    for c in Path::new(target).components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            _ => return Err("unsupported target"),
+        }
+        if depth < 0 {
+            return Err("target escapes the tree");
+        }
+    }
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> Result<(u64, String), HostError> {
+    let mut f = File::open(path).map_err(|e| HostError::io("cannot read", path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| HostError::io("cannot read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((size, hex::encode(h.finalize())))
+}
+
+/// Copy walked entries under `dest`, fsyncing each file and verifying its digest by re-reading
+/// the copy. Returns the manifest rows for files and symlinks.
+fn copy_entries(entries: &[Entry], dest: &Path) -> Result<Vec<ManifestFile>, HostError> {
+    let mut files = Vec::new();
+    for e in entries {
+        let to = dest.join(&e.rel);
+        if let Some(p) = to.parent() {
+            private_dir(p)?;
+        }
+        match &e.kind {
+            Kind::Dir => private_dir(&to)?,
+            Kind::Symlink(t) => {
+                match fs::symlink_metadata(&to) {
+                    Ok(m) if m.is_dir() => {
+                        return Err(HostError::Invalid(format!(
+                            "{} is a directory; cannot replace it",
+                            to.display()
+                        )))
+                    }
+                    Ok(_) => fs::remove_file(&to)
+                        .map_err(|err| HostError::io("cannot replace", &to, err))?,
+                    Err(_) => {}
+                }
+                std::os::unix::fs::symlink(t, &to)
+                    .map_err(|err| HostError::io("cannot create symlink", &to, err))?;
+                files.push(ManifestFile {
+                    path: e.rel.clone(),
+                    size: t.len() as u64,
+                    sha256: crate::util::sha256_hex(t.as_bytes()),
+                    symlink: Some(t.clone()),
+                });
+            }
+            Kind::File => {
+                let (size, digest) = copy_file(&e.abs, &to)?;
+                let (vsize, vdigest) = hash_file(&to)?;
+                if (vsize, &vdigest) != (size, &digest) {
+                    return Err(HostError::Invalid(format!(
+                        "copy of {} to {} does not verify (sha256 {digest} vs {vdigest})",
+                        e.abs.display(),
+                        to.display()
+                    )));
+                }
+                files.push(ManifestFile {
+                    path: e.rel.clone(),
+                    size,
+                    sha256: digest,
+                    symlink: None,
+                });
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Stream `from` into `to` (replacing it; never through a symlink at `to`), fsync, and return
+/// size and digest of what was read.
+fn copy_file(from: &Path, to: &Path) -> Result<(u64, String), HostError> {
+    if fs::symlink_metadata(to).is_ok_and(|m| m.file_type().is_symlink()) {
+        fs::remove_file(to).map_err(|e| HostError::io("cannot replace", to, e))?;
+    }
+    let mode = fs::metadata(from).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o600);
+    let mut src = File::open(from).map_err(|e| HostError::io("cannot read", from, e))?;
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(to)
+        .map_err(|e| HostError::io("cannot write", to, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = src.read(&mut buf).map_err(|e| HostError::io("cannot read", from, e))?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all(&buf[..n]).map_err(|e| HostError::io("cannot write", to, e))?;
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    // Copies are private (host files are 0600): keep only the owner's execute bit of the source.
+    let _ = dst.set_permissions(fs::Permissions::from_mode((mode & 0o100) | 0o600));
+    dst.sync_all().map_err(|e| HostError::io("cannot sync", to, e))?;
+    Ok((size, hex::encode(h.finalize())))
+}
+
+fn fsync_tree_dirs(root: &Path) -> Result<(), HostError> {
+    for e in walk(root)? {
+        if matches!(e.kind, Kind::Dir) {
+            crate::util::fsync_dir(&e.abs)
+                .map_err(|err| HostError::io("cannot sync", &e.abs, err))?;
+        }
+    }
+    crate::util::fsync_dir(root).map_err(|e| HostError::io("cannot sync", root, e))
+}
+
+fn verify_files(root: &Path, files: &[ManifestFile], what_restored: bool) -> Result<(), HostError> {
+    let label = if what_restored { "restored state" } else { "backup" };
+    for f in files {
+        check_rel(&f.path).map_err(|why| {
+            HostError::Invalid(format!("unsafe manifest path `{}`: {why}", f.path))
+        })?;
+        let p = root.join(&f.path);
+        let meta = fs::symlink_metadata(&p)
+            .map_err(|e| HostError::io(&format!("{label} is missing"), &p, e))?;
+        let digest = match &f.symlink {
+            Some(_) if meta.file_type().is_symlink() => {
+                let t = fs::read_link(&p).map_err(|e| HostError::io("cannot read link", &p, e))?;
+                crate::util::sha256_hex(t.to_string_lossy().as_bytes())
+            }
+            None if meta.is_file() => hash_file(&p)?.1,
+            _ => {
+                return Err(HostError::Invalid(format!(
+                    "{label} {} has the wrong file type",
+                    p.display()
+                )))
+            }
+        };
+        if digest != f.sha256 {
+            return Err(HostError::Invalid(format!(
+                "{label} {} does not match the manifest (sha256 {digest}, expected {})",
+                p.display(),
+                f.sha256
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case::plain("a/b", "c", true)]
+    #[case::up_inside("a/b", "../c", true)]
+    #[case::escape("a", "../x", false)]
+    #[case::deep_escape("a/b", "../../../etc", false)]
+    #[case::absolute("a", "/etc/passwd", false)]
+    fn links(#[case] rel: &str, #[case] target: &str, #[case] ok: bool) {
+        assert_eq!(check_link(rel, target).is_ok(), ok);
+    }
+
+    #[rstest]
+    #[case::ok("workspace/a.md", true)]
+    #[case::dotdot("../x", false)]
+    #[case::inner_dotdot("a/../../x", false)]
+    #[case::abs("/etc/x", false)]
+    #[case::empty_comp("a//b", false)]
+    fn rel_paths(#[case] p: &str, #[case] ok: bool) {
+        assert_eq!(check_rel(p).is_ok(), ok);
+    }
+
+    #[test]
+    fn timestamp_format() {
+        assert_eq!(backup_timestamp(1_780_999_331_399), "2026-06-09T10-02-11-399Z");
+    }
+}

@@ -1,0 +1,714 @@
+//! The concrete rebuild steps. Each has a real probe, an idempotent apply and an idempotent
+//! compensate (spec §4.1). They share one [`Env`] and read each other's journaled outputs.
+//!
+//! Order: snapshot → [shields_down] → [backup] → remove → onboard → [restore] → policies →
+//! shields (brackets: normal mode only).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::snapshot::{self, Snapshot};
+use super::Mode;
+use crate::engine::crash::{self, MID_EFFECT};
+use crate::engine::{Probe, Step, StepCtx, StepError};
+use crate::gateway::{CreateSpec, Gateway, GatewayError, Liveness, PolicySpec};
+use crate::host::backup::{self, Backup, BackupMeta};
+use crate::host::{registry, shields, HostError};
+use crate::names::SandboxName;
+
+/// Label put on a replacement sandbox so a retried create can adopt it, and only it.
+pub const RUN_LABEL: &str = "rebuild-run";
+
+/// What every step of one run shares.
+pub struct Env {
+    /// NemoClaw home.
+    pub home: PathBuf,
+    /// The sandbox.
+    pub name: SandboxName,
+    /// Its recorded gateway.
+    pub gateway: Arc<dyn Gateway>,
+    /// Normal or stale.
+    pub mode: Mode,
+    /// Image for the recreate.
+    pub image: String,
+    /// Backup directory name (fixed at run creation so a retried backup lands in the same place).
+    pub backup_ts: String,
+    /// How long to wait for a delete to be confirmed.
+    pub delete_timeout: Duration,
+    /// Stale mode: the recreate with the recorded image was attempted, so a rollback puts the
+    /// entry back with `imageTag: null` (the image cannot be trusted to exist).
+    pub stale_image_failed: bool,
+}
+
+impl Env {
+    fn backup_path(&self) -> PathBuf {
+        backup::backups_dir(&self.home, &self.name).join(&self.backup_ts)
+    }
+}
+
+fn host_err(e: HostError) -> StepError {
+    let io = matches!(e, HostError::Io { .. });
+    let s = StepError::new(e.to_string());
+    if io {
+        s.io()
+    } else {
+        s
+    }
+}
+
+fn gw_err(e: GatewayError) -> StepError {
+    let io = matches!(e, GatewayError::Io { .. });
+    let s = StepError::new(e.to_string());
+    if io {
+        s.io()
+    } else {
+        s
+    }
+}
+
+/// Test hook: `NEMOCLAW_STEP_DELAY_MS` makes every step's apply take at least that long, so
+/// signal and kill tests can land inside a step. Not an operator knob.
+fn test_delay() {
+    if let Some(ms) = std::env::var("NEMOCLAW_STEP_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// The snapshot this run took, verified against the journaled digest.
+fn snap(env: &Env, ctx: &StepCtx<'_>) -> Result<Snapshot, StepError> {
+    let out = ctx
+        .output("snapshot")
+        .ok_or_else(|| StepError::new("the snapshot step has no journaled output"))?;
+    let sha = out["snapshot_sha256"]
+        .as_str()
+        .ok_or_else(|| StepError::new("the snapshot output has no digest"))?;
+    snapshot::read(&env.home, ctx.run_id, sha)
+}
+
+fn unknown_liveness(l: &Liveness) -> Option<String> {
+    match l {
+        Liveness::Unknown { detail } => Some(detail.clone()),
+        Liveness::Unhealthy { detail, .. } => Some(format!("gateway not healthy: {detail}")),
+        _ => None,
+    }
+}
+
+fn carries_run_label(l: &Liveness, run_id: &str) -> bool {
+    matches!(l, Liveness::Present(s) if s.labels.get(RUN_LABEL).map(String::as_str) == Some(run_id))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 1. Record the registry entry verbatim, the default flag, shields files and session.
+pub struct SnapshotStep(pub Arc<Env>);
+
+impl SnapshotStep {
+    fn take(&self) -> Result<Snapshot, StepError> {
+        let env = &self.0;
+        let reg = registry::Registry::load(&env.home).map_err(host_err)?;
+        let entry = reg.entry(&env.name).cloned().ok_or_else(|| {
+            StepError::new(format!("sandbox '{}' is not in the registry", env.name))
+        })?;
+        let was_default = reg.default_sandbox() == Some(env.name.as_str());
+        let sh = shields::ShieldsState::load_strict(&env.home, &env.name).map_err(host_err)?;
+        let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
+        let timer = std::fs::read(shields::timer_path(&env.home, &env.name)).ok();
+        let session = crate::host::session::OnboardSession::load(&env.home)
+            .map_err(host_err)?
+            .filter(|s| s.belongs_to(env.name.as_str()))
+            .map(|s| s.doc);
+        Ok(Snapshot {
+            entry,
+            was_default,
+            shields_locked: sh.locked(),
+            shields_raw: text(sh.raw),
+            shields_timer_raw: text(timer),
+            session,
+        })
+    }
+
+    fn output(snap: &Snapshot, sha: &str, path: &Path, params: &Value) -> Value {
+        json!({
+            "snapshot_path": path.display().to_string(),
+            "snapshot_sha256": sha,
+            "was_default": snap.was_default,
+            "shields_locked": snap.shields_locked,
+            "evidence": params.get("evidence").cloned().unwrap_or(Value::Null),
+        })
+    }
+}
+
+impl Step for SnapshotStep {
+    fn name(&self) -> &'static str {
+        "snapshot"
+    }
+    fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
+        // Nothing on the host changes before this step is done, so a missing or unreadable
+        // snapshot file simply means: take it (again).
+        Ok(match snapshot::read_unchecked(&self.0.home, ctx.run_id) {
+            Some((snap, sha)) => Probe::Done(Self::output(
+                &snap,
+                &sha,
+                &snapshot::path(&self.0.home, ctx.run_id),
+                ctx.params,
+            )),
+            None => Probe::NotDone,
+        })
+    }
+    fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
+        let snap = self.take()?;
+        let sha = snapshot::write(&self.0.home, ctx.run_id, &snap)?;
+        Ok(Self::output(&snap, &sha, &snapshot::path(&self.0.home, ctx.run_id), ctx.params))
+    }
+    fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
+        // The snapshot changed nothing; the file stays as part of the run's record.
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 2. (normal, only when locked) Unlock shields so the state can be read.
+pub struct ShieldsDownStep(pub Arc<Env>);
+
+impl Step for ShieldsDownStep {
+    fn name(&self) -> &'static str {
+        "shields_down"
+    }
+    fn probe(&self, _ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
+        let sh = shields::ShieldsState::load(&self.0.home, &self.0.name).map_err(host_err)?;
+        Ok(if sh.locked() { Probe::NotDone } else { Probe::Done(json!({"unlocked": true})) })
+    }
+    fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
+        let sh = shields::ShieldsState::load(&self.0.home, &self.0.name).map_err(host_err)?;
+        if sh.locked() {
+            let reason = format!("nemoclaw rebuild {}", ctx.run_id);
+            shields::lower(&self.0.home, &self.0.name, Some(&reason)).map_err(host_err)?;
+        }
+        Ok(json!({"unlocked": true}))
+    }
+    fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
+        let s = snap(&self.0, ctx)?;
+        restore_shields(&self.0, &s)
+    }
+}
+
+fn restore_shields(env: &Env, s: &Snapshot) -> Result<(), StepError> {
+    shields::restore_raw(&env.home, &env.name, s.shields_raw.clone().map(String::into_bytes))
+        .map_err(host_err)?;
+    let timer = shields::timer_path(&env.home, &env.name);
+    match &s.shields_timer_raw {
+        Some(t) => crate::util::atomic_write(&timer, t.as_bytes())
+            .map_err(|e| StepError::new(format!("cannot write {}: {e}", timer.display())).io()),
+        None => match std::fs::remove_file(&timer) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StepError::new(format!("cannot remove {}: {e}", timer.display())).io()),
+        },
+    }
+}
+
+fn shields_match(env: &Env, raw: Option<&str>) -> Result<bool, StepError> {
+    let sh = shields::ShieldsState::load(&env.home, &env.name).map_err(host_err)?;
+    Ok(sh.raw.as_deref() == raw.map(str::as_bytes))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 3. (normal) Copy the live state into a verified backup; commit its manifest.
+pub struct BackupStep(pub Arc<Env>);
+
+impl BackupStep {
+    fn output(b: &Backup) -> Value {
+        json!({
+            "backup_path": b.path.display().to_string(),
+            "manifest_sha256": b.manifest_digest,
+            "files": b.manifest.files.len(),
+            "bytes": b.manifest.files.iter().map(|f| f.size).sum::<u64>(),
+        })
+    }
+}
+
+impl Step for BackupStep {
+    fn name(&self) -> &'static str {
+        "backup"
+    }
+    fn probe(&self, _ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
+        // Only a complete manifest counts: a half-copied directory is not a backup.
+        Ok(match Backup::open(&self.0.backup_path()) {
+            Ok(b) => Probe::Done(Self::output(&b)),
+            Err(_) => Probe::NotDone,
+        })
+    }
+    fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
+        let env = &self.0;
+        let target = env.backup_path();
+        if let Ok(b) = Backup::open(&target) {
+            return Ok(Self::output(&b));
+        }
+        // A previous attempt died mid-copy: its directory has no manifest and is nobody's
+        // backup, so it is removed and the copy starts again.
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(|e| {
+                StepError::new(format!("cannot remove incomplete backup {}: {e}", target.display()))
+                    .io()
+            })?;
+        }
+        let s = snap(env, ctx)?;
+        let staging = staging_dir(&env.home, ctx.run_id, "download")?;
+        env.gateway.download_state(&env.name, &staging).map_err(gw_err)?;
+        crash::point(MID_EFFECT);
+        let meta = BackupMeta {
+            sandbox: env.name.clone(),
+            agent_type: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
+            agent_version: s.entry.get("agentVersion").and_then(Value::as_str).map(str::to_owned),
+            policy_presets: string_list(s.entry.get("policies")),
+            custom_policies: s.entry.get("customPolicies").cloned().unwrap_or(json!([])),
+        };
+        let b = Backup::create(&env.home, &meta, &env.backup_ts, &staging).map_err(host_err)?;
+        let _ = std::fs::remove_dir_all(&staging);
+        Ok(Self::output(&b))
+    }
+    fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
+        // A backup is never destroyed by a rollback: it is the operator's safety net, and
+        // `journal prune` removes it with its run.
+        Ok(())
+    }
+}
+
+fn staging_dir(home: &Path, run_id: &str, what: &str) -> Result<PathBuf, StepError> {
+    let dir = home.join(snapshot::RUNS_DIR).join(format!("{run_id}.{what}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| StepError::new(format!("cannot clear {}: {e}", dir.display())).io())?;
+    }
+    crate::util::create_private_dir(&dir)
+        .map_err(|e| StepError::new(format!("cannot create {}: {e}", dir.display())).io())?;
+    Ok(dir)
+}
+
+fn string_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 4. Delete the sandbox, confirm absence, then remove the registry row. Point of no return.
+pub struct RemoveStep(pub Arc<Env>);
+
+impl RemoveStep {
+    /// The sandbox on the gateway is the one this run snapshotted (or there is none).
+    fn check_identity(&self, ctx: &StepCtx<'_>, live: &Liveness) -> Result<(), StepError> {
+        if let Liveness::Present(s) = live {
+            let journaled = ctx.params["evidence"]["id"].as_str();
+            if ctx.params["mode"] == "stale" || journaled.is_some_and(|id| id != s.id) {
+                return Err(StepError::new(format!(
+                    "a different sandbox named '{}' (id {}) is on gateway '{}'; it was not created by this rebuild and will not be deleted",
+                    self.0.name, s.id, self.0.gateway.name()
+                ))
+                .hint(format!("inspect it, then run `nemoclaw recover --rollback {}`", ctx.run_id)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Step for RemoveStep {
+    fn name(&self) -> &'static str {
+        "remove"
+    }
+    fn destructive(&self) -> bool {
+        true
+    }
+    fn probe(&self, _ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
+        let env = &self.0;
+        let live = env.gateway.classify(&env.name);
+        if let Some(why) = unknown_liveness(&live) {
+            return Ok(Probe::Unknown(format!(
+                "cannot tell whether sandbox '{}' was deleted: {why}",
+                env.name
+            )));
+        }
+        let row = registry::Registry::load(&env.home).map_err(host_err)?.entry(&env.name).is_some();
+        Ok(if live == Liveness::Missing && !row {
+            Probe::Done(json!({"deleted": true}))
+        } else {
+            Probe::NotDone
+        })
+    }
+    fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
+        let env = &self.0;
+        let live = env.gateway.classify(&env.name);
+        if let Some(why) = unknown_liveness(&live) {
+            return Err(StepError::new(format!(
+                "cannot confirm the state of '{}': {why}",
+                env.name
+            )));
+        }
+        self.check_identity(ctx, &live)?;
+        if matches!(live, Liveness::Present(_)) {
+            env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
+        }
+        crash::point(MID_EFFECT);
+        // Absence is confirmed by the driver's delete (it polls until not-found); only then is
+        // the registry row removed, so a crash in between leaves the row (resume finishes it).
+        registry::update(&env.home, |reg| {
+            reg.remove_entry(&env.name);
+            Ok(())
+        })
+        .map_err(host_err)?;
+        Ok(json!({"deleted": true}))
+    }
+    fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
+        // Put the old sandbox back: recreate it from the snapshot (normal mode), restore the
+        // backup into it, then the registry row verbatim and the default pointer.
+        let env = &self.0;
+        let s = snap(env, ctx)?;
+        if env.mode == Mode::Normal {
+            let live = env.gateway.classify(&env.name);
+            if let Some(why) = unknown_liveness(&live) {
+                return Err(StepError::new(format!(
+                    "cannot confirm the state of '{}': {why}",
+                    env.name
+                )));
+            }
+            let label = format!("{}-rollback", ctx.run_id);
+            let present_ok = match &live {
+                Liveness::Present(l) => {
+                    // Either the old sandbox was never deleted, or our rollback recreate exists.
+                    l.labels.get(RUN_LABEL) == Some(&label)
+                        || ctx.params["evidence"]["id"].as_str() == Some(l.id.as_str())
+                }
+                _ => false,
+            };
+            if matches!(live, Liveness::Present(_)) && !present_ok {
+                return Err(StepError::new(format!(
+                    "a sandbox named '{}' exists that this rollback did not create; not touching it",
+                    env.name
+                )));
+            }
+            if live == Liveness::Missing {
+                let image = s.entry.get("imageTag").and_then(Value::as_str).unwrap_or(&env.image);
+                create(env, &s, image, &label)?;
+                crash::point(MID_EFFECT);
+                restore_backup(env, ctx, ctx.output("backup"))?;
+            } else if carries_run_label(&live, &label) {
+                // Created by an earlier attempt of this compensation: make sure the state is in.
+                restore_backup(env, ctx, ctx.output("backup"))?;
+            }
+        }
+        let mut entry = s.entry.clone();
+        if env.mode == Mode::Stale && env.stale_image_failed {
+            if let Some(o) = entry.as_object_mut() {
+                if o.contains_key("imageTag") {
+                    o.insert("imageTag".into(), Value::Null);
+                }
+            }
+        }
+        put_row(env, &s, entry)
+    }
+}
+
+/// Register `entry` under the sandbox's name and reclaim the default pointer if it was ours.
+fn put_row(env: &Env, s: &Snapshot, entry: Value) -> Result<(), StepError> {
+    registry::update(&env.home, |reg| {
+        reg.set_entry(&env.name, entry);
+        if s.was_default {
+            reg.set_default(Some(&env.name));
+        }
+        Ok(())
+    })
+    .map_err(host_err)
+}
+
+fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<(), StepError> {
+    let spec = CreateSpec {
+        name: env.name.clone(),
+        image: image.to_owned(),
+        labels: BTreeMap::from([(RUN_LABEL.to_owned(), label.to_owned())]),
+        agent: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
+        gpu: s.entry.get("gpuEnabled").and_then(Value::as_bool).unwrap_or(false),
+    };
+    env.gateway.create(&spec).map_err(gw_err).map(|_| ())
+}
+
+/// Upload a backup's files into the sandbox and verify them against the manifest.
+fn restore_backup(env: &Env, ctx: &StepCtx<'_>, out: Option<&Value>) -> Result<(), StepError> {
+    let Some(out) = out else { return Ok(()) };
+    let path = out["backup_path"]
+        .as_str()
+        .ok_or_else(|| StepError::new("the backup step output has no backup_path"))?;
+    let b = Backup::open(Path::new(path)).map_err(host_err)?;
+    if Some(b.manifest_digest.as_str()) != out["manifest_sha256"].as_str() {
+        return Err(StepError::new(format!(
+            "backup {path} does not match the journaled manifest digest; refusing to restore it"
+        )));
+    }
+    let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
+    b.copy_out(&staging).map_err(host_err)?;
+    env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
+    crash::point(MID_EFFECT);
+    let _ = std::fs::remove_dir_all(&staging);
+    verify_restored(env, ctx, &b)
+}
+
+fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+    let check = staging_dir(&env.home, ctx.run_id, "verify")?;
+    env.gateway.download_state(&env.name, &check).map_err(gw_err)?;
+    let r = b.verify_tree(&check).map_err(host_err);
+    let _ = std::fs::remove_dir_all(&check);
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 5. Recreate the sandbox from the snapshot with the current image, labelled with the run id;
+/// register a fresh entry that keeps the snapshot's fields.
+pub struct OnboardStep(pub Arc<Env>);
+
+impl OnboardStep {
+    fn fresh_entry(&self, s: &Snapshot) -> Value {
+        let mut e = s.entry.clone();
+        if let Some(o) = e.as_object_mut() {
+            o.insert("imageTag".into(), Value::String(self.0.image.clone()));
+        }
+        e
+    }
+}
+
+impl Step for OnboardStep {
+    fn name(&self) -> &'static str {
+        "onboard"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
+        let env = &self.0;
+        let live = env.gateway.classify(&env.name);
+        if let Some(why) = unknown_liveness(&live) {
+            return Ok(Probe::Unknown(format!(
+                "cannot tell whether sandbox '{}' was recreated: {why}",
+                env.name
+            )));
+        }
+        let row = registry::Registry::load(&env.home).map_err(host_err)?.entry(&env.name).is_some();
+        Ok(match &live {
+            Liveness::Present(l) if carries_run_label(&live, ctx.run_id) && row => {
+                Probe::Done(json!({"id": l.id, "image": env.image}))
+            }
+            _ => Probe::NotDone,
+        })
+    }
+    fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
+        let env = &self.0;
+        let s = snap(env, ctx)?;
+        let live = env.gateway.classify(&env.name);
+        if let Some(why) = unknown_liveness(&live) {
+            return Err(StepError::new(format!(
+                "cannot confirm the state of '{}': {why}",
+                env.name
+            )));
+        }
+        let id = match &live {
+            // Created by an earlier attempt of this run (e.g. a create that timed out): adopt it.
+            Liveness::Present(l) if carries_run_label(&live, ctx.run_id) => l.id.clone(),
+            Liveness::Present(l) => {
+                return Err(StepError::new(format!(
+                    "a sandbox named '{}' (id {}) appeared on gateway '{}' that this rebuild did not create; not touching it",
+                    env.name, l.id, env.gateway.name()
+                )))
+            }
+            _ => {
+                create(env, &s, &env.image, ctx.run_id)?;
+                match env.gateway.classify(&env.name) {
+                    Liveness::Present(l) => l.id,
+                    other => {
+                        return Err(StepError::new(format!(
+                            "sandbox '{}' was created but is not visible: {other:?}",
+                            env.name
+                        )))
+                    }
+                }
+            }
+        };
+        crash::point(MID_EFFECT);
+        put_row(env, &s, self.fresh_entry(&s))?;
+        Ok(json!({"id": id, "image": env.image}))
+    }
+    fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
+        let env = &self.0;
+        let live = env.gateway.classify(&env.name);
+        if let Some(why) = unknown_liveness(&live) {
+            return Err(StepError::new(format!(
+                "cannot confirm the state of '{}': {why}",
+                env.name
+            )));
+        }
+        // Only ever delete the sandbox this run created.
+        if carries_run_label(&live, ctx.run_id) {
+            env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
+        }
+        crash::point(MID_EFFECT);
+        registry::update(&env.home, |reg| {
+            reg.remove_entry(&env.name);
+            Ok(())
+        })
+        .map_err(host_err)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 6. (normal) Put the backup into the new sandbox and verify every digest.
+pub struct RestoreStep(pub Arc<Env>);
+
+impl Step for RestoreStep {
+    fn name(&self) -> &'static str {
+        "restore"
+    }
+    fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
+        let env = &self.0;
+        let Some(out) = ctx.output("backup") else { return Ok(Probe::NotDone) };
+        let Some(path) = out["backup_path"].as_str() else { return Ok(Probe::NotDone) };
+        let b = Backup::open(Path::new(path)).map_err(host_err)?;
+        Ok(match verify_restored(env, ctx, &b) {
+            Ok(()) => Probe::Done(json!({"verified_files": b.manifest.files.len()})),
+            Err(_) => Probe::NotDone,
+        })
+    }
+    fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
+        let out = ctx
+            .output("backup")
+            .ok_or_else(|| StepError::new("restore needs the backup step's output"))?;
+        restore_backup(&self.0, ctx, Some(out))?;
+        Ok(json!({"verified_files": out["files"]}))
+    }
+    fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
+        // The restored files live in the new sandbox, which onboard's compensation deletes.
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 7. Re-apply `policies` and `customPolicies` (NemoClaw never re-applied custom ones).
+pub struct PoliciesStep(pub Arc<Env>);
+
+impl PoliciesStep {
+    fn wanted(s: &Snapshot) -> Vec<PolicySpec> {
+        let mut v: Vec<PolicySpec> = string_list(s.entry.get("policies"))
+            .into_iter()
+            .map(|name| PolicySpec::Preset { name })
+            .collect();
+        if let Some(list) = s.entry.get("customPolicies").and_then(Value::as_array) {
+            for p in list {
+                if let (Some(name), Some(content)) = (
+                    p.get("name").and_then(Value::as_str),
+                    p.get("content").and_then(Value::as_str),
+                ) {
+                    v.push(PolicySpec::Custom {
+                        name: name.to_owned(),
+                        content: content.to_owned(),
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Step for PoliciesStep {
+    fn name(&self) -> &'static str {
+        "policies"
+    }
+    fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
+        let env = &self.0;
+        let s = snap(env, ctx)?;
+        let wanted = Self::wanted(&s);
+        let applied = match env.gateway.applied_policies(&env.name) {
+            Ok(a) => a,
+            Err(e) => return Ok(Probe::Unknown(format!("cannot read applied policies: {e}"))),
+        };
+        Ok(if wanted.iter().all(|p| applied.iter().any(|a| a == p.name())) {
+            Probe::Done(json!({"applied": wanted.iter().map(PolicySpec::name).collect::<Vec<_>>()}))
+        } else {
+            Probe::NotDone
+        })
+    }
+    fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
+        let env = &self.0;
+        let s = snap(env, ctx)?;
+        let wanted = Self::wanted(&s);
+        for p in &wanted {
+            env.gateway.apply_policy(&env.name, p).map_err(gw_err)?;
+        }
+        Ok(json!({"applied": wanted.iter().map(PolicySpec::name).collect::<Vec<_>>()}))
+    }
+    fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
+        // Policies belong to the new sandbox, which onboard's compensation deletes.
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 8. Normal: re-lock shields if they were locked. Stale: clear the stale seal.
+pub struct ShieldsStep(pub Arc<Env>);
+
+impl ShieldsStep {
+    /// The shields file bytes this step leaves behind.
+    fn target(&self, s: &Snapshot) -> Option<String> {
+        match self.0.mode {
+            // The restored files are the snapshotted ones, so the old seal describes them.
+            Mode::Normal => s.shields_raw.clone(),
+            // The seal describes files of a sandbox that no longer exists.
+            Mode::Stale => None,
+        }
+    }
+}
+
+impl Step for ShieldsStep {
+    fn name(&self) -> &'static str {
+        "shields"
+    }
+    fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
+        let s = snap(&self.0, ctx)?;
+        Ok(if shields_match(&self.0, self.target(&s).as_deref())? {
+            Probe::Done(json!({"locked": self.0.mode == Mode::Normal && s.shields_locked}))
+        } else {
+            Probe::NotDone
+        })
+    }
+    fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
+        test_delay();
+        let env = &self.0;
+        let s = snap(env, ctx)?;
+        match env.mode {
+            Mode::Normal => restore_shields(env, &s)?,
+            Mode::Stale => shields::clear(&env.home, &env.name).map_err(host_err)?,
+        }
+        Ok(json!({
+            "locked": env.mode == Mode::Normal && s.shields_locked,
+            "stale_seal_cleared": env.mode == Mode::Stale && s.shields_raw.is_some(),
+            "was_locked": s.shields_locked,
+        }))
+    }
+    fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
+        let s = snap(&self.0, ctx)?;
+        restore_shields(&self.0, &s)
+    }
+}
