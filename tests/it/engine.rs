@@ -190,7 +190,9 @@ enum Phase {
 fn phase(point: &str) -> Phase {
     match point {
         "after_run_created" | "before_finish" => Phase::Forward { per_step: false },
-        "before_intent" | "after_intent" | "after_effect" | "after_outcome" => {
+        // `mid_effect` is reached inside the synthetic step's apply (after its ledger line) and
+        // compensate; on the forward path it is the apply's.
+        "before_intent" | "after_intent" | "mid_effect" | "after_effect" | "after_outcome" => {
             Phase::Forward { per_step: true }
         }
         "after_lock" => Phase::Lock,
@@ -326,6 +328,8 @@ fn crash_during_resume_and_during_rollback() {
         ("after_intent:2", "before_finish", "resume"),
         ("before_intent:3", "after_lock", "resume"),
         ("after_effect:2", "after_comp_effect:1", "rollback"),
+        ("mid_effect:2", "mid_effect:1", "rollback"),
+        ("mid_effect:2", "mid_effect:1", "resume"),
         ("after_outcome:1", "before_comp_intent:2", "rollback"),
         ("before_finish", "after_comp_outcome:2", "rollback"),
     ];
