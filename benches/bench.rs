@@ -106,7 +106,7 @@ fn engine_bench() {
         .unwrap_or_else(std::env::temp_dir);
     let dir =
         tempfile::Builder::new().prefix("nemoclaw-bench-").tempdir_in(&base).expect("tempdir");
-    let (rounds, steps) = (4, 200);
+    let (rounds, steps) = (8, 100);
     let (mut eng, mut bare, mut commits) = (Vec::new(), Vec::new(), Vec::new());
     // Interleave the two so that both see the same disk conditions.
     for round in 0..rounds {

@@ -88,10 +88,14 @@ impl JournalError {
                 JournalError::Corrupt { path, detail: e.to_string() }
             }
             Some(C::DiskFull) => JournalError::Full { path, context },
-            Some(C::ReadOnly)
-            | Some(C::CannotOpen)
-            | Some(C::PermissionDenied)
-            | Some(C::SystemIoFailure) => {
+            Some(C::ReadOnly) => JournalError::Io {
+                path,
+                context,
+                source: std::io::Error::other(format!(
+                    "the journal or its directory is read-only ({e})"
+                )),
+            },
+            Some(C::CannotOpen) | Some(C::PermissionDenied) | Some(C::SystemIoFailure) => {
                 JournalError::Io { path, context, source: std::io::Error::other(e.to_string()) }
             }
             _ => JournalError::Sql { path, context, source: e },

@@ -190,6 +190,8 @@ enum Phase {
 fn phase(point: &str) -> Phase {
     match point {
         "after_run_created" | "before_finish" => Phase::Forward { per_step: false },
+        // `mid_effect` is reached inside the synthetic step's apply (after its ledger line) and
+        // compensate; on the forward path it is the apply's.
         "before_intent" | "after_intent" | "mid_effect" | "after_effect" | "after_outcome" => {
             Phase::Forward { per_step: true }
         }
@@ -202,15 +204,16 @@ fn phase(point: &str) -> Phase {
     }
 }
 
-/// One matrix case; returns the final run state.
-fn crash_case(point: &str, recovery: &str, n: usize) -> RunState {
+/// One matrix case (`hit`: which arrival at a per-step point crashes; default the middle
+/// step); returns the final run state.
+fn crash_case(point: &str, recovery: &str, n: usize, hit: Option<usize>) -> RunState {
     let home = Home::new();
     let ledger_path = home.path().join("ledger");
     let lp = ledger_path.to_str().unwrap().to_owned();
     let ns = n.to_string();
     let fail_last = (n - 1).to_string();
-    let per_step_hit = |p: bool| if p { n.div_ceil(2) } else { 1 };
-    let ctx = format!("{point} x {recovery}, {n} steps");
+    let per_step_hit = |p: bool| if p { hit.unwrap_or(n.div_ceil(2)) } else { 1 };
+    let ctx = format!("{point}:{hit:?} x {recovery}, {n} steps");
     match phase(point) {
         Phase::Forward { per_step } => {
             let armed = format!("{point}:{}", per_step_hit(per_step));
@@ -280,7 +283,7 @@ fn matrix(n: usize) -> BTreeSet<&'static str> {
     let mut covered = BTreeSet::new();
     for point in CRASH_POINTS {
         for recovery in ["resume", "rollback"] {
-            crash_case(point, recovery, n);
+            crash_case(point, recovery, n, None);
         }
         covered.insert(*point);
     }
@@ -300,6 +303,24 @@ fn crash_matrix(#[case] n: usize) {
 }
 
 #[test]
+fn crash_matrix_every_hit_of_per_step_points() {
+    // On 3 steps, crash at every arrival (first, middle, last step) of each per-step point.
+    for point in CRASH_POINTS {
+        let per_step = matches!(
+            phase(point),
+            Phase::Forward { per_step: true } | Phase::Compensation { per_step: true }
+        );
+        if per_step {
+            for hit in [1, 3] {
+                for recovery in ["resume", "rollback"] {
+                    crash_case(point, recovery, 3, Some(hit));
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn crash_during_resume_and_during_rollback() {
     // (crash of run, crash of the first recovery, recovery) on 3 steps.
     let cases = [
@@ -307,6 +328,8 @@ fn crash_during_resume_and_during_rollback() {
         ("after_intent:2", "before_finish", "resume"),
         ("before_intent:3", "after_lock", "resume"),
         ("after_effect:2", "after_comp_effect:1", "rollback"),
+        ("mid_effect:2", "mid_effect:1", "rollback"),
+        ("mid_effect:2", "mid_effect:1", "resume"),
         ("after_outcome:1", "before_comp_intent:2", "rollback"),
         ("before_finish", "after_comp_outcome:2", "rollback"),
     ];
@@ -577,6 +600,52 @@ fn sigterm_finishes_the_current_step_then_interrupts() {
 }
 
 #[test]
+fn sigterm_during_rollback_keeps_rolling_back_then_rollback_finishes() {
+    let home = Home::new();
+    let lp = home.path().join("ledger");
+    let o = synth(
+        &home,
+        &["run", "--steps", "3", "--fail-at", "2", "--ledger", lp.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code(&o), Some(1));
+    let run = latest_run(&home).unwrap();
+    let mut c = home.cmd();
+    c.args(["--json", "internal", "synthetic", "rollback", "--step-ms", "300", "--run", &run.id]);
+    let child = piped(c);
+    let pid = child.id() as i32;
+    wait_until("the first compensation intent", || {
+        runs::steps(&conn(&home), &run.id).unwrap()[2].state == StepState::Compensating
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let o = wait_output(child);
+    assert_eq!(code(&o), Some(130), "{}", stderr(&o));
+    let doc: serde_json::Value =
+        serde_json::from_str(stdout(&o).trim()).expect("one JSON document");
+    assert_eq!(doc["type"], "synthetic_run");
+    assert_eq!(doc["data"]["run_id"], run.id.as_str());
+    assert_eq!(doc["data"]["state"], "rolling_back");
+    assert_eq!(doc["data"]["interrupted"], true);
+    let states: Vec<_> =
+        runs::steps(&conn(&home), &run.id).unwrap().iter().map(|s| s.state).collect();
+    assert_eq!(states, [StepState::Done, StepState::Done, StepState::Compensated]);
+    let n: i64 = conn(&home)
+        .query_row(
+            "SELECT count(*) FROM events WHERE run_id = ?1 AND kind = 'rollback_interrupted'",
+            [&run.id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    // Only rollback may continue it.
+    assert_eq!(code(&synth(&home, &["resume", "--run", &run.id], None)), Some(3));
+    assert_eq!(code(&synth(&home, &["rollback", "--run", &run.id], None)), Some(0));
+    assert_eq!(check(&home, &run.id, &lp, 3), RunState::RolledBack);
+    assert_eq!(std::fs::read_to_string(&lp).unwrap(), "+0\n+1\n-1\n-0\n");
+}
+
+#[test]
 fn resume_refuses_unknown_or_changed_plans() {
     let home = Home::new();
     let lp = home.path().join("ledger");
@@ -682,7 +751,7 @@ fn read_only_home_is_an_io_error_and_nothing_changes() {
     }
     assert_eq!(code(&o), Some(74), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains(home.path().to_str().unwrap()), "{e}");
+    assert!(e.contains(db(&home).to_str().unwrap()) && e.contains("read-only"), "{e}");
     assert_eq!((file_digest(&db(&home)), events_dump(&home)), before);
 }
 
