@@ -166,7 +166,7 @@ fn concurrent(n: usize, files: usize) {
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
     for i in 0..n {
-        make_sandbox(&home, &format!("sb{i}"), files, files * 8 << 10);
+        make_sandbox(&home, &format!("sb{i}"), files, (files * 8) << 10);
     }
     let t0 = Instant::now();
     let children: Vec<_> = (0..n)
