@@ -430,7 +430,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
                     "state": r.state.as_str(),
                     "step": last_step(&j, &r.id),
                     "age_ms": now - r.created_at,
-                    "holder": holder.map(|h| json!({"pid": h.pid, "host": h.host})),
+                    "holder": holder.map(|h| json!({"pid": h.pid, "host": h.host, "alive": holder_alive(h.pid, &h.host)})),
                     "resume": format!("nemoclaw recover --resume {}", r.id),
                     "rollback": format!("nemoclaw recover --rollback {}", r.id),
                 })
@@ -556,6 +556,24 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
         );
     }
     Ok(report.exit())
+}
+
+/// Whether a recorded holder is still running (same host and its pid exists).
+fn holder_alive(pid: i64, host: &str) -> bool {
+    host == crate::util::hostname()
+        && pid > 0
+        // SAFETY: signal 0 only checks that the process exists.
+        && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+}
+
+fn holder_text(h: &Value) -> String {
+    match h["pid"].as_i64() {
+        None => "none (free)".to_owned(),
+        Some(pid) if h["alive"] == true => {
+            format!("pid {pid} on {} (running)", h["host"].as_str().unwrap_or("?"))
+        }
+        Some(pid) => format!("pid {pid} on {} (gone)", h["host"].as_str().unwrap_or("?")),
+    }
 }
 
 fn age(ms: i64) -> String {
