@@ -332,7 +332,14 @@ impl Gateway for LocalGateway {
         fs::rename(&dir, &trash).map_err(|e| io_err("cannot delete", &dir, e))?;
         let parent = self.root.join("sandboxes");
         crate::util::fsync_dir(&parent).map_err(|e| io_err("cannot sync", &parent, e))?;
-        fs::remove_dir_all(&trash).map_err(|e| io_err("cannot remove", &trash, e))?;
+        // Best effort: the rename above was the delete. Another process opening the gateway may
+        // be removing the same trash directory right now (leftover cleaning), and a failure here
+        // only leaves garbage that the next open removes.
+        if let Err(e) = fs::remove_dir_all(&trash) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("could not remove {}: {e}; the next open will", trash.display());
+            }
+        }
         // Confirm absence.
         match self.read_meta(name)? {
             None => Ok(()),
