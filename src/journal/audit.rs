@@ -1315,9 +1315,21 @@ pub fn prune(j: &mut Journal, o: &PruneOptions) -> Result<PruneReport, AuditErro
         if !report.backups_removed.is_empty() {
             let _ = crate::util::fsync_dir(&backups_base);
         }
+        // A pruned run's snapshot file (`<home>/rebuild-runs/<run>.json`, written by plans that
+        // keep a private copy of what they must restore) goes with it. Run ids are UUIDs from
+        // the journal's own rows, so the path cannot leave that directory.
+        let runs_dir = o.home.join(RUN_FILES_DIR);
+        for id in &report.runs_removed {
+            if uuid::Uuid::parse_str(id).is_ok() {
+                let _ = std::fs::remove_file(runs_dir.join(format!("{id}.json")));
+            }
+        }
     }
     Ok(report)
 }
+
+/// Directory of per-run snapshot files under the home (kept in step with the rebuild's).
+pub const RUN_FILES_DIR: &str = "rebuild-runs";
 
 /// The chain anchor left by the last prune: `(pruned_head_id, pruned_head_hash)`, or genesis.
 pub fn chain_anchor(conn: &Connection) -> rusqlite::Result<(i64, String)> {
