@@ -92,6 +92,11 @@ impl Journal {
         if v > SCHEMA_VERSION {
             return Err(JournalError::TooNew { path: j.path, found: v, supported: SCHEMA_VERSION });
         }
+        if v == 0 {
+            // Not migrated yet: no runs. Another process may be creating the journal right
+            // now (its migration commits atomically), so this is "empty", not an error.
+            return Ok(None);
+        }
         Ok(Some(j))
     }
 
@@ -101,10 +106,26 @@ impl Journal {
             .busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| JournalError::sql(&p, "busy_timeout", e))?;
         // journal_mode returns a row; the others do not.
-        let mode: String = self
-            .conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(|e| JournalError::sql(&p, "cannot read the journal", e))?;
+        // Switching to WAL needs a moment of exclusive access, and SQLite answers SQLITE_BUSY
+        // to it without consulting the busy handler while another process is creating or
+        // recovering the same journal. So it is retried here, within the same busy timeout.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        let mode: String = loop {
+            match self.conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+                Ok(m) => break m,
+                Err(e)
+                    if matches!(
+                        e.sqlite_error_code(),
+                        Some(
+                            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                        )
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(JournalError::sql(&p, "cannot read the journal", e)),
+            }
+        };
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(JournalError::Corrupt {
                 path: p,

@@ -1015,3 +1015,50 @@ mod via_openshell {
         }
     }
 }
+
+/// Eight rebuilds of eight sandboxes at once, on a home with no journal yet: the processes race
+/// to create and migrate it, then share it. All succeed; no "database is locked".
+#[test]
+fn eight_concurrent_rebuilds_on_a_fresh_journal() {
+    let home = Home::new();
+    let gw = LocalGateway::open(home.path()).unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("sb{i}")).collect();
+    for n in &names {
+        gw.create(&CreateSpec {
+            name: sb(n),
+            image: "img:1".into(),
+            labels: Default::default(),
+            agent: None,
+            gpu: false,
+        })
+        .unwrap();
+        std::fs::write(gw.state_dir(&sb(n)).join("MEMORY.md"), n.as_bytes()).unwrap();
+        registry::update(home.path(), |reg| {
+            reg.set_entry(&sb(n), json!({"name": n, "gatewayName": "local", "imageTag": "img:1"}));
+            Ok(())
+        })
+        .unwrap();
+    }
+    let children: Vec<_> = names
+        .iter()
+        .map(|n| {
+            home.cmd()
+                .args([n.as_str(), "rebuild", "--yes"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert_ok(&o);
+        assert!(!stderr(&o).contains("locked"), "{}", stderr(&o));
+    }
+    check_journal(home.path());
+    let all = runs(home.path());
+    assert_eq!(all.len(), 8);
+    assert!(all.iter().all(|(_, s)| s == "succeeded"), "{all:?}");
+    for n in &names {
+        assert_eq!(std::fs::read(gw.state_dir(&sb(n)).join("MEMORY.md")).unwrap(), n.as_bytes());
+    }
+}
