@@ -454,13 +454,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
                     r["state"].as_str().unwrap_or(""),
                     r["step"].as_str().unwrap_or(""),
                     age(r["age_ms"].as_i64().unwrap_or(0)),
-                    r["holder"]["pid"]
-                        .as_i64()
-                        .map(|pid| format!(
-                            "pid {pid} on {}",
-                            r["holder"]["host"].as_str().unwrap_or("?")
-                        ))
-                        .unwrap_or_else(|| "none (free)".to_owned()),
+                    holder_text(&r["holder"]),
                 ));
             }
             for r in &rows {

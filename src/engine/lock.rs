@@ -83,24 +83,7 @@ impl LockDir {
 /// When this process started, in ms since the epoch (from `/proc`; now if unavailable).
 /// Recorded with the holder so a recycled pid cannot pass for the holder.
 pub fn process_start_ms() -> i64 {
-    fn read() -> Option<i64> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Field 22 (starttime, clock ticks since boot); the command name may contain spaces,
-        // so count from the closing parenthesis.
-        let after = &stat[stat.rfind(')')? + 2..];
-        let ticks: i64 = after.split_whitespace().nth(19)?.parse().ok()?;
-        let btime: i64 = std::fs::read_to_string("/proc/stat")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("btime "))?
-            .trim()
-            .parse()
-            .ok()?;
-        // SAFETY: sysconf has no memory arguments.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as i64;
-        Some(btime * 1000 + ticks * 1000 / hz)
-    }
-    read().unwrap_or_else(crate::util::now_ms)
+    crate::util::process_start_ms(None).unwrap_or_else(crate::util::now_ms)
 }
 
 #[cfg(test)]

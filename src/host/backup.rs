@@ -104,6 +104,31 @@ pub fn backup_timestamp(ms: i64) -> String {
     crate::util::iso_ms(ms).replace([':', '.'], "-")
 }
 
+fn check_timestamp(timestamp: &str) -> Result<(), HostError> {
+    if timestamp.is_empty() || timestamp.contains(['/', '\0']) || timestamp.starts_with('.') {
+        return Err(HostError::Invalid(format!("invalid backup timestamp `{timestamp}`")));
+    }
+    Ok(())
+}
+
+/// Create `<home>/rebuild-backups/<name>/<timestamp>/` (0700; it must not exist yet).
+/// Returns the parent and the new directory.
+fn new_backup_dir(
+    home: &Path,
+    meta: &BackupMeta,
+    timestamp: &str,
+) -> Result<(PathBuf, PathBuf), HostError> {
+    check_timestamp(timestamp)?;
+    let parent = backups_dir(home, &meta.sandbox);
+    private_dir(&parent)?;
+    let dir = parent.join(timestamp);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| HostError::io("cannot create backup directory", &dir, e))?;
+    Ok((parent, dir))
+}
+
 /// `<home>/rebuild-backups/<name>/`.
 pub fn backups_dir(home: &Path, name: &SandboxName) -> PathBuf {
     home.join(BACKUPS_DIR).join(name.as_str())
@@ -119,9 +144,7 @@ impl Backup {
         timestamp: &str,
         src: &Path,
     ) -> Result<Backup, HostError> {
-        if timestamp.is_empty() || timestamp.contains(['/', '\0']) || timestamp.starts_with('.') {
-            return Err(HostError::Invalid(format!("invalid backup timestamp `{timestamp}`")));
-        }
+        check_timestamp(timestamp)?;
         // Walk first: an unsafe entry aborts before a single byte is copied.
         let entries = walk(src)?;
         if entries.iter().any(|e| e.rel == MANIFEST_FILE) {
@@ -130,13 +153,7 @@ impl Backup {
                 src.display()
             )));
         }
-        let parent = backups_dir(home, &meta.sandbox);
-        private_dir(&parent)?;
-        let dir = parent.join(timestamp);
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| HostError::io("cannot create backup directory", &dir, e))?;
+        let (parent, dir) = new_backup_dir(home, meta, timestamp)?;
         let files = copy_entries(&entries, &dir)?;
         // The copied files and the directory entries naming them are durable, and every copy
         // re-reads to the digest of what was read from the source, before the manifest claims
@@ -156,16 +173,7 @@ impl Backup {
         timestamp: &str,
         fill: impl FnOnce(&Path) -> Result<(), HostError>,
     ) -> Result<Backup, HostError> {
-        if timestamp.is_empty() || timestamp.contains(['/', '\0']) || timestamp.starts_with('.') {
-            return Err(HostError::Invalid(format!("invalid backup timestamp `{timestamp}`")));
-        }
-        let parent = backups_dir(home, &meta.sandbox);
-        private_dir(&parent)?;
-        let dir = parent.join(timestamp);
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| HostError::io("cannot create backup directory", &dir, e))?;
+        let (parent, dir) = new_backup_dir(home, meta, timestamp)?;
         let filled = fill(&dir).and_then(|()| {
             let entries = walk(&dir)?;
             if entries.iter().any(|e| e.rel == MANIFEST_FILE) {

@@ -295,24 +295,10 @@ pub(crate) fn pid_alive(pid: i32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Start time of a process, from `/proc/<pid>/stat` (field 22, clock ticks since boot) and the
-/// boot time in `/proc/stat`.
+/// Start time of a process (see [`crate::util::process_start_ms`]).
 fn process_start(pid: i32) -> Option<SystemTime> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
-    let btime: u64 = fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as u64 } else { 100 };
-    Some(UNIX_EPOCH + Duration::from_secs(btime) + Duration::from_millis(ticks * 1000 / hz))
+    let ms = crate::util::process_start_ms(Some(pid))?;
+    Some(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).ok()?))
 }
 
 /// Which gateway an entry is bound to (spec §2.1).

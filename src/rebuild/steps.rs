@@ -97,6 +97,32 @@ fn unknown_liveness(l: &Liveness) -> Option<String> {
     }
 }
 
+/// Classify the sandbox before acting on it; a gateway that cannot tell fails the step (the run
+/// stops `failed`, nothing guessed).
+fn confirm(env: &Env) -> Result<Liveness, StepError> {
+    let live = env.gateway.classify(&env.name);
+    match unknown_liveness(&live) {
+        Some(why) => {
+            Err(StepError::new(format!("cannot confirm the state of '{}': {why}", env.name)))
+        }
+        None => Ok(live),
+    }
+}
+
+/// The sandbox's classification and whether its registry row exists, for a probe; `Err` is the
+/// probe's *unknown* answer when the gateway cannot tell.
+fn observe(env: &Env, what: &str) -> Result<Result<(Liveness, bool), Probe>, StepError> {
+    let live = env.gateway.classify(&env.name);
+    if let Some(why) = unknown_liveness(&live) {
+        return Ok(Err(Probe::Unknown(format!(
+            "cannot tell whether sandbox '{}' was {what}: {why}",
+            env.name
+        ))));
+    }
+    let row = registry::Registry::load(&env.home).map_err(host_err)?.entry(&env.name).is_some();
+    Ok(Ok((live, row)))
+}
+
 fn carries_run_label(l: &Liveness, run_id: &str) -> bool {
     matches!(l, Liveness::Present(s) if s.labels.get(RUN_LABEL).map(String::as_str) == Some(run_id))
 }
@@ -338,15 +364,10 @@ impl Step for RemoveStep {
         true
     }
     fn probe(&self, _ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
-        let env = &self.0;
-        let live = env.gateway.classify(&env.name);
-        if let Some(why) = unknown_liveness(&live) {
-            return Ok(Probe::Unknown(format!(
-                "cannot tell whether sandbox '{}' was deleted: {why}",
-                env.name
-            )));
-        }
-        let row = registry::Registry::load(&env.home).map_err(host_err)?.entry(&env.name).is_some();
+        let (live, row) = match observe(&self.0, "deleted")? {
+            Ok(seen) => seen,
+            Err(unknown) => return Ok(unknown),
+        };
         Ok(if live == Liveness::Missing && !row {
             Probe::Done(json!({"deleted": true}))
         } else {
@@ -356,13 +377,7 @@ impl Step for RemoveStep {
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
         let env = &self.0;
-        let live = env.gateway.classify(&env.name);
-        if let Some(why) = unknown_liveness(&live) {
-            return Err(StepError::new(format!(
-                "cannot confirm the state of '{}': {why}",
-                env.name
-            )));
-        }
+        let live = confirm(env)?;
         self.check_identity(ctx, &live)?;
         if matches!(live, Liveness::Present(_)) {
             env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
@@ -383,13 +398,7 @@ impl Step for RemoveStep {
         let env = &self.0;
         let s = snap(env, ctx)?;
         if env.mode == Mode::Normal {
-            let live = env.gateway.classify(&env.name);
-            if let Some(why) = unknown_liveness(&live) {
-                return Err(StepError::new(format!(
-                    "cannot confirm the state of '{}': {why}",
-                    env.name
-                )));
-            }
+            let live = confirm(env)?;
             let label = format!("{}-rollback", ctx.run_id);
             let present_ok = match &live {
                 Liveness::Present(l) => {
@@ -501,22 +510,14 @@ impl Step for OnboardStep {
     fn name(&self) -> &'static str {
         "onboard"
     }
-    fn version(&self) -> u32 {
-        1
-    }
     fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
-        let env = &self.0;
-        let live = env.gateway.classify(&env.name);
-        if let Some(why) = unknown_liveness(&live) {
-            return Ok(Probe::Unknown(format!(
-                "cannot tell whether sandbox '{}' was recreated: {why}",
-                env.name
-            )));
-        }
-        let row = registry::Registry::load(&env.home).map_err(host_err)?.entry(&env.name).is_some();
+        let (live, row) = match observe(&self.0, "recreated")? {
+            Ok(seen) => seen,
+            Err(unknown) => return Ok(unknown),
+        };
         Ok(match &live {
             Liveness::Present(l) if carries_run_label(&live, ctx.run_id) && row => {
-                Probe::Done(json!({"id": l.id, "image": env.image}))
+                Probe::Done(json!({"id": l.id, "image": self.0.image}))
             }
             _ => Probe::NotDone,
         })
@@ -525,13 +526,7 @@ impl Step for OnboardStep {
         test_delay();
         let env = &self.0;
         let s = snap(env, ctx)?;
-        let live = env.gateway.classify(&env.name);
-        if let Some(why) = unknown_liveness(&live) {
-            return Err(StepError::new(format!(
-                "cannot confirm the state of '{}': {why}",
-                env.name
-            )));
-        }
+        let live = confirm(env)?;
         let id = match &live {
             // Created by an earlier attempt of this run (e.g. a create that timed out): adopt it.
             Liveness::Present(l) if carries_run_label(&live, ctx.run_id) => l.id.clone(),
@@ -560,13 +555,7 @@ impl Step for OnboardStep {
     }
     fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         let env = &self.0;
-        let live = env.gateway.classify(&env.name);
-        if let Some(why) = unknown_liveness(&live) {
-            return Err(StepError::new(format!(
-                "cannot confirm the state of '{}': {why}",
-                env.name
-            )));
-        }
+        let live = confirm(env)?;
         // Only ever delete the sandbox this run created.
         if carries_run_label(&live, ctx.run_id) {
             env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
