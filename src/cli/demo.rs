@@ -127,8 +127,19 @@ pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
     p.info("\n5. The audit trail.");
     d.expect(&["journal", "list"], 0)?;
     let _ = d.run(&["journal", "verify"], None)?;
+    let run = crate::journal::Journal::open_readonly(&home.join(crate::journal::store::FILE_NAME))
+        .ok()
+        .flatten()
+        .and_then(|j| {
+            j.conn()
+                .query_row("SELECT id FROM runs ORDER BY created_at DESC LIMIT 1", [], |r| {
+                    r.get::<_, String>(0)
+                })
+                .ok()
+        })
+        .unwrap_or_else(|| "<run>".to_owned());
     p.info(format!(
-        "\nDone. Explore it yourself: `nemoclaw --home {} journal show <run>`",
+        "\nDone. See the run's timeline: `nemoclaw --home {} journal show {run}`",
         home.display()
     ));
     Ok(Exit::Ok)
