@@ -1062,3 +1062,27 @@ fn eight_concurrent_rebuilds_on_a_fresh_journal() {
         assert_eq!(std::fs::read(gw.state_dir(&sb(n)).join("MEMORY.md")).unwrap(), n.as_bytes());
     }
 }
+
+/// The crash NemoClaw could not survive: the old sandbox deleted, its registry row still there.
+/// NemoClaw's next rebuild would take the stale path and skip the backup it had just made; here
+/// every command points at the unfinished run, and resuming it restores that backup.
+#[test]
+fn crash_between_delete_and_registry_removal_then_resume_restores_the_backup() {
+    let w = World::new(Opts::default());
+    let b = w.snapshot();
+    // mid_effect hits: 1 = backup (after the download), 2 = remove (after the delete).
+    let o = run_with_crash(&w, &["alpha", "rebuild", "--yes"], "mid_effect", 2);
+    assert!(killed(&o), "{}", stderr(&o));
+    assert_eq!(w.live_id(), None, "the old sandbox is gone");
+    assert_eq!(w.row(), Some(b.row.clone()), "its registry row is still there");
+    // A new rebuild does not take the stale path: it is refused, pointing at the run.
+    let again = w.rebuild();
+    assert_eq!(again.status.code(), Some(3), "{}", stderr(&again));
+    assert!(stderr(&again).contains("nemoclaw recover --resume"), "{}", stderr(&again));
+    assert!(!stderr(&again).contains("absent from the live OpenShell gateway"));
+    let status = w.home.run(&["alpha", "status"]);
+    assert!(stderr(&status).contains("was interrupted"), "{}", stderr(&status));
+    let r = w.home.run(&["recover", "--resume", "--sandbox", "alpha"]);
+    assert_ok(&r);
+    check_rebuilt(&w, &b, "normal");
+}
