@@ -608,6 +608,10 @@ impl Step for RestoreStep {
 pub struct PoliciesStep(pub Arc<Env>);
 
 impl PoliciesStep {
+    fn output(wanted: &[PolicySpec]) -> Value {
+        json!({"applied": wanted.iter().map(PolicySpec::name).collect::<Vec<_>>()})
+    }
+
     fn wanted(s: &Snapshot) -> Vec<PolicySpec> {
         let mut v: Vec<PolicySpec> = string_list(s.entry.get("policies"))
             .into_iter()
@@ -643,7 +647,7 @@ impl Step for PoliciesStep {
             Err(e) => return Ok(Probe::Unknown(format!("cannot read applied policies: {e}"))),
         };
         Ok(if wanted.iter().all(|p| applied.iter().any(|a| a == p.name())) {
-            Probe::Done(json!({"applied": wanted.iter().map(PolicySpec::name).collect::<Vec<_>>()}))
+            Probe::Done(Self::output(&wanted))
         } else {
             Probe::NotDone
         })
@@ -656,7 +660,7 @@ impl Step for PoliciesStep {
         for p in &wanted {
             env.gateway.apply_policy(&env.name, p).map_err(gw_err)?;
         }
-        Ok(json!({"applied": wanted.iter().map(PolicySpec::name).collect::<Vec<_>>()}))
+        Ok(Self::output(&wanted))
     }
     fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         // Policies belong to the new sandbox, which onboard's compensation deletes.
@@ -670,6 +674,16 @@ impl Step for PoliciesStep {
 pub struct ShieldsStep(pub Arc<Env>);
 
 impl ShieldsStep {
+    /// What the step reports, whether it did the work or found it done.
+    fn output(&self, s: &Snapshot) -> Value {
+        let stale = self.0.mode == Mode::Stale;
+        json!({
+            "locked": !stale && s.shields_locked,
+            "stale_seal_cleared": stale && s.shields_raw.is_some(),
+            "was_locked": s.shields_locked,
+        })
+    }
+
     /// The shields file bytes this step leaves behind.
     fn target(&self, s: &Snapshot) -> Option<String> {
         match self.0.mode {
@@ -688,7 +702,7 @@ impl Step for ShieldsStep {
     fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
         let s = snap(&self.0, ctx)?;
         Ok(if shields_match(&self.0, self.target(&s).as_deref())? {
-            Probe::Done(json!({"locked": self.0.mode == Mode::Normal && s.shields_locked}))
+            Probe::Done(self.output(&s))
         } else {
             Probe::NotDone
         })
@@ -701,11 +715,7 @@ impl Step for ShieldsStep {
             Mode::Normal => restore_shields(env, &s)?,
             Mode::Stale => shields::clear(&env.home, &env.name).map_err(host_err)?,
         }
-        Ok(json!({
-            "locked": env.mode == Mode::Normal && s.shields_locked,
-            "stale_seal_cleared": env.mode == Mode::Stale && s.shields_raw.is_some(),
-            "was_locked": s.shields_locked,
-        }))
+        Ok(self.output(&s))
     }
     fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         let s = snap(&self.0, ctx)?;
