@@ -137,7 +137,23 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
     // is resumed or rolled back.
     refuse_if_unfinished(ctx, name, "rebuild")?;
 
-    let pf = rebuild::preflight(&ctx.home, name, ctx.global.openshell.as_deref())?;
+    let pf = match rebuild::preflight(&ctx.home, name, ctx.global.openshell.as_deref()) {
+        Ok(pf) => pf,
+        // No driver for the recorded gateway (e.g. `openshell` is not installed): the live
+        // state cannot be confirmed, which is NemoClaw's refusal, not a crash.
+        Err(rebuild::PreflightError::Gateway(e)) => {
+            return Err(CliError::new(
+                Exit::Refused,
+                format!(
+                    "{}\n  {e}\n{}",
+                    messages::could_not_confirm(name.as_str()),
+                    messages::ENTRY_PRESERVED
+                ),
+            )
+            .hint("install `openshell` or pass `--openshell PATH`, then retry"))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mode = match &pf.decision {
         Decision::Refuse(lines) => {
             if p.json {

@@ -1086,3 +1086,20 @@ fn crash_between_delete_and_registry_removal_then_resume_restores_the_backup() {
     assert_ok(&r);
     check_rebuilt(&w, &b, "normal");
 }
+
+/// A sandbox bound to an OpenShell gateway on a host without `openshell`: refused like any
+/// gateway that cannot confirm live state, nothing changed.
+#[test]
+fn missing_openshell_binary_is_refused_and_nothing_changes() {
+    let home = Home::new();
+    let reg = br#"{"defaultSandbox":"x","sandboxes":{"x":{"name":"x","gatewayName":"nemoclaw"}}}"#;
+    std::fs::write(home.path().join("sandboxes.json"), reg).unwrap();
+    let o = home.cmd().env("PATH", "/nonexistent").args(["x", "rebuild", "--yes"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("Could not confirm live state of 'x'"), "{err}");
+    assert!(err.contains("nothing was removed"), "{err}");
+    assert!(err.contains("--openshell PATH"), "{err}");
+    assert_eq!(std::fs::read(home.path().join("sandboxes.json")).unwrap(), reg);
+    assert!(!home.path().join("journal.sqlite3").exists());
+}
