@@ -1094,7 +1094,8 @@ fn missing_openshell_binary_is_refused_and_nothing_changes() {
     let home = Home::new();
     let reg = br#"{"defaultSandbox":"x","sandboxes":{"x":{"name":"x","gatewayName":"nemoclaw"}}}"#;
     std::fs::write(home.path().join("sandboxes.json"), reg).unwrap();
-    let o = home.cmd().env("PATH", "/nonexistent").args(["x", "rebuild", "--yes"]).output().unwrap();
+    let o =
+        home.cmd().env("PATH", "/nonexistent").args(["x", "rebuild", "--yes"]).output().unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(err.contains("Could not confirm live state of 'x'"), "{err}");
