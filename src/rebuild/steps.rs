@@ -15,7 +15,7 @@ use super::snapshot::{self, Snapshot};
 use super::Mode;
 use crate::engine::crash::{self, MID_EFFECT};
 use crate::engine::{Probe, Step, StepCtx, StepError};
-use crate::gateway::{CreateSpec, Gateway, GatewayError, Liveness, PolicySpec};
+use crate::gateway::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec};
 use crate::host::backup::{self, Backup, BackupMeta};
 use crate::host::{registry, shields, HostError};
 use crate::names::SandboxName;
@@ -448,7 +448,7 @@ fn put_row(env: &Env, s: &Snapshot, entry: Value) -> Result<(), StepError> {
     .map_err(host_err)
 }
 
-fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<(), StepError> {
+fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandbox, StepError> {
     let spec = CreateSpec {
         name: env.name.clone(),
         image: image.to_owned(),
@@ -456,7 +456,8 @@ fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<(), StepE
         agent: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
         gpu: s.entry.get("gpuEnabled").and_then(Value::as_bool).unwrap_or(false),
     };
-    env.gateway.create(&spec).map_err(gw_err).map(|_| ())
+    // The driver returns once the sandbox is ready, with its id: no second query needed.
+    env.gateway.create(&spec).map_err(gw_err)
 }
 
 /// Upload a backup's files into the sandbox and verify them against the manifest.
@@ -537,16 +538,7 @@ impl Step for OnboardStep {
                 )))
             }
             _ => {
-                create(env, &s, &env.image, ctx.run_id)?;
-                match env.gateway.classify(&env.name) {
-                    Liveness::Present(l) => l.id,
-                    other => {
-                        return Err(StepError::new(format!(
-                            "sandbox '{}' was created but is not visible: {other:?}",
-                            env.name
-                        )))
-                    }
-                }
+                create(env, &s, &env.image, ctx.run_id)?.id
             }
         };
         crash::point(MID_EFFECT);
