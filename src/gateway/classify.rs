@@ -112,9 +112,25 @@ pub enum ErrorText {
     AlreadyExists,
 }
 
+/// An `openshell` error report as one line of words: the CLI (miette) wraps reports at about
+/// 80 columns with `  │ ` continuation lines and cause lines `├─▶` / `╰─▶`, splitting anywhere
+/// between words (`'<name>' already` / `  │ exists`), so phrases are matched only after the
+/// report's frame is removed and its lines are joined.
+pub fn report_words(text: &str) -> String {
+    let mut words = Vec::new();
+    for line in strip_ansi(text).lines() {
+        let mut l = line.trim_start();
+        for frame in ["│", "├─▶", "╰─▶", "Error:", "×"] {
+            l = l.trim_start_matches(frame).trim_start();
+        }
+        words.extend(l.split_whitespace().map(str::to_owned));
+    }
+    words.join(" ")
+}
+
 /// Categorise an error text; the first matching rule in classification order wins.
 pub fn error_text(text: &str) -> Option<ErrorText> {
-    let t = text.to_ascii_lowercase();
+    let t = report_words(text).to_ascii_lowercase();
     let any = |words: &[&str]| words.iter().any(|w| t.contains(w));
     if any(&["invalid wire type", "proto decode", "protobuf decode"]) {
         return Some(ErrorText::Schema);
@@ -127,6 +143,9 @@ pub fn error_text(text: &str) -> Option<ErrorText> {
         "invalid token",
         "expired token",
         "missing gateway auth token",
+        // tonic 0.14 code descriptions (UNAUTHENTICATED, PERMISSION_DENIED).
+        "does not have valid authentication credentials",
+        "does not have permission to execute",
     ]) {
         return Some(ErrorText::Auth);
     }
@@ -143,6 +162,9 @@ pub fn error_text(text: &str) -> Option<ErrorText> {
         "no gateway configured",
         "unknown gateway '",
         "no gateway metadata found",
+        "failed to connect to gateway",
+        // tonic 0.14 description of UNAVAILABLE.
+        "the service is currently unavailable",
     ]) {
         return Some(ErrorText::Transport);
     }
@@ -199,6 +221,20 @@ pub fn classify_status(out: &CallOutput, gateway: &str) -> Option<Liveness> {
                 active: None,
             });
         }
+        if auth == Some("unverified") || status == "connected_http" {
+            // The gRPC health check failed and only the HTTP `/healthz` answered: the RPCs a
+            // rebuild needs are not proved to work, so this is not a known-good state.
+            let why = v.get("error").and_then(Value::as_str).unwrap_or("gRPC health check failed");
+            let reason = match error_text(why) {
+                Some(ErrorText::Auth) => Unhealthy::Auth,
+                _ => Unhealthy::Unreachable,
+            };
+            return Some(Liveness::Unhealthy {
+                reason,
+                detail: format!("gateway '{gateway}' answers HTTP only (status `{status}`): {why}"),
+                active: None,
+            });
+        }
         return match status {
             "connected" => match named {
                 Some(n) if n != gateway => Some(foreign(gateway, n)),
@@ -216,6 +252,23 @@ pub fn classify_status(out: &CallOutput, gateway: &str) -> Option<Liveness> {
     }
     let fields = table_fields(&out.stdout);
     let named = fields.get("gateway").map(String::as_str);
+    if let Some(a) = fields.get("authentication") {
+        let a = a.to_ascii_lowercase();
+        if a.starts_with("failed") || a.starts_with("unverified") {
+            // `Unverified` = the gRPC health check failed; its `gRPC error:` line says why.
+            let why = fields.get("grpc error").map(String::as_str).unwrap_or("");
+            let reason = match error_text(why) {
+                Some(ErrorText::Auth) => Unhealthy::Auth,
+                _ if a.starts_with("failed") => Unhealthy::Auth,
+                _ => Unhealthy::Unreachable,
+            };
+            return Some(Liveness::Unhealthy {
+                reason,
+                detail: format!("gateway '{gateway}' authentication: {a}"),
+                active: None,
+            });
+        }
+    }
     if let Some(s) = fields.get("status") {
         if s.eq_ignore_ascii_case("connected") {
             return match named {
@@ -342,6 +395,11 @@ pub fn parse_sandbox(stdout: &str) -> Result<LiveSandbox, String> {
         let l = line.trim();
         if l.is_empty() {
             continue;
+        }
+        // The table ends with the sandbox's policy as YAML, whose `name:` keys are not the
+        // sandbox's: everything from the `Policy:` heading on is not sandbox metadata.
+        if indent == 0 && l == "Policy:" {
+            break;
         }
         if let Some(li) = label_indent {
             if indent > li {

@@ -200,7 +200,7 @@ fn classify_sandbox_get(#[case] out: CallOutput, #[case] proved: bool, #[case] w
 #[case::json_connected_http(
     r#"{"gateway":"nemoclaw","status":"connected_http"}"#,
     "nemoclaw",
-    "unknown"
+    "unhealthy:unreachable"
 )]
 #[case::json_broken("{\"gateway\": ", "nemoclaw", "unknown")]
 #[case::table_connected(

@@ -8,3 +8,4 @@ mod engine;
 mod gateway;
 mod host;
 mod rebuild;
+mod transcripts;
