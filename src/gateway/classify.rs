@@ -513,6 +513,8 @@ impl std::fmt::Display for Version {
 /// What an `openshell` version can do (openshell.md capability table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Capabilities {
+    /// `sandbox create --label`, and directory uploads nested under `DEST/<basename>` (0.0.37).
+    pub label: bool,
     /// `sandbox list -o json` (0.0.44).
     pub list_json: bool,
     /// Global `--workspace` (0.0.88).
@@ -532,6 +534,7 @@ impl Capabilities {
     pub fn of(v: Version) -> Capabilities {
         let at = |p| v >= Version(0, 0, p);
         Capabilities {
+            label: at(37),
             list_json: at(44),
             workspace: at(88),
             get_json: at(92),

@@ -157,6 +157,9 @@ pub enum GatewayError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The `openshell` CLI is too old for an operation (names the version it needs).
+    #[error("{0}")]
+    TooOld(String),
     /// Anything else the gateway or CLI reported.
     #[error("{0}")]
     Other(String),
@@ -212,7 +215,8 @@ impl ExitCoded for GatewayError {
             GatewayError::AlreadyExists(..)
             | GatewayError::NotFound(..)
             | GatewayError::Unhealthy { .. }
-            | GatewayError::Spawn { .. } => Exit::Refused,
+            | GatewayError::Spawn { .. }
+            | GatewayError::TooOld(_) => Exit::Refused,
             GatewayError::Io { .. } => Exit::Io,
             GatewayError::Timeout { .. } | GatewayError::Other(_) => Exit::Failed,
         }

@@ -25,6 +25,11 @@ use crate::names::SandboxName;
 
 /// Where a sandbox's state lives inside it.
 pub const SANDBOX_STATE_PATH: &str = "/sandbox/.openclaw";
+/// The parent of [`SANDBOX_STATE_PATH`]: uploads go here, as a directory named
+/// [`STATE_DIR_NAME`].
+pub const SANDBOX_ROOT: &str = "/sandbox";
+/// The basename of [`SANDBOX_STATE_PATH`].
+pub const STATE_DIR_NAME: &str = ".openclaw";
 /// Environment variables that would redirect `openshell` away from the recorded gateway.
 pub const SCRUBBED_ENV: [&str; 3] =
     ["OPENSHELL_GATEWAY", "OPENSHELL_GATEWAY_ENDPOINT", "OPENSHELL_WORKSPACE"];
@@ -347,6 +352,36 @@ pub fn describe(l: &Liveness) -> String {
     }
 }
 
+fn too_old(v: Version, what: &str, first: &str) -> GatewayError {
+    GatewayError::TooOld(format!(
+        "openshell {v} is too old for {what}: it needs {first} or newer; upgrade openshell"
+    ))
+}
+
+/// A hard-linked view of the tree `src` at `dest` (created): directories made, files linked,
+/// symlinks recreated as links. Nothing is followed.
+fn link_view(src: &Path, dest: &Path) -> std::io::Result<()> {
+    crate::host::mkdir_private(dest)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let (from, to) = (e.path(), dest.join(e.file_name()));
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            link_view(&from, &to)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&from)?, &to)?;
+        } else if ft.is_file() {
+            std::fs::hard_link(&from, &to)?;
+        } else {
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file, directory or symlink",
+                from.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn temp_policy_file(content: &str) -> Result<PathBuf, GatewayError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -406,7 +441,11 @@ impl Gateway for OpenShellGateway {
     }
 
     fn create(&self, spec: &CreateSpec) -> Result<LiveSandbox, GatewayError> {
-        self.version()?;
+        let (v, caps) = self.version()?;
+        if !caps.label {
+            // The run label is how an interrupted create is recognised: never create without it.
+            return Err(too_old(v, "sandbox create --label", "0.0.37"));
+        }
         let name = spec.name.as_str();
         let mut args: Vec<String> = ["sandbox", "create", "--name", name, "--from", &spec.image]
             .iter()
@@ -488,35 +527,47 @@ impl Gateway for OpenShellGateway {
         if !out.ok() {
             return Err(self.fail(&out, "sandbox download", name.as_str(), self.create_timeout));
         }
-        // Accept both copy conventions: contents directly in `dest`, or `dest/.openclaw/...`.
-        let nested = dest.join(".openclaw");
-        let entries: Vec<_> = std::fs::read_dir(dest)
-            .map(|rd| rd.filter_map(Result::ok).collect())
-            .unwrap_or_default();
-        if entries.len() == 1 && nested.is_dir() {
-            let io = |e| GatewayError::Io {
-                context: format!("cannot unpack {}", nested.display()),
-                source: e,
-            };
-            for e in std::fs::read_dir(&nested).map_err(io)? {
-                let e = e.map_err(io)?;
-                std::fs::rename(e.path(), dest.join(e.file_name())).map_err(io)?;
-            }
-            std::fs::remove_dir(&nested).map_err(io)?;
-        }
+        // A directory download unpacks the directory's *contents* into DEST (real CLI 0.0.111):
+        // nothing to move afterwards.
         Ok(())
     }
 
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError> {
-        let s = src.to_string_lossy();
-        let out = self.call(
-            &["sandbox", "upload", name.as_str(), &s, SANDBOX_STATE_PATH],
-            self.create_timeout,
-        );
-        if !out.ok() {
-            return Err(self.fail(&out, "sandbox upload", name.as_str(), self.create_timeout));
+        // A directory upload lands at `DEST/<basename of SRC>/` (since 0.0.37): to fill
+        // `/sandbox/.openclaw`, stage a directory named `.openclaw` (a hard-linked view of
+        // `src`, no copying) and upload it to `/sandbox`. `--no-git-ignore`: a home inside a
+        // git work tree must not have files filtered out by `.gitignore`.
+        let (v, caps) = self.version()?;
+        if !caps.label {
+            return Err(too_old(v, "sandbox upload (nesting under DEST/<basename>)", "0.0.37"));
         }
-        Ok(())
+        let wrapper = src.with_file_name(format!(
+            "{}.upload",
+            src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        let io = |what: &str, p: &Path, e| GatewayError::Io {
+            context: format!("cannot {what} {}", p.display()),
+            source: e,
+        };
+        if wrapper.exists() {
+            std::fs::remove_dir_all(&wrapper).map_err(|e| io("clear", &wrapper, e))?;
+        }
+        crate::host::mkdir_private(&wrapper).map_err(|e| io("create", &wrapper, e))?;
+        let staged = wrapper.join(STATE_DIR_NAME);
+        let result = link_view(src, &staged).map_err(|e| io("stage", &staged, e)).and_then(|()| {
+            let s = staged.to_string_lossy();
+            let out = self.call(
+                &["sandbox", "upload", "--no-git-ignore", name.as_str(), &s, SANDBOX_ROOT],
+                self.create_timeout,
+            );
+            if out.ok() {
+                Ok(())
+            } else {
+                Err(self.fail(&out, "sandbox upload", name.as_str(), self.create_timeout))
+            }
+        });
+        let _ = std::fs::remove_dir_all(&wrapper);
+        result
     }
 
     fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError> {

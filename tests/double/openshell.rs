@@ -463,7 +463,17 @@ fn sandbox(ctx: &Ctx, key: &str, args: &[String]) -> ExitCode {
             if read_meta(&dir).is_none() {
                 return ctx.not_found();
             }
-            let (inside, local) = if key == "sandbox download" { (a, b) } else { (b, a) };
+            let (inside, local) = if key == "sandbox download" {
+                (a.to_owned(), b)
+            } else {
+                // As the real CLI (0.0.37 on): a directory upload lands at DEST/<basename of SRC>.
+                let base = Path::new(a.as_str())
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (format!("{}/{base}", b.trim_end_matches('/')), a)
+            };
+            let inside = &inside;
             let Some(rest) =
                 inside.strip_prefix(STATE_PATH).filter(|r| r.is_empty() || r.starts_with('/'))
             else {

@@ -195,10 +195,9 @@ fn wrapped_report_is_joined_before_matching() {
 
 #[test]
 fn unavailable_is_unhealthy_not_unknown() {
-    let t: Value = serde_json::from_slice(
-        &std::fs::read(dir().join("63-unavailable-get-json.json")).unwrap(),
-    )
-    .unwrap();
+    let t: Value =
+        serde_json::from_slice(&std::fs::read(dir().join("63-unavailable-get-json.json")).unwrap())
+            .unwrap();
     let out = CallOutput::exited(1, "", t["stderr"].as_str().unwrap());
     assert!(matches!(
         classify_get(&out, "alpha", true),
