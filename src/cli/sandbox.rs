@@ -96,6 +96,7 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
         labels: [("nemoclaw-sandbox".to_owned(), name.to_string())].into(),
         agent: a.agent.clone(),
         gpu: false,
+        policy: None,
     };
     p.info(format!("Creating sandbox '{name}' on gateway '{binding}'..."));
     let live = gw.create(&spec).map_err(|e| {

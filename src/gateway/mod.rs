@@ -87,6 +87,10 @@ pub struct CreateSpec {
     pub agent: Option<String>,
     /// GPU requested.
     pub gpu: bool,
+    /// The whole policy to create the sandbox with (`--policy`), as captured from the sandbox
+    /// being replaced; `None` = the gateway's default.
+    #[serde(default)]
+    pub policy: Option<String>,
 }
 
 /// A policy to apply to a sandbox: a preset name or custom policy content.
@@ -206,6 +210,21 @@ pub trait Gateway: Send + Sync {
 
     /// Names of the policies currently applied, when the gateway can tell.
     fn applied_policies(&self, name: &SandboxName) -> Result<Vec<String>, GatewayError>;
+
+    /// The sandbox's whole live policy, as the gateway serialises it, when this gateway keeps
+    /// whole policies (openshell: the body of `policy get --full`); `Ok(None)` when it does not
+    /// (the local gateway keeps applied preset names instead).
+    fn live_policy(&self, _name: &SandboxName) -> Result<Option<String>, GatewayError> {
+        Ok(None)
+    }
+
+    /// Replace the sandbox's whole policy with `body` and wait until the sandbox loaded it.
+    fn set_policy(&self, name: &SandboxName, _body: &str) -> Result<(), GatewayError> {
+        Err(GatewayError::Other(format!(
+            "gateway '{}' cannot replace the whole policy of '{name}'",
+            self.name()
+        )))
+    }
 }
 
 impl ExitCoded for GatewayError {

@@ -31,8 +31,14 @@ pub const SANDBOX_ROOT: &str = "/sandbox";
 /// The basename of [`SANDBOX_STATE_PATH`].
 pub const STATE_DIR_NAME: &str = ".openclaw";
 /// Environment variables that would redirect `openshell` away from the recorded gateway.
-pub const SCRUBBED_ENV: [&str; 3] =
-    ["OPENSHELL_GATEWAY", "OPENSHELL_GATEWAY_ENDPOINT", "OPENSHELL_WORKSPACE"];
+/// `OPENSHELL_SANDBOX_POLICY` is the CLI's fallback for `create --policy`: a stray value would
+/// silently become the replacement's policy.
+pub const SCRUBBED_ENV: [&str; 4] = [
+    "OPENSHELL_GATEWAY",
+    "OPENSHELL_GATEWAY_ENDPOINT",
+    "OPENSHELL_WORKSPACE",
+    "OPENSHELL_SANDBOX_POLICY",
+];
 /// At most this much of stdout and of stderr is kept (the rest is drained and dropped).
 pub const MAX_OUTPUT: usize = 4 << 20;
 /// Marker line prepended to every policy file, so applied policies can be named back.
@@ -352,6 +358,16 @@ pub fn describe(l: &Liveness) -> String {
     }
 }
 
+/// The policy in `policy get --full` output: everything after the first `---` line (the lines
+/// before it are `Version:`, `Hash:`, `Status:` ... of the revision). `None` when there is no
+/// such line or nothing after it.
+pub fn policy_body(stdout: &str) -> Option<String> {
+    let mut lines = stdout.split_inclusive('\n');
+    lines.by_ref().find(|l| l.trim_end() == "---")?;
+    let body: String = lines.collect();
+    (!body.trim().is_empty()).then_some(body)
+}
+
 fn too_old(v: Version, what: &str, first: &str) -> GatewayError {
     GatewayError::TooOld(format!(
         "openshell {v} is too old for {what}: it needs {first} or newer; upgrade openshell"
@@ -458,9 +474,22 @@ impl Gateway for OpenShellGateway {
         if self.caps().is_some_and(|c| c.get_json) {
             args.extend(["-o".to_owned(), "json".to_owned()]);
         }
+        // The captured policy goes in at creation: static fields (filesystem, landlock,
+        // process) can only be set then. A 0600 file, removed as soon as the call returns.
+        let policy_file = match &spec.policy {
+            Some(body) => Some(temp_policy_file(body)?),
+            None => None,
+        };
+        if let Some(f) = &policy_file {
+            args.push("--policy".to_owned());
+            args.push(f.to_string_lossy().into_owned());
+        }
         let started = Instant::now();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.call(&refs, self.create_timeout);
+        if let Some(f) = &policy_file {
+            let _ = std::fs::remove_file(f);
+        }
         let deadline = started + self.create_timeout;
         if out.timed_out {
             // Never retry blindly: adopt only a sandbox carrying this run's label.
@@ -590,6 +619,32 @@ impl Gateway for OpenShellGateway {
         let _ = std::fs::remove_file(&file);
         if !out.ok() {
             return Err(self.fail(&out, "policy set", name.as_str(), self.timeout));
+        }
+        Ok(())
+    }
+
+    fn live_policy(&self, name: &SandboxName) -> Result<Option<String>, GatewayError> {
+        let out = self.call(&["policy", "get", "--full", name.as_str()], self.timeout);
+        if !out.ok() {
+            return Err(self.fail(&out, "policy get --full", name.as_str(), self.timeout));
+        }
+        match policy_body(&out.stdout) {
+            Some(body) => Ok(Some(body)),
+            None => Err(GatewayError::Other(format!(
+                "`openshell policy get --full {name} -g {}` printed no policy after a `---` line",
+                self.gateway
+            ))),
+        }
+    }
+
+    fn set_policy(&self, name: &SandboxName, body: &str) -> Result<(), GatewayError> {
+        let file = temp_policy_file(body)?;
+        let f = file.to_string_lossy().into_owned();
+        let out = self
+            .call(&["policy", "set", name.as_str(), "--policy", &f, "--wait"], self.create_timeout);
+        let _ = std::fs::remove_file(&file);
+        if !out.ok() {
+            return Err(self.fail(&out, "policy set", name.as_str(), self.create_timeout));
         }
         Ok(())
     }

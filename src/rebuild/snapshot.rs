@@ -30,6 +30,10 @@ pub struct Snapshot {
     pub shields_locked: bool,
     /// The onboard session, when it belongs to this sandbox.
     pub session: Option<Value>,
+    /// The old sandbox's whole live policy (normal mode, gateways that keep whole policies):
+    /// the replacement is created with it and checked against it. `None` = not captured.
+    #[serde(default)]
+    pub policy: Option<String>,
 }
 
 /// Path of a run's snapshot file.

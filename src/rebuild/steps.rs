@@ -154,6 +154,21 @@ impl SnapshotStep {
             shields_raw: text(sh.raw),
             shields_timer_raw: text(timer),
             session,
+            policy: self.capture_policy()?,
+        })
+    }
+
+    /// Normal mode: the live policy, read before anything moves. A gateway that keeps whole
+    /// policies but cannot say what this one is stops the run here, before the delete: a
+    /// replacement with a guessed policy is not the sandbox that was deleted.
+    fn capture_policy(&self) -> Result<Option<String>, StepError> {
+        let env = &self.0;
+        if env.mode != Mode::Normal {
+            return Ok(None);
+        }
+        env.gateway.live_policy(&env.name).map_err(|e| {
+            StepError::new(format!("cannot read the live policy of '{}': {e}", env.name))
+                .hint("nothing was changed; fix the gateway and run the rebuild again")
         })
     }
 
@@ -164,6 +179,7 @@ impl SnapshotStep {
             "was_default": snap.was_default,
             "shields_locked": snap.shields_locked,
             "evidence": params.get("evidence").cloned().unwrap_or(Value::Null),
+            "policy_sha256": snap.policy.as_deref().map(|p| crate::util::sha256_hex(p.as_bytes())),
         })
     }
 }
@@ -455,6 +471,7 @@ fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandb
         labels: BTreeMap::from([(RUN_LABEL.to_owned(), label.to_owned())]),
         agent: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
         gpu: s.entry.get("gpuEnabled").and_then(Value::as_bool).unwrap_or(false),
+        policy: s.policy.clone(),
     };
     // The driver returns once the sandbox is ready, with its id: no second query needed.
     env.gateway.create(&spec).map_err(gw_err)
@@ -626,6 +643,32 @@ impl PoliciesStep {
     }
 }
 
+impl PoliciesStep {
+    fn handed_off(captured: &str) -> Value {
+        json!({"handoff": true, "policy_sha256": crate::util::sha256_hex(captured.as_bytes()), "verified": true})
+    }
+
+    /// The replacement was created with the captured policy: check that the gateway enforces
+    /// exactly it. One `set` of the captured policy if it does not (a live sandbox accepts it
+    /// only when static fields agree), then the check again; a difference fails the step.
+    fn verify_handoff(env: &Env, captured: &str) -> Result<Value, StepError> {
+        let live = env.gateway.live_policy(&env.name).map_err(gw_err)?;
+        if live.as_deref() == Some(captured) {
+            return Ok(Self::handed_off(captured));
+        }
+        env.gateway.set_policy(&env.name, captured).map_err(gw_err)?;
+        let live = env.gateway.live_policy(&env.name).map_err(gw_err)?;
+        if live.as_deref() == Some(captured) {
+            return Ok(Self::handed_off(captured));
+        }
+        Err(StepError::new(format!(
+            "the live policy of '{}' differs from the policy captured before the delete",
+            env.name
+        ))
+        .hint("compare `openshell policy get --full` with the run's snapshot file"))
+    }
+}
+
 impl Step for PoliciesStep {
     fn name(&self) -> &'static str {
         "policies"
@@ -633,6 +676,13 @@ impl Step for PoliciesStep {
     fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
         let env = &self.0;
         let s = snap(env, ctx)?;
+        if let Some(captured) = &s.policy {
+            return Ok(match env.gateway.live_policy(&env.name) {
+                Ok(Some(live)) if &live == captured => Probe::Done(Self::handed_off(captured)),
+                Ok(_) => Probe::NotDone,
+                Err(e) => Probe::Unknown(format!("cannot read the live policy: {e}")),
+            });
+        }
         let wanted = Self::wanted(&s);
         let applied = match env.gateway.applied_policies(&env.name) {
             Ok(a) => a,
@@ -648,11 +698,29 @@ impl Step for PoliciesStep {
         test_delay();
         let env = &self.0;
         let s = snap(env, ctx)?;
-        let wanted = Self::wanted(&s);
-        for p in &wanted {
-            env.gateway.apply_policy(&env.name, p).map_err(gw_err)?;
+        if let Some(captured) = &s.policy {
+            return Self::verify_handoff(env, captured);
         }
-        Ok(Self::output(&wanted))
+        let wanted = Self::wanted(&s);
+        // As NemoClaw: a preset that cannot be re-applied is a warning with the command to
+        // re-apply it by hand, not a failure of a rebuild whose sandbox already exists again.
+        let mut applied = Vec::new();
+        let mut warnings = Vec::new();
+        for p in &wanted {
+            match env.gateway.apply_policy(&env.name, p) {
+                Ok(()) => applied.push(p.clone()),
+                Err(e) => warnings.push(format!(
+                    "Failed to restore presets: {}: {e}. Re-apply manually with: nemoclaw {} policy-add",
+                    p.name(),
+                    env.name
+                )),
+            }
+        }
+        let mut out = Self::output(&applied);
+        if !warnings.is_empty() {
+            out["warnings"] = json!(warnings);
+        }
+        Ok(out)
     }
     fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         // Policies belong to the new sandbox, which onboard's compensation deletes.

@@ -421,10 +421,24 @@ fn sandbox(ctx: &Ctx, key: &str, args: &[String]) -> ExitCode {
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .unwrap_or(1);
             let _ = fs::write(ctx.state.join("next-id"), (n + 1).to_string());
+            // `--policy FILE` sets the whole policy at creation (static fields included).
+            let policy = match flag(args, "--policy").first() {
+                Some(f) => match fs::read_to_string(f) {
+                    Ok(c) => match parse_policy(&c) {
+                        Ok(b) => b,
+                        Err(e) => return fail(&e),
+                    },
+                    Err(_) => return fail(&format!("Error:   × cannot read {f}")),
+                },
+                None => DEFAULT_POLICY.to_owned(),
+            };
             let meta = json!({
                 "id": format!("5f0c{n:028x}"), "name": name, "workspace": "default", "labels": labels,
                 "annotations": {"image": image}, "resource_version": 1,
-                "created_at": "2026-08-20 10:00:00", "phase": "Ready", "current_policy_version": 0, "policies": []
+                "created_at": "2026-08-20 10:00:00", "phase": "Ready", "current_policy_version": 1,
+                "policies": [], "policy": policy,
+                "gpu": args.iter().any(|a| a == "--gpu"),
+                "providers": flag(args, "--provider"),
             });
             if fs::create_dir_all(dir.join("state")).is_err() {
                 return fail("Error:   × could not create sandbox storage");
@@ -492,27 +506,39 @@ fn sandbox(ctx: &Ctx, key: &str, args: &[String]) -> ExitCode {
                 Err(e) => fail(&format!("Error:   × copy failed: {e}")),
             }
         }
+        // As the real CLI: `policy set` replaces the whole policy (a new revision), parsed
+        // locally against the closed schema first; a live sandbox keeps its filesystem policy;
+        // the same content again is a no-op.
         "policy set" => {
-            let Some(name) = positionals(args, &["--policy"]).into_iter().next() else {
+            let Some(name) = positionals(args, &["--policy", "--timeout"]).into_iter().next()
+            else {
                 return usage("NAME required");
             };
             let Some(file) = flag(args, "--policy").first().map(|s| s.to_string()) else {
                 return usage("--policy required");
             };
             let dir = gwdir.join(&name);
-            let Some(mut meta) = read_meta(&dir) else { return ctx.not_found() };
             let Ok(content) = fs::read_to_string(&file) else {
                 return fail(&format!("Error:   × cannot read {file}"));
             };
-            let first = content.lines().next().unwrap_or("").to_owned();
-            let mut pols: Vec<Value> = meta["policies"].as_array().cloned().unwrap_or_default();
-            pols.retain(|p| p.as_str().and_then(|s| s.lines().next()) != Some(first.as_str()));
-            pols.push(json!(content));
-            meta["policies"] = json!(pols);
-            meta["current_policy_version"] =
-                json!(meta["current_policy_version"].as_u64().unwrap_or(0) + 1);
+            let body = match parse_policy(&content) {
+                Ok(b) => b,
+                Err(e) => return fail(&e),
+            };
+            let Some(mut meta) = read_meta(&dir) else { return ctx.not_found() };
+            let current = meta["policy"].as_str().unwrap_or("").to_owned();
+            let version = meta["current_policy_version"].as_u64().unwrap_or(1);
+            if body == current {
+                eprintln!("· Policy unchanged (version {version}, hash: {})", &hash(&body)[..12]);
+                return ExitCode::SUCCESS;
+            }
+            if current.contains("\nfilesystem_policy:") && !body.contains("\nfilesystem_policy:") {
+                return fail("Error:   × code: 'Client specified an invalid argument', message: \"filesystem policy\n  │ cannot be removed on a live sandbox\"");
+            }
+            meta["policy"] = json!(body);
+            meta["current_policy_version"] = json!(version + 1);
             write_meta(&dir, &meta);
-            println!("✓ Policy updated for sandbox {name}");
+            eprintln!("✓ Policy version {} submitted (hash: {})", version + 1, &hash(&body)[..12]);
             ExitCode::SUCCESS
         }
         "policy get" => {
@@ -520,14 +546,64 @@ fn sandbox(ctx: &Ctx, key: &str, args: &[String]) -> ExitCode {
                 return usage("NAME required");
             };
             let Some(meta) = read_meta(&gwdir.join(&name)) else { return ctx.not_found() };
-            println!("Policy:\n");
-            for p in meta["policies"].as_array().cloned().unwrap_or_default() {
-                println!("{}", p.as_str().unwrap_or(""));
+            let body = meta["policy"].as_str().unwrap_or("");
+            let v = meta["current_policy_version"].as_u64().unwrap_or(1);
+            print!(
+                "Version:      {v}\nHash:         {}\nStatus:       Effective\nSource:       sandbox\nConfig rev:   {v}\n",
+                hash(body)
+            );
+            if args.iter().any(|a| a == "--full") {
+                print!("---\n{body}");
             }
             ExitCode::SUCCESS
         }
         other => usage(&format!("unrecognized subcommand '{other}'")),
     }
+}
+
+/// The policy a fresh sandbox gets (the real gateway's default, as `policy get --full` prints it).
+const DEFAULT_POLICY: &str = "version: 1\nfilesystem_policy:\n  include_workdir: true\n  read_only:\n  - /usr\n  - /lib\n  - /etc\n  read_write:\n  - /sandbox\n  - /tmp\nlandlock:\n  compatibility: best_effort\nprocess:\n  run_as_group: sandbox\n  run_as_user: sandbox\n";
+
+/// Check a policy file as the CLI does (closed top-level schema, `version` required) and
+/// return the body the gateway would keep: comments dropped (the real gateway re-serialises).
+fn parse_policy(content: &str) -> Result<String, String> {
+    const KEYS: [&str; 6] = [
+        "version",
+        "filesystem_policy",
+        "landlock",
+        "process",
+        "network_policies",
+        "network_middlewares",
+    ];
+    let mut body = String::new();
+    let mut has_version = false;
+    for (i, line) in content.lines().enumerate() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if !line.starts_with(' ') && !line.starts_with('-') {
+            let key = line.split(':').next().unwrap_or("").trim();
+            if !KEYS.contains(&key) {
+                return Err(format!("Error:   × failed to parse sandbox policy YAML\n  ╰─▶ unknown field `{key}`, expected one of `version`, `filesystem_policy`,\n      `landlock`, `process`, `network_policies`, `network_middlewares` at line\n      {} column 1", i + 1));
+            }
+            has_version |= key == "version";
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+    if !has_version {
+        return Err(
+            "Error:   × failed to parse sandbox policy YAML\n  ╰─▶ missing field `version`"
+                .to_owned(),
+        );
+    }
+    Ok(body)
+}
+
+/// A stand-in for the gateway's policy hash (64 hex characters, as the real one).
+fn hash(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(s.as_bytes()))
 }
 
 /// Copy the contents of directory `from` into `to` (created), files replaced, symlinks kept.

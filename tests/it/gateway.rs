@@ -334,6 +334,7 @@ fn spec(n: &str, run: &str) -> CreateSpec {
         labels: BTreeMap::from([("rebuild-run".to_owned(), run.to_owned())]),
         agent: None,
         gpu: false,
+        policy: None,
     }
 }
 
@@ -376,14 +377,34 @@ fn driver_behaviour(#[case] rig: Rig) {
     assert_eq!(tree_digest(&out).unwrap(), tree_digest(&src).unwrap());
     assert_eq!(fs::read(out.join("workspace/notes/todo.txt")).unwrap(), b"ship it\n");
 
-    gw.apply_policy(&demo, &PolicySpec::Preset { name: "npm".into() }).unwrap();
-    let custom = PolicySpec::Custom {
-        name: "corp-proxy".into(),
-        content: "version: 1\nnetwork_policies: {}\n".into(),
-    };
-    gw.apply_policy(&demo, &custom).unwrap();
-    gw.apply_policy(&demo, &custom).unwrap();
-    assert_eq!(gw.applied_policies(&demo).unwrap(), ["npm", "corp-proxy"]);
+    match gw.live_policy(&demo).unwrap() {
+        // The local gateway keeps applied preset names.
+        None => {
+            gw.apply_policy(&demo, &PolicySpec::Preset { name: "npm".into() }).unwrap();
+            let custom = PolicySpec::Custom {
+                name: "corp-proxy".into(),
+                content: "version: 1\nnetwork_policies: {}\n".into(),
+            };
+            gw.apply_policy(&demo, &custom).unwrap();
+            gw.apply_policy(&demo, &custom).unwrap();
+            assert_eq!(gw.applied_policies(&demo).unwrap(), ["npm", "corp-proxy"]);
+        }
+        // openshell keeps one whole policy: `policy set` replaces it, `get --full` reads it back.
+        Some(before) => {
+            assert!(before.starts_with("version: 1\n"), "{before}");
+            let changed = format!("{before}network_policies:\n  pypi:\n    name: pypi\n");
+            gw.set_policy(&demo, &format!("# a comment the gateway drops\n{changed}")).unwrap();
+            assert_eq!(gw.live_policy(&demo).unwrap().as_deref(), Some(changed.as_str()));
+            gw.set_policy(&demo, &changed).unwrap(); // the same again: unchanged, exit 0
+                                                     // A NemoClaw preset file is not an OpenShell policy: refused, nothing changed.
+            let preset = PolicySpec::Custom {
+                name: "npm".into(),
+                content: "preset:\n  name: npm\nnetwork_policies: {}\n".into(),
+            };
+            assert!(gw.apply_policy(&demo, &preset).is_err());
+            assert_eq!(gw.live_policy(&demo).unwrap().as_deref(), Some(changed.as_str()));
+        }
+    }
 
     gw.delete(&demo, Duration::from_secs(10)).unwrap();
     assert_eq!(gw.classify(&demo), Liveness::Missing);

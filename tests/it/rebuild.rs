@@ -68,6 +68,7 @@ impl World {
                 labels: Default::default(),
                 agent: None,
                 gpu: false,
+                policy: None,
             };
             gw.create(&spec).unwrap();
         }
@@ -834,7 +835,7 @@ mod via_openshell {
             );
             let program = double_wrapper(home.path(), &state);
             let os = Os { home, state, program, gw: gw.to_owned() };
-            let o = os.run(&["onboard", "alpha", "--gateway", gw, "--policy", "npm"]);
+            let o = os.run(&["onboard", "alpha", "--gateway", gw]);
             assert_ok(&o);
             let ws = os.tree();
             for i in 0..10 {
@@ -920,6 +921,55 @@ mod via_openshell {
         assert_eq!(runs(os.home.path()).last().unwrap().1, "succeeded");
     }
 
+    /// `policy get --full` body of alpha, through the double.
+    fn live_policy(os: &Os) -> String {
+        let o = std::process::Command::new(&os.program)
+            .args(["policy", "get", "--full", "alpha", "-g", &os.gw])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        out.split_once("\n---\n").expect("a --- line").1.to_owned()
+    }
+
+    #[test]
+    fn normal_rebuild_hands_the_live_policy_to_the_replacement() {
+        let os = Os::new("nemoclaw");
+        let custom = os.home.path().join("custom.yaml");
+        let mut body = live_policy(&os);
+        body.push_str("network_policies:\n  corp:\n    name: corp\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n");
+        std::fs::write(&custom, &body).unwrap();
+        let o = std::process::Command::new(&os.program)
+            .args(["policy", "set", "alpha", "--policy"])
+            .arg(&custom)
+            .args(["-g", "nemoclaw"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let before = live_policy(&os);
+        assert!(before.contains("proxy.corp.example"));
+        let n = os.calls().len();
+        assert_ok(&os.run(&["alpha", "rebuild", "--yes"]));
+        assert_eq!(live_policy(&os), before, "the replacement enforces the old sandbox's policy");
+        // Created with it: one `create --policy`, no preset re-application afterwards.
+        let calls = os.calls()[n..].to_vec();
+        let create = calls
+            .iter()
+            .find(|c| c["argv"][0] == "sandbox" && c["argv"][1] == "create")
+            .expect("a create");
+        let argv: Vec<&str> =
+            create["argv"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert!(argv.contains(&"--policy"), "{argv:?}");
+        assert!(!verbs(&calls).iter().any(|v| v == "policy set"), "{:?}", verbs(&calls));
+        let tmp_left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("nemoclaw-policy-"))
+            .filter(|e| argv.iter().any(|a| a.ends_with(&*e.file_name().to_string_lossy())))
+            .collect();
+        assert!(tmp_left.is_empty(), "the 0600 policy file is removed after the create");
+    }
+
     #[test]
     fn stale_rebuild_through_the_cli() {
         let os = Os::new("nemoclaw");
@@ -938,8 +988,6 @@ mod via_openshell {
         assert!(err.contains("absent from the live OpenShell gateway"), "{err}");
         assert!(!err.contains("Backing up sandbox state"), "{err}");
         assert!(os.state.join("gw/nemoclaw/alpha/meta.json").is_file(), "recreated");
-        let v = verbs(&os.calls());
-        assert!(v.iter().any(|x| x == "policy set"), "policies re-applied: {v:?}");
     }
 
     #[test]
@@ -1030,6 +1078,7 @@ fn eight_concurrent_rebuilds_on_a_fresh_journal() {
             labels: Default::default(),
             agent: None,
             gpu: false,
+            policy: None,
         })
         .unwrap();
         std::fs::write(gw.state_dir(&sb(n)).join("MEMORY.md"), n.as_bytes()).unwrap();
