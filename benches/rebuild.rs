@@ -38,6 +38,7 @@ fn make_sandbox(home: &Path, n: &str, files: usize, bytes: usize) -> PathBuf {
         labels: Default::default(),
         agent: None,
         gpu: false,
+        policy: None,
     })
     .unwrap();
     registry::update(home, |reg| {
