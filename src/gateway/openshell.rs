@@ -480,6 +480,10 @@ impl Gateway for OpenShellGateway {
             Some(body) => Some(temp_policy_file(body)?),
             None => None,
         };
+        if spec.gpu {
+            // The registry row says the old sandbox had a GPU (`gpuEnabled: true`).
+            args.push("--gpu".to_owned());
+        }
         if let Some(f) = &policy_file {
             args.push("--policy".to_owned());
             args.push(f.to_string_lossy().into_owned());

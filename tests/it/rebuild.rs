@@ -971,6 +971,21 @@ mod via_openshell {
     }
 
     #[test]
+    fn gpu_enabled_row_recreates_with_a_gpu() {
+        let os = Os::new("nemoclaw");
+        let reg_path = os.home.path().join("sandboxes.json");
+        let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
+        reg["sandboxes"]["alpha"]["gpuEnabled"] = json!(true);
+        std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+        assert_ok(&os.run(&["alpha", "rebuild", "--yes"]));
+        let meta: Value = serde_json::from_slice(
+            &std::fs::read(os.state.join("gw/nemoclaw/alpha/meta.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["gpu"], true, "the create asked for a GPU: {meta}");
+    }
+
+    #[test]
     fn stale_rebuild_through_the_cli() {
         let os = Os::new("nemoclaw");
         std::fs::remove_dir_all(os.state.join("gw/nemoclaw/alpha")).unwrap();
