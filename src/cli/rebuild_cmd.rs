@@ -180,7 +180,12 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
         p.info(messages::STALE_NO_BACKUP);
     }
     let now = crate::util::now_ms();
-    let params = rebuild::params(&pf, mode, now);
+    let mut params = rebuild::params(&pf, mode, now);
+    if mode == Mode::Stale {
+        if let Some(prior) = rebuild::prior_policy(&ctx.home, name) {
+            params["prior_policy"] = prior;
+        }
+    }
     let env = rebuild::env_from_params(&ctx.home, &params, pf.gateway.clone(), false)
         .ok_or_else(|| CliError::new(Exit::Failed, "internal error: rebuild params incomplete"))?;
     let plan = rebuild::plan(std::sync::Arc::new(env), pf.shields_locked);

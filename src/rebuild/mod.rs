@@ -202,6 +202,39 @@ pub fn params(pf: &Preflight, mode: Mode, now_ms: i64) -> Value {
     })
 }
 
+/// The last policy a succeeded run of `name` captured or created the sandbox with: the run id
+/// and its snapshot digest, for a stale recovery to recreate with exactly that policy (the
+/// journal is the only record of it once the sandbox is gone). `None` when no run has one, or
+/// the journal cannot be read (the stale recovery then falls back to the registry's presets).
+pub fn prior_policy(home: &Path, name: &SandboxName) -> Option<Value> {
+    let j = crate::journal::Journal::open_readonly(&home.join(crate::journal::store::FILE_NAME))
+        .ok()??;
+    let filter = crate::journal::audit::RunFilter {
+        sandbox: Some(name.as_str().to_owned()),
+        state: Some("succeeded".to_owned()),
+        ..Default::default()
+    };
+    let mut runs = Vec::new();
+    crate::journal::audit::list_runs(&j, &filter, |r| {
+        runs.push(r.id);
+        Ok(())
+    })
+    .ok()?;
+    // Newest first: UUID v7 ids sort by creation time.
+    runs.sort();
+    for id in runs.iter().rev() {
+        let steps = crate::journal::runs::steps(j.conn(), id).ok()?;
+        let Some(out) = steps.iter().find(|s| s.name == "snapshot").and_then(|s| s.output.clone())
+        else {
+            continue;
+        };
+        if out.get("policy_sha256").is_some_and(|v| v.is_string()) {
+            return Some(json!({"run": id, "snapshot_sha256": out["snapshot_sha256"]}));
+        }
+    }
+    None
+}
+
 /// Build the plan for a mode. `shields_locked` decides whether `shields_down` is in it.
 pub fn plan(env: Arc<Env>, shields_locked: bool) -> Plan {
     let mut steps: Vec<Box<dyn Step>> = vec![Box::new(steps::SnapshotStep(env.clone()))];
@@ -234,6 +267,7 @@ pub fn env_from_params(
         gateway,
         mode: Mode::parse(params["mode"].as_str()?)?,
         image: params["image"].as_str()?.to_owned(),
+        prior_policy: params.get("prior_policy").filter(|v| v.is_object()).cloned(),
         backup_ts: params["backup_ts"].as_str()?.to_owned(),
         delete_timeout: delete_timeout(),
         stale_image_failed,

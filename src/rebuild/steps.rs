@@ -35,6 +35,9 @@ pub struct Env {
     pub mode: Mode,
     /// Image for the recreate.
     pub image: String,
+    /// Stale mode: the earlier run whose snapshot holds the sandbox's last policy
+    /// (`{"run", "snapshot_sha256"}`), from the journaled params.
+    pub prior_policy: Option<Value>,
     /// Backup directory name (fixed at run creation so a retried backup lands in the same place).
     pub backup_ts: String,
     /// How long to wait for a delete to be confirmed.
@@ -164,7 +167,12 @@ impl SnapshotStep {
     fn capture_policy(&self) -> Result<Option<String>, StepError> {
         let env = &self.0;
         if env.mode != Mode::Normal {
-            return Ok(None);
+            // No live sandbox to read: the last policy a journaled run captured, checked against
+            // that run's journaled snapshot digest.
+            let Some(prior) = &env.prior_policy else { return Ok(None) };
+            let (run, sha) = (prior["run"].as_str(), prior["snapshot_sha256"].as_str());
+            let (Some(run), Some(sha)) = (run, sha) else { return Ok(None) };
+            return Ok(snapshot::read(&env.home, run, sha)?.policy);
         }
         env.gateway.live_policy(&env.name).map_err(|e| {
             StepError::new(format!("cannot read the live policy of '{}': {e}", env.name))

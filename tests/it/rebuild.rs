@@ -970,6 +970,32 @@ mod via_openshell {
         assert!(tmp_left.is_empty(), "the 0600 policy file is removed after the create");
     }
 
+    /// A stale recovery after an earlier journaled run recreates with exactly the policy that
+    /// run captured: the journal is the record of it once the sandbox is gone.
+    #[test]
+    fn stale_recovery_recreates_with_the_last_journaled_policy() {
+        let os = Os::new("nemoclaw");
+        let custom = os.home.path().join("custom.yaml");
+        let mut body = live_policy(&os);
+        body.push_str("network_policies:\n  corp:\n    name: corp\n");
+        std::fs::write(&custom, &body).unwrap();
+        let o = std::process::Command::new(&os.program)
+            .args(["policy", "set", "alpha", "--policy"])
+            .arg(&custom)
+            .args(["-g", "nemoclaw"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let before = live_policy(&os);
+        assert_ok(&os.run(&["alpha", "rebuild", "--yes"]));
+        // The sandbox disappears from the gateway: the next rebuild is a stale recovery.
+        std::fs::remove_dir_all(os.state.join("gw/nemoclaw/alpha")).unwrap();
+        let o = os.run(&["alpha", "rebuild", "--yes"]);
+        assert_ok(&o);
+        assert!(stderr(&o).contains("absent from the live OpenShell gateway"), "{}", stderr(&o));
+        assert_eq!(live_policy(&os), before, "recreated with the journaled policy");
+    }
+
     #[test]
     fn gpu_enabled_row_recreates_with_a_gpu() {
         let os = Os::new("nemoclaw");
