@@ -73,6 +73,20 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
             "see it with `nemoclaw {name} status`, or recreate it with `nemoclaw {name} rebuild`"
         )));
     }
+    if binding.name() != "local" && !a.policies.is_empty() {
+        // OpenShell takes whole policies only (`policy set` replaces everything and refuses a
+        // NemoClaw preset file); NemoClaw's merge of presets into the live policy is not
+        // implemented here, so refuse before anything is created rather than half-apply.
+        return Err(CliError::new(
+            Exit::Refused,
+            format!(
+                "policy presets cannot be applied on the OpenShell gateway '{binding}' by nemoclaw"
+            ),
+        )
+        .hint(format!(
+            "onboard without `--policy` and add presets with NemoClaw: `nemoclaw {name} policy-add`"
+        )));
+    }
     let gw = open_gateway(ctx, &binding)?;
     if let Some(bad) = gw.health() {
         return Err(CliError::new(

@@ -123,7 +123,18 @@ pub fn preflight(
     let gateway: Arc<dyn Gateway> =
         Arc::from(crate::gateway::open(home, binding.name(), openshell)?);
     let liveness = gateway.classify(name);
-    let decision = decide(name, &binding, &liveness);
+    let mut decision = decide(name, &binding, &liveness);
+    if matches!(decision, Decision::Proceed(Mode::Normal)) {
+        // Never delete what cannot be recreated: the replacement is created with the live
+        // policy, so a gateway that keeps whole policies must be able to say what it is.
+        if let Err(e) = gateway.live_policy(name) {
+            decision = Decision::Refuse(vec![
+                format!("Cannot read the live policy of '{name}', so its replacement could not enforce it."),
+                format!("  {e}"),
+                messages::ENTRY_PRESERVED.to_owned(),
+            ]);
+        }
+    }
     Ok(Preflight {
         name: name.clone(),
         entry,

@@ -523,7 +523,12 @@ fn onboard_and_status_through_openshell_are_scoped_and_scrubbed() {
             .output()
             .unwrap()
     };
+    // Presets are not whole policies: refused before anything is created.
     let o = with(&["onboard", "demo", "--policy", "npm"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(Registry::load(h.path()).unwrap().entry(&name("demo")).is_none());
+    assert!(!state.join("gw/nemoclaw/demo").exists(), "nothing created");
+    let o = with(&["onboard", "demo"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let row = Registry::load(h.path()).unwrap().entry(&name("demo")).cloned().unwrap();
     assert_eq!(

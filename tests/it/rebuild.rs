@@ -997,6 +997,22 @@ mod via_openshell {
     }
 
     #[test]
+    fn unreadable_live_policy_is_refused_before_anything_changes() {
+        let os = Os::new("nemoclaw");
+        let (reg, digest) = (os.registry_bytes(), os.digest());
+        os.config(json!({"version": "0.0.116", "gateways": {"nemoclaw": "connected"}, "active": "nemoclaw", "garbage": "policy get"}));
+        let n = os.calls().len();
+        let o = os.run(&["alpha", "rebuild", "--yes"]);
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        assert!(stderr(&o).contains("Cannot read the live policy of 'alpha'"), "{}", stderr(&o));
+        assert_eq!(os.registry_bytes(), reg, "registry untouched");
+        assert_eq!(os.digest(), digest, "sandbox untouched");
+        let v = verbs(&os.calls()[n..]);
+        assert!(!v.iter().any(|x| x == "sandbox delete" || x == "sandbox create"), "{v:?}");
+        assert!(runs(os.home.path()).is_empty(), "nothing journaled: {:?}", runs(os.home.path()));
+    }
+
+    #[test]
     fn gpu_enabled_row_recreates_with_a_gpu() {
         let os = Os::new("nemoclaw");
         let reg_path = os.home.path().join("sandboxes.json");
