@@ -41,8 +41,6 @@ pub const SCRUBBED_ENV: [&str; 4] = [
 ];
 /// At most this much of stdout and of stderr is kept (the rest is drained and dropped).
 pub const MAX_OUTPUT: usize = 4 << 20;
-/// Marker line prepended to every policy file, so applied policies can be named back.
-pub const POLICY_MARKER: &str = "# nemoclaw-policy: ";
 
 fn env_ms(var: &str, default: u64) -> Duration {
     Duration::from_millis(std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
@@ -604,27 +602,29 @@ impl Gateway for OpenShellGateway {
     }
 
     fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError> {
+        // OpenShell keeps one whole policy per sandbox and refuses a NemoClaw preset file
+        // (top-level `preset:`), so only content that is itself a whole OpenShell policy can be
+        // set. A preset is read from `NEMOCLAW_POLICY_PRESETS/<preset>.yaml`, its name checked
+        // first so it cannot leave that directory; there is no fallback body.
         let body = match policy {
             PolicySpec::Custom { content, .. } => content.clone(),
             PolicySpec::Preset { name: preset } => {
+                SandboxName::parse(preset)
+                    .map_err(|e| GatewayError::Other(format!("invalid policy preset name: {e}")))?;
                 let dir = std::env::var_os("NEMOCLAW_POLICY_PRESETS").map(PathBuf::from);
-                match dir.map(|d| d.join(format!("{preset}.yaml"))).filter(|p| p.is_file()) {
-                    Some(p) => std::fs::read_to_string(&p).map_err(|e| GatewayError::Io {
-                        context: format!("cannot read {}", p.display()),
-                        source: e,
-                    })?,
-                    None => "version: 1\n".to_owned(),
-                }
+                let Some(p) = dir.map(|d| d.join(format!("{preset}.yaml"))).filter(|p| p.is_file())
+                else {
+                    return Err(GatewayError::Other(format!(
+                        "policy preset '{preset}' not found (set NEMOCLAW_POLICY_PRESETS to NemoClaw's presets directory)"
+                    )));
+                };
+                std::fs::read_to_string(&p).map_err(|e| GatewayError::Io {
+                    context: format!("cannot read {}", p.display()),
+                    source: e,
+                })?
             }
         };
-        let file = temp_policy_file(&format!("{POLICY_MARKER}{}\n{body}", policy.name()))?;
-        let f = file.to_string_lossy().into_owned();
-        let out = self.call(&["policy", "set", name.as_str(), "--policy", &f], self.timeout);
-        let _ = std::fs::remove_file(&file);
-        if !out.ok() {
-            return Err(self.fail(&out, "policy set", name.as_str(), self.timeout));
-        }
-        Ok(())
+        self.set_policy(name, &body)
     }
 
     fn live_policy(&self, name: &SandboxName) -> Result<Option<String>, GatewayError> {
@@ -653,20 +653,8 @@ impl Gateway for OpenShellGateway {
         Ok(())
     }
 
-    fn applied_policies(&self, name: &SandboxName) -> Result<Vec<String>, GatewayError> {
-        let out = self.call(&["policy", "get", "--full", name.as_str()], self.timeout);
-        if !out.ok() {
-            return Err(self.fail(&out, "policy get", name.as_str(), self.timeout));
-        }
-        let mut names: Vec<String> = Vec::new();
-        for l in out.stdout.lines() {
-            if let Some(n) = l.trim().strip_prefix(POLICY_MARKER.trim_end()) {
-                let n = n.trim().to_owned();
-                if !names.contains(&n) {
-                    names.push(n);
-                }
-            }
-        }
-        Ok(names)
+    fn applied_policies(&self, _name: &SandboxName) -> Result<Vec<String>, GatewayError> {
+        // The gateway keeps no names: comments are dropped when it re-serialises a policy.
+        Ok(Vec::new())
     }
 }

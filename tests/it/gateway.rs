@@ -403,6 +403,17 @@ fn driver_behaviour(#[case] rig: Rig) {
             };
             assert!(gw.apply_policy(&demo, &preset).is_err());
             assert_eq!(gw.live_policy(&demo).unwrap().as_deref(), Some(changed.as_str()));
+            // A preset name never reaches a path unchecked, and a missing one is an error.
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("secret.yaml"), "version: 1\n").unwrap();
+            std::env::set_var("NEMOCLAW_POLICY_PRESETS", dir.path().join("presets"));
+            for bad in ["../secret", "a/b", "UPPER"] {
+                let e = gw.apply_policy(&demo, &PolicySpec::Preset { name: bad.into() });
+                assert!(format!("{e:?}").contains("invalid policy preset name"), "{bad}: {e:?}");
+            }
+            let e = gw.apply_policy(&demo, &PolicySpec::Preset { name: "npm".into() });
+            assert!(format!("{e:?}").contains("not found"), "{e:?}");
+            assert_eq!(gw.live_policy(&demo).unwrap().as_deref(), Some(changed.as_str()));
         }
     }
 
