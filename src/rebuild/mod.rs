@@ -118,12 +118,27 @@ pub fn preflight(
     let entry =
         reg.entry(name).cloned().ok_or_else(|| PreflightError::NotRegistered(name.to_string()))?;
     let binding = registry::binding_of(&entry)?;
-    // A corrupt shields file stops here (exit 65), before anything is touched.
+    // A corrupt shields file or onboard session stops here (exit 65), before anything is
+    // touched: the run reads both.
     let shields_locked = shields::ShieldsState::load_strict(home, name)?.locked();
+    let session =
+        crate::host::session::OnboardSession::load(home)?.filter(|s| s.belongs_to(name.as_str()));
+    let dockerfile = session.as_ref().and_then(|s| s.from_dockerfile()).map(str::to_owned);
     let gateway: Arc<dyn Gateway> =
         Arc::from(crate::gateway::open(home, binding.name(), openshell)?);
     let liveness = gateway.classify(name);
     let mut decision = decide(name, &binding, &liveness);
+    if let (Decision::Proceed(_), Some(d)) = (&decision, &dockerfile) {
+        // The recreate builds from this Dockerfile (`--from`): it must be there before the
+        // old sandbox is deleted.
+        if !Path::new(d).is_file() {
+            decision = Decision::Refuse(vec![
+                format!("Sandbox '{name}' was built from the Dockerfile {d}, which does not exist, so it could not be recreated."),
+                "  Restore the Dockerfile (or onboard again), then retry.".to_owned(),
+                messages::ENTRY_PRESERVED.to_owned(),
+            ]);
+        }
+    }
     if matches!(decision, Decision::Proceed(Mode::Normal)) {
         // Never delete what cannot be recreated: the replacement is created with the live
         // policy, so a gateway that keeps whole policies must be able to say what it is.

@@ -473,9 +473,17 @@ fn put_row(env: &Env, s: &Snapshot, entry: Value) -> Result<(), StepError> {
 }
 
 fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandbox, StepError> {
+    // A sandbox built from a Dockerfile is rebuilt from it (`--from <Dockerfile>`), as
+    // NemoClaw's `onboard --resume` does; preflight checked that it exists.
+    let dockerfile = s
+        .session
+        .as_ref()
+        .and_then(|d| d.pointer("/metadata/fromDockerfile"))
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty());
     let spec = CreateSpec {
         name: env.name.clone(),
-        image: image.to_owned(),
+        image: dockerfile.unwrap_or(image).to_owned(),
         labels: BTreeMap::from([(RUN_LABEL.to_owned(), label.to_owned())]),
         agent: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
         gpu: s.entry.get("gpuEnabled").and_then(Value::as_bool).unwrap_or(false),

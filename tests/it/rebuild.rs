@@ -1012,6 +1012,39 @@ mod via_openshell {
         assert!(runs(os.home.path()).is_empty(), "nothing journaled: {:?}", runs(os.home.path()));
     }
 
+    /// Built from a Dockerfile: rebuilt from it, and refused (nothing changed) while it is missing.
+    #[test]
+    fn dockerfile_sandbox_is_recreated_from_it_and_refused_without_it() {
+        let os = Os::new("nemoclaw");
+        let dockerfile = os.home.path().join("build/Dockerfile");
+        let session = json!({"version": 1, "sandboxName": "alpha", "status": "complete",
+            "metadata": {"gatewayName": "nemoclaw", "fromDockerfile": dockerfile}});
+        std::fs::write(os.home.path().join("onboard-session.json"), session.to_string()).unwrap();
+        let (reg, digest) = (os.registry_bytes(), os.digest());
+        let n = os.calls().len();
+        let o = os.run(&["alpha", "rebuild", "--yes"]);
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("does not exist, so it could not be recreated"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!((os.registry_bytes(), os.digest()), (reg, digest.clone()), "nothing changed");
+        assert!(!verbs(&os.calls()[n..]).iter().any(|v| v == "sandbox delete"));
+
+        std::fs::create_dir_all(dockerfile.parent().unwrap()).unwrap();
+        std::fs::write(&dockerfile, "FROM openshell/sandbox-base:latest\n").unwrap();
+        let n = os.calls().len();
+        assert_ok(&os.run(&["alpha", "rebuild", "--yes"]));
+        let calls = os.calls()[n..].to_vec();
+        let create = calls.iter().find(|c| c["argv"][1] == "create").expect("a create");
+        let argv: Vec<&str> =
+            create["argv"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        let d = dockerfile.to_string_lossy();
+        assert!(argv.windows(2).any(|w| w == ["--from", &*d]), "{argv:?}");
+        assert_eq!(os.digest(), digest);
+    }
+
     #[test]
     fn gpu_enabled_row_recreates_with_a_gpu() {
         let os = Os::new("nemoclaw");
