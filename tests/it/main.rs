@@ -5,6 +5,7 @@ mod common;
 
 mod audit;
 mod engine;
+mod fakegw;
 mod gateway;
 mod host;
 mod rebuild;

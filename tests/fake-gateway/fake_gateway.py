@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""A loopback fake OpenShell gateway for nemoclaw's tests of the real `openshell` CLI.
+
+Speaks the gRPC service `openshell.v1.OpenShell` in plaintext HTTP/2 on 127.0.0.1, with the
+message types of the PyPI package `openshell==0.0.116` (a wire-compatible superset of v0.0.111's
+for every RPC below). Only what the CLI's `status`, `sandbox get/list/create/delete/upload/
+download` and `policy get/set` need is implemented; the texts of errors follow the v0.0.111
+gateway (`sandbox not found`, `sandbox '<name>' already exists`, ...).
+
+State directory (`--state DIR`):
+  port            the port, written once listening
+  index.json      the sandboxes (name, id, phase, labels, policy, gpu, providers), rewritten on
+                  every change, for tests to read
+  calls.log       one JSON line per RPC: {"method", "name"}
+  faults.json     re-read on every RPC (all keys optional):
+                    {"unavailable": true,       every RPC: UNAVAILABLE "compute driver unavailable"
+                     "unauthenticated": true,   every RPC but Health: UNAUTHENTICATED
+                     "hang": ["GetSandbox"],    these RPCs never answer
+                     "create_error": true,      a created sandbox goes to phase Error
+                     "delete_polls": N,         a deleted sandbox stays Deleting for N GetSandbox
+                     "fail": {"CreateSandbox": "INTERNAL:message"}}   one RPC fails
+  sandboxes/<id>/ plays `/sandbox` of that sandbox (`.openclaw/` created with it); the fake
+                  `ssh` beside this file runs upload/download commands there.
+
+The process exits on SIGTERM or when its parent dies (it polls the parent pid).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+from openshell._proto import datamodel_pb2, openshell_pb2, openshell_pb2_grpc, sandbox_pb2
+
+PHASE = openshell_pb2.SandboxStatus.DESCRIPTOR.fields_by_name["phase"].enum_type.values_by_name
+READY = PHASE["SANDBOX_PHASE_READY"].number
+PROVISIONING = PHASE["SANDBOX_PHASE_PROVISIONING"].number
+ERROR = PHASE["SANDBOX_PHASE_ERROR"].number
+DELETING = PHASE["SANDBOX_PHASE_DELETING"].number
+HEALTHY = 1  # SERVICE_STATUS_HEALTHY
+LOADED = 2  # POLICY_STATUS_LOADED
+SOURCE_SANDBOX = 1  # POLICY_SOURCE_SANDBOX
+
+
+def default_policy():
+    p = sandbox_pb2.SandboxPolicy(version=1)
+    p.filesystem.include_workdir = True
+    p.filesystem.read_only.extend(["/usr", "/lib", "/proc", "/dev/urandom", "/app", "/etc", "/var/log"])
+    p.filesystem.read_write.extend(["/sandbox", "/tmp", "/dev/null"])
+    p.landlock.compatibility = "best_effort"
+    p.process.run_as_user = "sandbox"
+    p.process.run_as_group = "sandbox"
+    return p
+
+
+class Gateway(openshell_pb2_grpc.OpenShellServicer):
+    def __init__(self, state, port):
+        self.state = state
+        self.port = port
+        self.lock = threading.RLock()
+        self.boxes = {}  # name -> dict
+        os.makedirs(os.path.join(state, "sandboxes"), exist_ok=True)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def faults(self):
+        try:
+            with open(os.path.join(self.state, "faults.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def enter(self, method, context, name=""):
+        with open(os.path.join(self.state, "calls.log"), "a") as f:
+            f.write(json.dumps({"method": method, "name": name}) + "\n")
+        fl = self.faults()
+        if method in fl.get("hang", []):
+            while context.is_active():
+                time.sleep(0.05)
+            context.abort(grpc.StatusCode.CANCELLED, "hung")
+        if fl.get("unavailable"):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "compute driver unavailable")
+        if fl.get("unauthenticated") and method != "Health":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid token: ExpiredSignature")
+        fail = fl.get("fail", {}).get(method)
+        if fail:
+            code, _, msg = fail.partition(":")
+            context.abort(getattr(grpc.StatusCode, code), msg)
+        return fl
+
+    def save(self):
+        index = {}
+        for name, b in self.boxes.items():
+            index[name] = {
+                "id": b["id"],
+                "name": name,
+                "phase": openshell_pb2.SandboxStatus.DESCRIPTOR.fields_by_name["phase"]
+                .enum_type.values_by_number[b["phase"]]
+                .name,
+                "labels": b["labels"],
+                "gpu": b["gpu"],
+                "providers": b["providers"],
+                "image": b["image"],
+                "policy_version": b["policy_version"],
+                "root": self.root(b),
+            }
+        tmp = os.path.join(self.state, "index.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=1, sort_keys=True)
+        os.replace(tmp, os.path.join(self.state, "index.json"))
+
+    def root(self, b):
+        return os.path.join(self.state, "sandboxes", b["id"])
+
+    def sandbox_msg(self, b):
+        s = openshell_pb2.Sandbox()
+        s.metadata.id = b["id"]
+        s.metadata.name = b["name"]
+        s.metadata.created_at_ms = b["created_ms"]
+        s.metadata.resource_version = b["resource_version"]
+        s.metadata.workspace = "default"
+        for k, v in b["labels"].items():
+            s.metadata.labels[k] = v
+        s.spec.template.image = b["image"]
+        s.spec.policy.CopyFrom(b["policy"])
+        s.status.sandbox_name = b["name"]
+        s.status.phase = b["phase"]
+        s.status.current_policy_version = b["policy_version"]
+        if b["phase"] == ERROR:
+            c = s.status.conditions.add()
+            c.type, c.status, c.reason = "Ready", "False", "FakeError"
+            c.message = "fake create_error fault"
+        return s
+
+    def by_name(self, name, context):
+        b = self.boxes.get(name)
+        if b is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "sandbox not found")
+        return b
+
+    def by_id(self, sid, context):
+        for b in self.boxes.values():
+            if b["id"] == sid:
+                return b
+        context.abort(grpc.StatusCode.NOT_FOUND, "sandbox not found")
+
+    @staticmethod
+    def policy_hash(p):
+        return hashlib.sha256(p.SerializeToString(deterministic=True)).hexdigest()
+
+    # -- RPCs --------------------------------------------------------------------------------
+
+    def Health(self, request, context):
+        self.enter("Health", context)
+        return openshell_pb2.HealthResponse(status=HEALTHY, version="0.0.111")
+
+    def GetGatewayInfo(self, request, context):
+        self.enter("GetGatewayInfo", context)
+        return openshell_pb2.GetGatewayInfoResponse(status=HEALTHY, gateway_version="0.0.111")
+
+    def GetSandbox(self, request, context):
+        self.enter("GetSandbox", context, request.name)
+        with self.lock:
+            b = self.by_name(request.name, context)
+            if b["phase"] == DELETING:
+                if b["deleting_left"] <= 0:
+                    self.remove(request.name)
+                    context.abort(grpc.StatusCode.NOT_FOUND, "sandbox not found")
+                b["deleting_left"] -= 1
+            return openshell_pb2.SandboxResponse(sandbox=self.sandbox_msg(b))
+
+    def ListSandboxes(self, request, context):
+        self.enter("ListSandboxes", context)
+        with self.lock:
+            names = sorted(self.boxes)
+            limit = request.limit or 100
+            page = names[request.offset : request.offset + limit]
+            return openshell_pb2.ListSandboxesResponse(
+                sandboxes=[self.sandbox_msg(self.boxes[n]) for n in page]
+            )
+
+    def CreateSandbox(self, request, context):
+        fl = self.enter("CreateSandbox", context, request.name)
+        with self.lock:
+            if request.name in self.boxes:
+                context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS, f"sandbox '{request.name}' already exists"
+                )
+            spec = request.spec
+            b = {
+                "id": str(uuid.uuid4()),
+                "name": request.name,
+                "created_ms": int(time.time() * 1000),
+                "resource_version": 1,
+                "labels": dict(request.labels),
+                "image": spec.template.image,
+                "policy": spec.policy if spec.HasField("policy") else default_policy(),
+                "policy_version": 1,
+                "gpu": spec.resource_requirements.gpu.count
+                if spec.HasField("resource_requirements")
+                and spec.resource_requirements.HasField("gpu")
+                else 0,
+                "providers": list(spec.providers),
+                "phase": PROVISIONING,
+                "create_error": bool(fl.get("create_error")),
+                "deleting_left": 0,
+            }
+            os.makedirs(os.path.join(self.root(b), ".openclaw"), mode=0o700)
+            self.boxes[request.name] = b
+            self.save()
+            return openshell_pb2.SandboxResponse(sandbox=self.sandbox_msg(b))
+
+    def WatchSandbox(self, request, context):
+        self.enter("WatchSandbox", context)
+        with self.lock:
+            b = self.by_id(request.id, context)
+            if b["phase"] == PROVISIONING:
+                b["phase"] = ERROR if b["create_error"] else READY
+                b["resource_version"] += 1
+                self.save()
+            msg = self.sandbox_msg(b)
+        yield openshell_pb2.SandboxStreamEvent(sandbox=msg)
+
+    def remove(self, name):
+        b = self.boxes.pop(name)
+        shutil.rmtree(self.root(b), ignore_errors=True)
+        self.save()
+
+    def DeleteSandbox(self, request, context):
+        fl = self.enter("DeleteSandbox", context, request.name)
+        with self.lock:
+            b = self.by_name(request.name, context)
+            polls = int(fl.get("delete_polls", 0))
+            if polls > 0:
+                b["phase"] = DELETING
+                b["deleting_left"] = polls
+                self.save()
+            else:
+                self.remove(request.name)
+            return openshell_pb2.DeleteSandboxResponse(deleted=True)
+
+    def CreateSshSession(self, request, context):
+        self.enter("CreateSshSession", context)
+        with self.lock:
+            b = self.by_id(request.sandbox_id, context)
+            return openshell_pb2.CreateSshSessionResponse(
+                sandbox_id=b["id"],
+                token=uuid.uuid4().hex,
+                gateway_host="127.0.0.1",
+                gateway_port=self.port,
+                gateway_scheme="http",
+            )
+
+    def GetSandboxConfig(self, request, context):
+        self.enter("GetSandboxConfig", context)
+        with self.lock:
+            b = self.by_id(request.sandbox_id, context)
+            return sandbox_pb2.GetSandboxConfigResponse(
+                policy=b["policy"],
+                version=b["policy_version"],
+                policy_hash=self.policy_hash(b["policy"]),
+                config_revision=b["policy_version"],
+                policy_source=SOURCE_SANDBOX,
+            )
+
+    def GetSandboxPolicyStatus(self, request, context):
+        self.enter("GetSandboxPolicyStatus", context, request.name)
+        with self.lock:
+            b = self.by_name(request.name, context)
+            rev = openshell_pb2.SandboxPolicyRevision(
+                version=b["policy_version"],
+                policy_hash=self.policy_hash(b["policy"]),
+                status=LOADED,
+                policy=b["policy"],
+            )
+            return openshell_pb2.GetSandboxPolicyStatusResponse(
+                revision=rev, active_version=b["policy_version"]
+            )
+
+    def UpdateConfig(self, request, context):
+        self.enter("UpdateConfig", context, request.name)
+        with self.lock:
+            b = self.by_name(request.name, context)
+            new, old = request.policy, b["policy"]
+            # As the v0.0.111 gateway: static fields of a live sandbox stay as they are.
+            if old.HasField("filesystem") and not new.HasField("filesystem"):
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "filesystem policy cannot be removed on a live sandbox",
+                )
+            if new.HasField("filesystem"):
+                missing = [p for p in old.filesystem.read_only if p not in new.filesystem.read_only]
+                missing += [p for p in old.filesystem.read_write if p not in new.filesystem.read_write]
+                if missing:
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "filesystem paths cannot be removed on a live sandbox",
+                    )
+            for field in ("landlock", "process"):
+                if getattr(new, field) != getattr(old, field):
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{field} policy cannot be changed on a live sandbox",
+                    )
+            if self.policy_hash(new) != self.policy_hash(old):
+                b["policy"] = new
+                b["policy_version"] += 1
+                self.save()
+            return openshell_pb2.UpdateConfigResponse(
+                version=b["policy_version"], policy_hash=self.policy_hash(b["policy"])
+            )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--state", required=True)
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+    os.makedirs(args.state, exist_ok=True)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    gw = Gateway(args.state, port)
+    gw.save()
+    openshell_pb2_grpc.add_OpenShellServicer_to_server(gw, server)
+    server.start()
+    tmp = os.path.join(args.state, "port.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(port))
+    os.replace(tmp, os.path.join(args.state, "port"))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    parent = os.getppid()
+    while not stop.wait(0.2):
+        if os.getppid() != parent:
+            break
+    server.stop(0)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
