@@ -282,3 +282,246 @@ fn real_cli_status_refused_and_auth_failure() {
     assert!(String::from_utf8_lossy(&o.stderr)
         .contains("The request does not have valid authentication credentials"));
 }
+
+// --- rebuilds through the real CLI --------------------------------------------------------
+
+/// A NemoClaw home with sandbox `alpha` onboarded on the fake gateway through the real CLI,
+/// with workspace files, and an `openshell` wrapper that logs every invocation.
+pub struct Real {
+    pub gw: FakeGateway,
+    pub home: crate::common::Home,
+    pub wrapper: PathBuf,
+}
+
+impl Real {
+    pub fn new() -> Option<Real> {
+        let gw = FakeGateway::start("nemoclaw")?;
+        let home = crate::common::Home::new();
+        let wrapper = gw.tmp.path().join("bin/openshell");
+        std::fs::create_dir_all(wrapper.parent().unwrap()).unwrap();
+        let log = gw.tmp.path().join("invocations.log");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+                log.display(),
+                gw.cli.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let r = Real { gw, home, wrapper };
+        let o = r.run(&["onboard", "alpha", "--gateway", "nemoclaw"]);
+        assert!(o.status.success(), "onboard: {}", crate::common::stderr(&o));
+        let ws = r.tree();
+        std::fs::create_dir_all(ws.join("workspace/notes")).unwrap();
+        for i in 0..10 {
+            std::fs::write(ws.join(format!("workspace/notes/n{i}.md")), format!("note {i}\n"))
+                .unwrap();
+        }
+        std::fs::write(ws.join("MEMORY.md"), "remember\n").unwrap();
+        Some(r)
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = self.home.cmd();
+        for (k, v) in self.gw.env() {
+            c.env(k, v);
+        }
+        c.env("NEMOCLAW_OPENSHELL", &self.wrapper);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// alpha's `/sandbox/.openclaw` on the fake gateway.
+    pub fn tree(&self) -> PathBuf {
+        self.gw.sandbox_root("alpha").expect("alpha exists on the gateway").join(".openclaw")
+    }
+
+    pub fn digest(&self) -> String {
+        nemoclaw::host::tree_digest(&self.tree()).unwrap()
+    }
+
+    pub fn registry_bytes(&self) -> Vec<u8> {
+        std::fs::read(self.home.path().join("sandboxes.json")).unwrap()
+    }
+
+    /// `openshell` invocations so far (argv joined by spaces).
+    pub fn invocations(&self) -> Vec<String> {
+        std::fs::read_to_string(self.gw.tmp.path().join("invocations.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        crate::common::stdout(o),
+        crate::common::stderr(o)
+    );
+}
+
+/// No `<run>.restore` (or any other staging name) inside the sandbox: only the original paths.
+fn only_original_paths(r: &Real) {
+    let root = r.gw.sandbox_root("alpha").unwrap();
+    let top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(top, [".openclaw"], "/sandbox holds only .openclaw");
+    let mut names: Vec<String> = std::fs::read_dir(r.tree())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.iter().all(|n| !n.contains(".restore") && !n.contains(".upload")), "{names:?}");
+}
+
+#[test]
+fn real_cli_normal_rebuild_restores_every_file_at_its_path_and_the_policy() {
+    let Some(r) = Real::new() else { return };
+    let custom = r.gw.tmp.path().join("custom.yaml");
+    let mut body = live_policy(&r.gw, "alpha");
+    body.push_str("network_policies:\n  corp:\n    name: corp\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n");
+    std::fs::write(&custom, &body).unwrap();
+    let o = r.gw.openshell(&["policy", "set", "alpha", "--policy", &sh(&custom), "-g", "nemoclaw"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (digest, policy) = (r.digest(), live_policy(&r.gw, "alpha"));
+    let old_id = r.gw.sandboxes()["alpha"]["id"].clone();
+    let n = r.invocations().len();
+    let o = r.run(&["alpha", "rebuild", "--yes"]);
+    ok(&o);
+    assert_ne!(r.gw.sandboxes()["alpha"]["id"], old_id, "a new sandbox");
+    assert_eq!(r.digest(), digest, "every file back at its original path, byte for byte");
+    only_original_paths(&r);
+    assert_eq!(live_policy(&r.gw, "alpha"), policy, "the replacement enforces the old policy");
+    crate::rebuild::check_journal(r.home.path());
+    assert_eq!(crate::rebuild::runs(r.home.path()).last().unwrap().1, "succeeded");
+    eprintln!("normal rebuild: {} openshell calls", r.invocations().len() - n);
+}
+
+#[test]
+fn real_cli_stale_recovery_and_call_budget() {
+    let Some(r) = Real::new() else { return };
+    let o = r.gw.openshell(&["sandbox", "delete", "alpha", "-g", "nemoclaw"]);
+    assert!(o.status.success());
+    let n = r.invocations().len();
+    let o = r.run(&["alpha", "rebuild", "--yes"]);
+    ok(&o);
+    assert!(crate::common::stderr(&o).contains("absent from the live OpenShell gateway"));
+    assert!(r.gw.sandboxes().contains_key("alpha"), "recreated");
+    let calls = r.invocations()[n..].to_vec();
+    let upto = calls.iter().position(|c| c.starts_with("sandbox create")).expect("a create");
+    eprintln!("stale recovery: {upto} openshell calls up to the recreate: {:?}", &calls[..upto]);
+    assert!(upto <= 8, "stale recovery needs about 8 calls up to the recreate: {calls:?}");
+}
+
+#[test]
+fn real_cli_refusal_changes_nothing_and_call_budget() {
+    let Some(r) = Real::new() else { return };
+    // Re-bind alpha to a port gateway that is down while `nemoclaw` is the active one.
+    r.gw.register_refused("nemoclaw-9000");
+    r.gw.select("nemoclaw");
+    let reg_path = r.home.path().join("sandboxes.json");
+    let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
+    reg["sandboxes"]["alpha"]["gatewayName"] = "nemoclaw-9000".into();
+    reg["sandboxes"]["alpha"]["gatewayPort"] = 9000.into();
+    std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    let (bytes, digest) = (r.registry_bytes(), r.digest());
+    let n = r.invocations().len();
+    let o = r.run(&["alpha", "rebuild", "--yes"]);
+    assert_eq!(o.status.code(), Some(3), "{}", crate::common::stderr(&o));
+    let err = crate::common::stderr(&o);
+    assert!(err.contains("openshell gateway select nemoclaw-9000"), "{err}");
+    assert_eq!((r.registry_bytes(), r.digest()), (bytes, digest), "nothing changed");
+    let calls = r.invocations()[n..].to_vec();
+    eprintln!("refusal: {} openshell calls: {calls:?}", calls.len());
+    assert!(calls.len() <= 4, "a refusal needs about 4 calls: {calls:?}");
+}
+
+#[test]
+fn real_cli_unreachable_gateway_is_refused() {
+    let Some(r) = Real::new() else { return };
+    let (bytes, digest) = (r.registry_bytes(), r.digest());
+    r.gw.faults(serde_json::json!({"unavailable": true}));
+    let o = r.run(&["alpha", "rebuild", "--yes"]);
+    assert_eq!(o.status.code(), Some(3), "{}", crate::common::stderr(&o));
+    assert!(crate::common::stderr(&o).contains("Could not confirm live state of 'alpha'"));
+    r.gw.faults(serde_json::json!({}));
+    assert_eq!((r.registry_bytes(), r.digest()), (bytes, digest));
+}
+
+#[test]
+fn real_cli_recreate_failure_then_rollback_gives_the_old_files_back() {
+    let Some(r) = Real::new() else { return };
+    let (bytes, digest) = (r.registry_bytes(), r.digest());
+    r.gw.faults(serde_json::json!({"create_error": true}));
+    let o = r.run(&["alpha", "rebuild", "--yes"]);
+    assert_eq!(o.status.code(), Some(1), "{}", crate::common::stderr(&o));
+    r.gw.faults(serde_json::json!({}));
+    // The failed replacement is still there in phase Error: rollback must clear it.
+    let o = r.run(&["recover", "--rollback", "--sandbox", "alpha"]);
+    ok(&o);
+    assert_eq!(r.registry_bytes(), bytes, "registry byte-equal after rollback");
+    assert_eq!(r.digest(), digest, "the old files, at their paths");
+    only_original_paths(&r);
+    assert_eq!(r.gw.sandboxes().len(), 1);
+    crate::rebuild::check_journal(r.home.path());
+    assert_eq!(crate::rebuild::runs(r.home.path()).last().unwrap().1, "rolled_back");
+}
+
+#[test]
+fn real_cli_crash_subset_then_resume_or_rollback() {
+    use std::os::unix::process::ExitStatusExt;
+    if real_cli().is_err() {
+        eprintln!("skipping the real-openshell crash subset: {}", real_cli().unwrap_err());
+        return;
+    }
+    for (point, resume) in [
+        ("mid_effect:2", true), // between the delete and the registry row's removal
+        ("mid_effect:2", false),
+        ("after_effect:3", true), // after the recreate
+        ("after_effect:3", false),
+        ("mid_effect:4", true), // inside the restore, after the upload
+        ("mid_effect:4", false),
+        ("after_intent:5", true), // policies started
+    ] {
+        let r = Real::new().unwrap();
+        let (bytes, digest) = (r.registry_bytes(), r.digest());
+        let o = r
+            .cmd()
+            .env("NEMOCLAW_CRASHPOINT", point)
+            .args(["alpha", "rebuild", "--yes"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.signal(),
+            Some(9),
+            "{point}: not killed: {}",
+            crate::common::stderr(&o)
+        );
+        let how = if resume { "--resume" } else { "--rollback" };
+        let o = r.run(&["recover", how, "--sandbox", "alpha"]);
+        assert!(o.status.success(), "{point} {how}: {}", crate::common::stderr(&o));
+        assert_eq!(r.digest(), digest, "{point} {how}: workspace");
+        only_original_paths(&r);
+        assert_eq!(r.gw.sandboxes().len(), 1, "{point} {how}: no orphans");
+        crate::rebuild::check_journal(r.home.path());
+        let last = crate::rebuild::runs(r.home.path()).last().unwrap().1.clone();
+        if resume {
+            assert_eq!(last, "succeeded", "{point}");
+        } else {
+            assert_eq!(last, "rolled_back", "{point}");
+            assert_eq!(r.registry_bytes(), bytes, "{point}: registry byte-equal after rollback");
+        }
+    }
+}
