@@ -593,8 +593,32 @@ fn copy_file(from: &Path, to: &Path) -> Result<(u64, String), HostError> {
     if fs::symlink_metadata(to).is_ok_and(|m| m.file_type().is_symlink()) {
         fs::remove_file(to).map_err(|e| HostError::io("cannot replace", to, e))?;
     }
-    let mode = fs::metadata(from).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o600);
-    let mut src = File::open(from).map_err(|e| HostError::io("cannot read", from, e))?;
+    // The walk saw a regular file, but a process inside the workspace can swap it for a
+    // symlink (to a host file) or a FIFO before this open. So: never follow a final symlink
+    // (O_NOFOLLOW), never block on a FIFO (O_NONBLOCK), and decide on what was actually opened
+    // (fstat of the descriptor), not on the path looked at earlier.
+    let mut src = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(from)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                HostError::Invalid(format!(
+                    "{} became a symlink while it was being copied; refusing to follow it",
+                    from.display()
+                ))
+            } else {
+                HostError::io("cannot read", from, e)
+            }
+        })?;
+    let meta = src.metadata().map_err(|e| HostError::io("cannot read", from, e))?;
+    if !meta.file_type().is_file() {
+        return Err(HostError::Invalid(format!(
+            "{} is no longer a regular file (it changed while it was being copied); refusing it",
+            from.display()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o777;
     let mut dst = OpenOptions::new()
         .write(true)
         .create(true)

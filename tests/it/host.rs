@@ -583,3 +583,62 @@ fn an_invalid_gateway_binding_is_refused_not_guessed() {
     assert_eq!(parse(&fs::read(h.path().join("sandboxes.json")).unwrap()), doc);
     assert!(!h.path().join("local-gateway").exists(), "no gateway may be opened");
 }
+
+/// A process inside the workspace swaps `workspace/zz` between a regular file and a symlink to
+/// a host file, as fast as it can, while backups copy the tree. No copy may ever hold the host
+/// file's bytes (the copy opens with O_NOFOLLOW and checks what it opened, not the path).
+#[test]
+fn symlink_swap_during_backup_never_copies_the_host_file() {
+    let t = tempfile::tempdir().unwrap();
+    let secret = t.path().join("host-secret");
+    let marker = b"HOST-SECRET-7f3a9c\n";
+    fs::write(&secret, marker).unwrap();
+    let ws = t.path().join("state/workspace");
+    fs::create_dir_all(&ws).unwrap();
+    for i in 0..50 {
+        fs::write(ws.join(format!("f{i:02}")), format!("file {i}\n")).unwrap();
+    }
+    fs::write(ws.join("zz"), b"in-tree\n").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (ws, secret, stop) = (ws.clone(), secret.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let tmp = ws.join(".swap");
+                let _ = fs::remove_file(&tmp);
+                if n % 2 == 0 {
+                    std::os::unix::fs::symlink(&secret, &tmp).unwrap();
+                } else {
+                    fs::write(&tmp, b"in-tree\n").unwrap();
+                }
+                let _ = fs::rename(&tmp, ws.join("zz"));
+                n += 1;
+            }
+            n
+        })
+    };
+    let (mut copies, mut refused) = (0, 0);
+    for i in 0..300 {
+        let dest = t.path().join(format!("copy{i}"));
+        match nemoclaw::host::backup::copy_tree(&t.path().join("state"), &dest) {
+            Ok(()) => {
+                copies += 1;
+                let zz = dest.join("workspace/zz");
+                if let Ok(bytes) = fs::read(&zz) {
+                    assert_ne!(bytes, marker, "copy {i} holds the host file's bytes at {zz:?}");
+                }
+                if let Ok(target) = fs::read_link(&zz) {
+                    panic!("copy {i} holds a symlink to {target:?}");
+                }
+            }
+            Err(_) => refused += 1,
+        }
+        let _ = fs::remove_dir_all(&dest);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    eprintln!("symlink swap race: {swaps} swaps, {copies} copies, {refused} refused");
+    assert!(swaps > 100, "the swapper really raced ({swaps} swaps)");
+}
