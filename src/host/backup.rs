@@ -326,6 +326,14 @@ impl Backup {
                 })?;
             }
         }
+        let links: Vec<(String, String)> = manifest
+            .files
+            .iter()
+            .filter_map(|f| f.symlink.clone().map(|t| (f.path.clone(), t)))
+            .collect();
+        check_links_in_tree(&links).map_err(|(rel, why)| {
+            HostError::Invalid(format!("backup {} has symlink `{rel}` that {why}", path.display()))
+        })?;
         Ok(Backup {
             path: path.to_owned(),
             manifest,
@@ -433,6 +441,16 @@ fn walk(root: &Path) -> Result<Vec<Entry>, HostError> {
     let mut out = Vec::new();
     walk_into(root, "", &mut out)?;
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    let links: Vec<(String, String)> = out
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Kind::Symlink(t) => Some((e.rel.clone(), t.clone())),
+            _ => None,
+        })
+        .collect();
+    check_links_in_tree(&links).map_err(|(rel, why)| {
+        HostError::Invalid(format!("{}/{rel} is a symlink that {why}", root.display()))
+    })?;
     Ok(out)
 }
 
@@ -498,6 +516,59 @@ fn check_rel(rel: &str) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// Every symlink of a tree (`(path, target)` pairs, paths relative to the root) must resolve
+/// inside the tree when the tree's *own* links are followed: `up -> ..` is fine on its own, but
+/// `b -> up/workspace/up/../../../secret` walks through `up` and leaves the root, which a purely
+/// lexical look at `b`'s target cannot see. Resolution follows in-tree links like the kernel
+/// does (at most 40 expansions, so loops are refused). Returns the first offending link.
+pub fn check_links_in_tree(links: &[(String, String)]) -> Result<(), (String, &'static str)> {
+    let map: std::collections::HashMap<&str, &str> =
+        links.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+    for (rel, target) in links {
+        let mut dir: Vec<String> = rel.split('/').map(str::to_owned).collect();
+        dir.pop();
+        let mut budget = 40u32;
+        resolve(&map, dir, target, &mut budget).map_err(|why| (rel.clone(), why))?;
+    }
+    Ok(())
+}
+
+/// Resolve `target` from directory `dir` (components under the root) through the tree's links.
+fn resolve(
+    map: &std::collections::HashMap<&str, &str>,
+    mut at: Vec<String>,
+    target: &str,
+    budget: &mut u32,
+) -> Result<Vec<String>, &'static str> {
+    if Path::new(target).is_absolute() {
+        return Err("absolute target escapes the tree");
+    }
+    for c in Path::new(target).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if at.pop().is_none() {
+                    return Err("target escapes the tree");
+                }
+            }
+            Component::Normal(n) => {
+                at.push(n.to_string_lossy().into_owned());
+                let here = at.join("/");
+                if let Some(t) = map.get(here.as_str()) {
+                    if *budget == 0 {
+                        return Err("too many levels of symlinks");
+                    }
+                    *budget -= 1;
+                    at.pop();
+                    at = resolve(map, at, t, budget)?;
+                }
+            }
+            _ => return Err("unsupported target"),
+        }
+    }
+    Ok(at)
 }
 
 /// A symlink at `rel` pointing to `target` must stay inside the tree.

@@ -642,3 +642,29 @@ fn symlink_swap_during_backup_never_copies_the_host_file() {
     eprintln!("symlink swap race: {swaps} swaps, {copies} copies, {refused} refused");
     assert!(swaps > 100, "the swapper really raced ({swaps} swaps)");
 }
+
+/// `workspace/up -> ..` is harmless alone, but `workspace/b -> up/workspace/up/../secret`
+/// walks through it and out of the tree: the lexical check passed it; resolving against the
+/// tree's own links refuses it, in a copy and in a backup manifest.
+#[test]
+fn chained_symlinks_that_leave_the_tree_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("secret"), b"outside\n").unwrap();
+    let ws = t.path().join("state/workspace");
+    fs::create_dir_all(&ws).unwrap();
+    std::os::unix::fs::symlink("..", ws.join("up")).unwrap();
+    std::os::unix::fs::symlink("up/workspace/up/../secret", ws.join("b")).unwrap();
+    // The chain really does reach the outside file through the file system.
+    assert_eq!(fs::read(ws.join("b")).unwrap(), b"outside\n");
+    let e = nemoclaw::host::backup::copy_tree(&t.path().join("state"), &t.path().join("copy"))
+        .unwrap_err();
+    assert!(e.to_string().contains("workspace/b is a symlink that target escapes the tree"), "{e}");
+    assert!(!t.path().join("copy/workspace/b").exists(), "nothing copied");
+    let ok = [
+        ("workspace/up".to_owned(), "..".to_owned()),
+        ("workspace/c".to_owned(), "up/workspace/x".to_owned()),
+    ];
+    assert!(nemoclaw::host::backup::check_links_in_tree(&ok).is_ok());
+    let looped = [("a".to_owned(), "b".to_owned()), ("b".to_owned(), "a".to_owned())];
+    assert!(nemoclaw::host::backup::check_links_in_tree(&looped).is_err());
+}
