@@ -526,3 +526,39 @@ fn real_cli_crash_subset_then_resume_or_rollback() {
         }
     }
 }
+
+/// The real CLI has no request timeout: a gateway that never answers `GetSandbox` keeps it
+/// waiting. nemoclaw's per-call timeout kills the process group, the answer is *unknown* (never
+/// *missing*), and the rebuild is refused with nothing changed.
+#[test]
+fn real_cli_hanging_gateway_is_timed_out_and_refused() {
+    let Some(r) = Real::new() else { return };
+    let (bytes, digest) = (r.registry_bytes(), r.digest());
+    r.gw.faults(serde_json::json!({"hang": ["GetSandbox"]}));
+    let started = Instant::now();
+    let o = r
+        .cmd()
+        .env("NEMOCLAW_OPENSHELL_TIMEOUT_MS", "1500")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    r.gw.faults(serde_json::json!({}));
+    assert_eq!(o.status.code(), Some(3), "{}", crate::common::stderr(&o));
+    assert!(crate::common::stderr(&o).contains("Could not confirm live state of 'alpha'"));
+    assert!(took < Duration::from_secs(30), "bounded by the timeout, took {took:?}");
+    assert_eq!((r.registry_bytes(), r.digest()), (bytes, digest), "nothing changed");
+    // No `openshell` of this test is left running (the process group was killed).
+    let mine = format!("FAKE_GATEWAY_STATE={}", r.gw.state().display());
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("sandbox\0get")
+                && String::from_utf8_lossy(&env).split('\0').any(|v| v == mine)
+        })
+        .count();
+    assert_eq!(left, 0, "a hung openshell survived its timeout");
+}
