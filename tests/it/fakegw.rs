@@ -480,51 +480,55 @@ fn real_cli_recreate_failure_then_rollback_gives_the_old_files_back() {
     assert_eq!(crate::rebuild::runs(r.home.path()).last().unwrap().1, "rolled_back");
 }
 
+/// kill -9 at every forward crash point of every step, at every hit, through the real CLI;
+/// then `recover`, resuming and rolling back in turn. The same invariants as the local matrix:
+/// workspace digest, files at their original paths, registry bytes after a rollback, one
+/// sandbox on the gateway, a consistent journal, the run finished.
 #[test]
-fn real_cli_crash_subset_then_resume_or_rollback() {
+fn real_cli_crash_matrix_then_resume_or_rollback() {
     use std::os::unix::process::ExitStatusExt;
-    if real_cli().is_err() {
-        eprintln!("skipping the real-openshell crash subset: {}", real_cli().unwrap_err());
+    if let Err(why) = real_cli() {
+        eprintln!("skipping the real-openshell crash matrix: {why}");
         return;
     }
-    for (point, resume) in [
-        ("mid_effect:2", true), // between the delete and the registry row's removal
-        ("mid_effect:2", false),
-        ("after_effect:3", true), // after the recreate
-        ("after_effect:3", false),
-        ("mid_effect:4", true), // inside the restore, after the upload
-        ("mid_effect:4", false),
-        ("after_intent:5", true), // policies started
-    ] {
-        let r = Real::new().unwrap();
-        let (bytes, digest) = (r.registry_bytes(), r.digest());
-        let o = r
-            .cmd()
-            .env("NEMOCLAW_CRASHPOINT", point)
-            .args(["alpha", "rebuild", "--yes"])
-            .output()
-            .unwrap();
-        assert_eq!(
-            o.status.signal(),
-            Some(9),
-            "{point}: not killed: {}",
-            crate::common::stderr(&o)
-        );
-        let how = if resume { "--resume" } else { "--rollback" };
-        let o = r.run(&["recover", how, "--sandbox", "alpha"]);
-        assert!(o.status.success(), "{point} {how}: {}", crate::common::stderr(&o));
-        assert_eq!(r.digest(), digest, "{point} {how}: workspace");
-        only_original_paths(&r);
-        assert_eq!(r.gw.sandboxes().len(), 1, "{point} {how}: no orphans");
-        crate::rebuild::check_journal(r.home.path());
-        let last = crate::rebuild::runs(r.home.path()).last().unwrap().1.clone();
-        if resume {
-            assert_eq!(last, "succeeded", "{point}");
-        } else {
-            assert_eq!(last, "rolled_back", "{point}");
-            assert_eq!(r.registry_bytes(), bytes, "{point}: registry byte-equal after rollback");
+    let mut cases = 0;
+    for point in ["before_intent", "after_intent", "mid_effect", "after_effect"] {
+        for hit in 1.. {
+            let resume = (cases % 2) == 0;
+            let r = Real::new().unwrap();
+            let (bytes, digest) = (r.registry_bytes(), r.digest());
+            let armed = format!("{point}:{hit}");
+            let o = r
+                .cmd()
+                .env("NEMOCLAW_CRASHPOINT", &armed)
+                .args(["alpha", "rebuild", "--yes"])
+                .output()
+                .unwrap();
+            if o.status.signal() != Some(9) {
+                // Past the last hit of this point: the run completed.
+                ok(&o);
+                assert!(hit > 1, "{armed} was never reached");
+                break;
+            }
+            cases += 1;
+            let how = if resume { "--resume" } else { "--rollback" };
+            let o = r.run(&["recover", how, "--sandbox", "alpha"]);
+            assert!(o.status.success(), "{armed} {how}: {}", crate::common::stderr(&o));
+            assert_eq!(r.digest(), digest, "{armed} {how}: workspace");
+            only_original_paths(&r);
+            assert_eq!(r.gw.sandboxes().len(), 1, "{armed} {how}: no orphans");
+            crate::rebuild::check_journal(r.home.path());
+            let last = crate::rebuild::runs(r.home.path()).last().unwrap().1.clone();
+            if resume {
+                assert_eq!(last, "succeeded", "{armed}");
+            } else {
+                assert_eq!(last, "rolled_back", "{armed}");
+                assert_eq!(r.registry_bytes(), bytes, "{armed}: registry byte-equal");
+            }
         }
     }
+    eprintln!("real-CLI crash matrix: {cases} kills recovered");
+    assert!(cases >= 20, "the matrix really ran ({cases} cases)");
 }
 
 /// The real CLI has no request timeout: a gateway that never answers `GetSandbox` keeps it
