@@ -43,6 +43,48 @@ pub struct Journal {
     commits: u64,
 }
 
+/// Create the journal file empty with mode 0600 (whatever the umask) before SQLite opens it, so
+/// SQLite, which gives `-wal`/`-shm` the main file's mode, never makes them world-readable.
+/// Only ever creates an empty file (no content is written with plain file I/O); an existing
+/// file is left alone.
+fn create_private_file(path: &Path) -> Result<(), JournalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(JournalError::Io {
+                path: path.to_path_buf(),
+                context: "cannot create the journal".into(),
+                source,
+            })
+        }
+    }
+    // `mode()` is filtered by the umask only towards fewer bits; make it exact.
+    set_private(path);
+    Ok(())
+}
+
+/// chmod 0600 the journal and its `-wal`/`-shm` (if present), best effort: a file this
+/// process does not own keeps its mode.
+fn restrict_side_files(path: &Path) {
+    set_private(path);
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        set_private(Path::new(&side));
+    }
+}
+
+fn set_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o777 != 0o600 {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
 impl Journal {
     /// The journal of a NemoClaw home: `<home>/journal.sqlite3`, created (and migrated) if needed.
     pub fn open_home(home: &Path) -> Result<Self, JournalError> {
@@ -62,6 +104,7 @@ impl Journal {
     /// WAL, `synchronous=FULL`, foreign keys on, a busy timeout. Refuses a journal written by a
     /// newer schema and a file that is not a SQLite database.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
+        create_private_file(path)?;
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -72,6 +115,7 @@ impl Journal {
         let mut j = Self { conn, path: path.to_path_buf(), commits: 0 };
         j.configure()?;
         j.migrate()?;
+        restrict_side_files(path);
         Ok(j)
     }
 

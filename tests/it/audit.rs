@@ -812,3 +812,24 @@ fn colour_on_a_tty_unless_no_color() {
     let plain = on_tty(true);
     assert!(plain.contains("succeeded") && !plain.contains('\x1b'), "{plain:?}");
 }
+
+/// The journal and its `-wal`/`-shm` are 0600 whatever the umask (item 8).
+#[test]
+fn journal_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Home::new();
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o022) };
+    let j = Journal::open_home(h.path()).unwrap();
+    unsafe { libc::umask(old) };
+    for name in ["journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"] {
+        let m = std::fs::metadata(h.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{name}");
+    }
+    drop(j);
+    // A journal written by a whole run stays private.
+    let h2 = Home::new();
+    rebuild(h2.path(), "alpha", true, json!({}));
+    let m = std::fs::metadata(h2.path().join("journal.sqlite3")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+}
