@@ -566,3 +566,24 @@ fn real_cli_hanging_gateway_is_timed_out_and_refused() {
         .count();
     assert_eq!(left, 0, "a hung openshell survived its timeout");
 }
+
+/// After a journaled rebuild, the sandbox disappears: the stale recovery recreates it with the
+/// policy that run captured (the journal is the only record left), through the real CLI.
+#[test]
+fn real_cli_stale_recovery_recreates_with_the_journaled_policy() {
+    let Some(r) = Real::new() else { return };
+    let custom = r.gw.tmp.path().join("custom.yaml");
+    let mut body = live_policy(&r.gw, "alpha");
+    body.push_str("network_policies:\n  corp:\n    name: corp\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n");
+    std::fs::write(&custom, &body).unwrap();
+    let o = r.gw.openshell(&["policy", "set", "alpha", "--policy", &sh(&custom), "-g", "nemoclaw"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let policy = live_policy(&r.gw, "alpha");
+    ok(&r.run(&["alpha", "rebuild", "--yes"]));
+    let o = r.gw.openshell(&["sandbox", "delete", "alpha", "-g", "nemoclaw"]);
+    assert!(o.status.success());
+    let o = r.run(&["alpha", "rebuild", "--yes"]);
+    ok(&o);
+    assert!(crate::common::stderr(&o).contains("absent from the live OpenShell gateway"));
+    assert_eq!(live_policy(&r.gw, "alpha"), policy, "recreated with the journaled policy");
+}
