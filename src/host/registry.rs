@@ -124,6 +124,24 @@ impl Registry {
         self.rows_mut().insert(name.as_str().to_owned(), entry);
     }
 
+    /// The 0-based position of `name`'s entry in the file, if registered.
+    pub fn position(&self, name: &SandboxName) -> Option<usize> {
+        self.rows().and_then(|r| r.keys().position(|k| k == name.as_str()))
+    }
+
+    /// Insert `name`'s entry at `index` (clamped to the end) when it is absent, so a row that was
+    /// removed goes back where it was and the file is byte-identical; a present entry is replaced
+    /// in place.
+    pub fn insert_entry_at(&mut self, name: &SandboxName, entry: Value, index: usize) {
+        let rows = self.rows_mut();
+        if rows.contains_key(name.as_str()) {
+            rows.insert(name.as_str().to_owned(), entry);
+        } else {
+            let at = index.min(rows.len());
+            rows.shift_insert(at, name.as_str().to_owned(), entry);
+        }
+    }
+
     /// Remove `name`'s entry. If it was the default, the default moves to the first remaining
     /// name, or null (what NemoClaw's `removeSandbox` does). Returns the removed entry.
     pub fn remove_entry(&mut self, name: &SandboxName) -> Option<Value> {

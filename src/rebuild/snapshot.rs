@@ -34,6 +34,9 @@ pub struct Snapshot {
     /// the replacement is created with it and checked against it. `None` = not captured.
     #[serde(default)]
     pub policy: Option<String>,
+    /// The row's position in `sandboxes.json`: a rollback puts it back there, byte for byte.
+    #[serde(default)]
+    pub position: Option<usize>,
 }
 
 /// Path of a run's snapshot file.

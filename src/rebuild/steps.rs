@@ -158,6 +158,7 @@ impl SnapshotStep {
             shields_timer_raw: text(timer),
             session,
             policy: self.capture_policy()?,
+            position: reg.position(&env.name),
         })
     }
 
@@ -463,7 +464,10 @@ impl Step for RemoveStep {
 /// Register `entry` under the sandbox's name and reclaim the default pointer if it was ours.
 fn put_row(env: &Env, s: &Snapshot, entry: Value) -> Result<(), StepError> {
     registry::update(&env.home, |reg| {
-        reg.set_entry(&env.name, entry);
+        match s.position {
+            Some(i) => reg.insert_entry_at(&env.name, entry, i),
+            None => reg.set_entry(&env.name, entry),
+        }
         if s.was_default {
             reg.set_default(Some(&env.name));
         }

@@ -1243,3 +1243,32 @@ fn missing_openshell_binary_is_refused_and_nothing_changes() {
     assert_eq!(std::fs::read(home.path().join("sandboxes.json")).unwrap(), reg);
     assert!(!home.path().join("journal.sqlite3").exists());
 }
+
+/// The sandbox is the first of two rows: a rollback after the row was removed puts it back in
+/// its place, so `sandboxes.json` is byte-identical (it used to be re-appended at the end).
+#[test]
+fn rollback_puts_the_registry_row_back_at_its_position() {
+    let w = World::new(Opts::default());
+    registry::update(w.path(), |reg| {
+        let a = reg.remove_entry(&w.name).unwrap();
+        let b = reg.remove_entry(&sb("bystander")).unwrap();
+        reg.set_entry(&w.name, a);
+        reg.set_entry(&sb("bystander"), b);
+        reg.set_default(Some(&w.name));
+        Ok(())
+    })
+    .unwrap();
+    let before = w.registry_bytes();
+    assert_eq!(registry::Registry::load(w.path()).unwrap().names(), ["alpha", "bystander"]);
+    // after_effect hits: snapshot 1, shields_down 2, backup 3, remove 4 (row gone).
+    let o = run_with_crash(&w, &["alpha", "rebuild", "--yes"], "after_effect", 4);
+    assert!(killed(&o), "not killed: {}", stderr(&o));
+    assert!(w.row().is_none(), "the row was removed before the kill");
+    let r = w.home.run(&["recover", "--rollback", "--sandbox", "alpha"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(
+        String::from_utf8_lossy(&w.registry_bytes()),
+        String::from_utf8_lossy(&before),
+        "registry byte-identical after the rollback"
+    );
+}
