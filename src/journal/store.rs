@@ -50,7 +50,8 @@ pub struct Journal {
 fn create_private_file(path: &Path) -> Result<(), JournalError> {
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-        Ok(_) => {}
+        // `mode()` is filtered by the umask only towards fewer bits; make it exact.
+        Ok(_) => set_private(path),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(source) => {
             return Err(JournalError::Io {
@@ -60,8 +61,6 @@ fn create_private_file(path: &Path) -> Result<(), JournalError> {
             })
         }
     }
-    // `mode()` is filtered by the umask only towards fewer bits; make it exact.
-    set_private(path);
     Ok(())
 }
 
@@ -113,6 +112,12 @@ impl Journal {
         )
         .map_err(|e| JournalError::sql(path, "cannot open the journal", e))?;
         let mut j = Self { conn, path: path.to_path_buf(), commits: 0 };
+        // Before anything writes (switching to WAL rewrites the header): a database with
+        // tables but none of our versions is not ours and is left byte-for-byte alone.
+        j.conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| JournalError::sql(path, "busy_timeout", e))?;
+        j.refuse_foreign()?;
         j.configure()?;
         j.migrate()?;
         restrict_side_files(path);
@@ -137,6 +142,7 @@ impl Journal {
             return Err(JournalError::TooNew { path: j.path, found: v, supported: SCHEMA_VERSION });
         }
         if v == 0 {
+            j.refuse_foreign()?;
             // Not migrated yet: no runs. Another process may be creating the journal right
             // now (its migration commits atomically), so this is "empty", not an error.
             return Ok(None);
@@ -184,6 +190,31 @@ impl Journal {
                 .conn
                 .query_row(&format!("PRAGMA max_page_count={n}"), [], |r| r.get(0))
                 .map_err(|e| JournalError::sql(&p, "cannot configure the journal", e))?;
+        }
+        Ok(())
+    }
+
+    /// A database whose `user_version` is 0 but which has schema objects was not made by
+    /// nemoclaw (ours set the version in the same transaction that creates the tables): refuse
+    /// it as corrupt input, naming the file. One statement, so one consistent snapshot.
+    fn refuse_foreign(&self) -> Result<(), JournalError> {
+        let (version, objects): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version), \
+                        (SELECT count(*) FROM sqlite_master)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| JournalError::sql(&self.path, "cannot read the journal", e))?;
+        if version == 0 && objects > 0 {
+            return Err(JournalError::Corrupt {
+                path: self.path.clone(),
+                detail: format!(
+                    "it is a SQLite database with {objects} schema object(s) but no nemoclaw \
+                     schema version; it is not a nemoclaw journal"
+                ),
+            });
         }
         Ok(())
     }

@@ -833,3 +833,34 @@ fn journal_files_are_private_whatever_the_umask() {
     let m = std::fs::metadata(h2.path().join("journal.sqlite3")).unwrap();
     assert_eq!(m.permissions().mode() & 0o777, 0o600);
 }
+
+/// A foreign SQLite database (tables, `user_version` 0) where the journal should be is corrupt
+/// input: exit 65 naming the file, for readers and writers alike, and the file is untouched.
+#[test]
+fn foreign_database_as_journal_is_refused_and_left_untouched() {
+    let h = Home::new();
+    let path = h.path().join("journal.sqlite3");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("CREATE TABLE notes(x TEXT); INSERT INTO notes VALUES ('mine');").unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    for args in [
+        &["journal", "verify"][..],
+        &["journal", "list"],
+        &["journal", "export"],
+        &["recover"],
+        &["recover", "--rollback", "--sandbox", "alpha"],
+    ] {
+        let o = h.run(args);
+        assert_eq!(o.status.code(), Some(65), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(&path.display().to_string()), "{args:?}: {err}");
+        assert!(err.contains("not a nemoclaw journal"), "{args:?}: {err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "{args:?} changed the file");
+    }
+    let e = Journal::open_home(h.path()).unwrap_err();
+    assert!(e.to_string().contains("not a nemoclaw journal"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert!(!h.path().join("journal.sqlite3-wal").exists());
+}
