@@ -11,8 +11,12 @@
 //! Copying in and out walks trees without following symlinks and refuses absolute paths, `..`,
 //! symlinks that escape the tree, and device files, fifos and sockets, naming the path.
 
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -154,7 +158,7 @@ impl Backup {
             )));
         }
         let (parent, dir) = new_backup_dir(home, meta, timestamp)?;
-        let files = copy_entries(&entries, &dir)?;
+        let files = copy_entries(src, &entries, &dir)?;
         // The copied files and the directory entries naming them are durable, and every copy
         // re-reads to the digest of what was read from the source, before the manifest claims
         // they exist.
@@ -187,7 +191,7 @@ impl Backup {
                 match &e.kind {
                     Kind::Dir => {}
                     Kind::File => {
-                        let (size, sha256) = hash_file(&e.abs)?;
+                        let (size, sha256) = hash_file(&dir, &e.rel)?;
                         files.push(ManifestFile { path: e.rel.clone(), size, sha256, symlink: None });
                     }
                     Kind::Symlink(t) => files.push(ManifestFile {
@@ -264,7 +268,6 @@ impl Backup {
                     f.path
                 ))
             })?;
-            let from = self.path.join(&f.path);
             let to = dest.join(&f.path);
             if let Some(p) = to.parent() {
                 private_dir(p)?;
@@ -273,11 +276,11 @@ impl Backup {
                 Some(t) => std::os::unix::fs::symlink(t, &to)
                     .map_err(|e| HostError::io("cannot create symlink", &to, e))?,
                 None => {
-                    if let Err(e) = fs::hard_link(&from, &to) {
+                    if let Err(e) = fs::hard_link(self.path.join(&f.path), &to) {
                         if e.raw_os_error() != Some(libc::EXDEV) {
                             return Err(HostError::io("cannot link", &to, e));
                         }
-                        copy_file(&from, &to)?;
+                        copy_file(&self.path, &f.path, &to)?;
                     }
                 }
             }
@@ -308,6 +311,11 @@ impl Backup {
                 manifest.complete
             )));
         }
+        let links: BTreeMap<&str, &str> = manifest
+            .files
+            .iter()
+            .filter_map(|f| f.symlink.as_deref().map(|t| (f.path.as_str(), t)))
+            .collect();
         for f in &manifest.files {
             check_rel(&f.path).map_err(|why| {
                 HostError::Invalid(format!(
@@ -317,23 +325,17 @@ impl Backup {
                 ))
             })?;
             if let Some(t) = &f.symlink {
-                check_link(&f.path, t).map_err(|why| {
-                    HostError::Invalid(format!(
-                        "backup {} has symlink `{}` → `{t}`: {why}",
-                        path.display(),
-                        f.path
-                    ))
-                })?;
+                check_link(&f.path, t).and_then(|()| resolve_in_tree(&links, &f.path, t)).map_err(
+                    |why| {
+                        HostError::Invalid(format!(
+                            "backup {} has symlink `{}` → `{t}`: {why}",
+                            path.display(),
+                            f.path
+                        ))
+                    },
+                )?;
             }
         }
-        let links: Vec<(String, String)> = manifest
-            .files
-            .iter()
-            .filter_map(|f| f.symlink.clone().map(|t| (f.path.clone(), t)))
-            .collect();
-        check_links_in_tree(&links).map_err(|(rel, why)| {
-            HostError::Invalid(format!("backup {} has symlink `{rel}` that {why}", path.display()))
-        })?;
         Ok(Backup {
             path: path.to_owned(),
             manifest,
@@ -379,7 +381,7 @@ impl Backup {
         let picked: Vec<Entry> =
             entries.into_iter().filter(|e| wanted.contains(e.rel.as_str())).collect();
         private_dir(dest)?;
-        copy_entries(&picked, dest)?;
+        copy_entries(&self.path, &picked, dest)?;
         sync_tree(dest)?;
         self.verify_tree(dest)
     }
@@ -393,7 +395,7 @@ pub fn tree_digest(dir: &Path) -> Result<String, HostError> {
     for e in walk(dir)? {
         let (tag, digest) = match &e.kind {
             Kind::Dir => continue,
-            Kind::File => ("f", hash_file(&e.abs)?.1),
+            Kind::File => ("f", hash_file(dir, &e.rel)?.1),
             Kind::Symlink(t) => ("l", crate::util::sha256_hex(t.as_bytes())),
         };
         // NUL cannot occur in a path, so the encoding is unambiguous.
@@ -414,7 +416,7 @@ pub fn tree_digest(dir: &Path) -> Result<String, HostError> {
 pub fn copy_tree(src: &Path, dest: &Path) -> Result<(), HostError> {
     let entries = walk(src)?;
     private_dir(dest)?;
-    copy_entries(&entries, dest)?;
+    copy_entries(src, &entries, dest)?;
     sync_tree(dest)
 }
 
@@ -428,70 +430,269 @@ enum Kind {
 #[derive(Debug, Clone)]
 struct Entry {
     rel: String,
-    abs: PathBuf,
     kind: Kind,
 }
 
 /// Walk `root` without following symlinks, sorted by relative path, refusing anything unsafe.
+/// Directories are walked by descriptor (each opened `O_DIRECTORY|O_NOFOLLOW` relative to its
+/// parent's descriptor), so a path swapped for a symlink mid-walk is refused, never followed.
+/// Every symlink is resolved against the tree itself (following in-tree links) and refused if
+/// it leaves the root.
 fn walk(root: &Path) -> Result<Vec<Entry>, HostError> {
-    let meta = fs::symlink_metadata(root).map_err(|e| HostError::io("cannot read", root, e))?;
-    if !meta.is_dir() {
-        return Err(HostError::Invalid(format!("{} is not a directory", root.display())));
-    }
+    let fd = open_root(root)?;
     let mut out = Vec::new();
-    walk_into(root, "", &mut out)?;
+    walk_into(&fd, root, "", &mut out)?;
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
-    let links: Vec<(String, String)> = out
+    let links: BTreeMap<&str, &str> = out
         .iter()
         .filter_map(|e| match &e.kind {
-            Kind::Symlink(t) => Some((e.rel.clone(), t.clone())),
+            Kind::Symlink(t) => Some((e.rel.as_str(), t.as_str())),
             _ => None,
         })
         .collect();
-    check_links_in_tree(&links).map_err(|(rel, why)| {
-        HostError::Invalid(format!("{}/{rel} is a symlink that {why}", root.display()))
-    })?;
+    for (rel, t) in &links {
+        resolve_in_tree(&links, rel, t).map_err(|why| {
+            HostError::Invalid(format!(
+                "refusing symlink {} → {t}: {why}",
+                root.join(rel).display()
+            ))
+        })?;
+    }
     Ok(out)
 }
 
-fn walk_into(dir: &Path, prefix: &str, out: &mut Vec<Entry>) -> Result<(), HostError> {
-    let rd = fs::read_dir(dir).map_err(|e| HostError::io("cannot list", dir, e))?;
-    for item in rd {
-        let item = item.map_err(|e| HostError::io("cannot list", dir, e))?;
-        let abs = item.path();
-        let Some(name) = item.file_name().to_str().map(str::to_owned) else {
+const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+
+fn c_name(name: &str, what: &Path) -> Result<CString, HostError> {
+    CString::new(name)
+        .map_err(|_| HostError::Invalid(format!("{} has a NUL in its name", what.display())))
+}
+
+/// `openat(dir, name, flags | O_CLOEXEC)`.
+fn openat(dir: RawFd, name: &CStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    // SAFETY: `name` is NUL-terminated; the returned descriptor is owned by nobody else.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, 0) };
+    if fd < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        // SAFETY: fd is a fresh, valid descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// Open the tree's root directory (not through a symlink).
+fn open_root(root: &Path) -> Result<OwnedFd, HostError> {
+    let c = CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| HostError::Invalid(format!("{} has a NUL in its name", root.display())))?;
+    openat(libc::AT_FDCWD, &c, DIR_FLAGS).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTDIR) | Some(libc::ELOOP) => {
+            HostError::Invalid(format!("{} is not a directory", root.display()))
+        }
+        _ => HostError::io("cannot read", root, e),
+    })
+}
+
+/// Open `root/rel` for reading: every directory component by descriptor with `O_NOFOLLOW`, the
+/// file with `O_NOFOLLOW|O_NONBLOCK` (a swapped-in fifo cannot hang us), and the opened
+/// descriptor must be a regular file. Nothing is resolved through a symlink.
+fn open_source(root: &Path, rel: &str) -> Result<File, HostError> {
+    let abs = root.join(rel);
+    let mut dir = open_root(root)?;
+    let comps: Vec<&str> = rel.split('/').collect();
+    let (leaf, dirs) = comps.split_last().expect("split yields at least one item");
+    let refuse = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::ENOTDIR) => HostError::Invalid(format!(
+            "refusing {}: it is not a regular file inside the tree (it changed while being read?)",
+            abs.display()
+        )),
+        _ => HostError::io("cannot read", &abs, e),
+    };
+    for c in dirs {
+        dir = openat(dir.as_raw_fd(), &c_name(c, &abs)?, DIR_FLAGS).map_err(refuse)?;
+    }
+    let fd = openat(
+        dir.as_raw_fd(),
+        &c_name(leaf, &abs)?,
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+    )
+    .map_err(refuse)?;
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(|e| HostError::io("cannot read", &abs, e))?;
+    if !meta.is_file() {
+        return Err(HostError::Invalid(format!(
+            "refusing {}: it is not a regular file (it changed while being read?)",
+            abs.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// The names in the directory open at `dir` (without `.` and `..`).
+fn list_dir(dir: &OwnedFd, abs: &Path) -> Result<Vec<Vec<u8>>, HostError> {
+    // fdopendir takes ownership of the descriptor it is given: hand it a duplicate.
+    let dup = dir.try_clone().map_err(|e| HostError::io("cannot list", abs, e))?;
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(dup);
+    // SAFETY: raw is a valid directory descriptor we own; on success the DIR owns it.
+    let d = unsafe { libc::fdopendir(raw) };
+    if d.is_null() {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so raw is still ours.
+        unsafe { libc::close(raw) };
+        return Err(HostError::io("cannot list", abs, e));
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: d is a valid DIR*; the entry is copied before the next readdir.
+        let ent = unsafe { libc::readdir(d) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated.
+        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(name);
+        }
+    }
+    // SAFETY: d is valid and closed once.
+    unsafe { libc::closedir(d) };
+    Ok(names)
+}
+
+fn walk_into(
+    dir: &OwnedFd,
+    dir_abs: &Path,
+    prefix: &str,
+    out: &mut Vec<Entry>,
+) -> Result<(), HostError> {
+    for raw_name in list_dir(dir, dir_abs)? {
+        let abs = dir_abs.join(OsStr::from_bytes(&raw_name));
+        let Ok(name) = String::from_utf8(raw_name) else {
             return Err(HostError::Invalid(format!(
                 "{} has a name that is not UTF-8",
                 abs.display()
             )));
         };
-        let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
-        let ft = fs::symlink_metadata(&abs)
-            .map_err(|e| HostError::io("cannot read", &abs, e))?
-            .file_type();
-        if ft.is_dir() {
-            out.push(Entry { rel: rel.clone(), abs: abs.clone(), kind: Kind::Dir });
-            walk_into(&abs, &rel, out)?;
-        } else if ft.is_file() {
-            out.push(Entry { rel, abs, kind: Kind::File });
-        } else if ft.is_symlink() {
-            let target =
-                fs::read_link(&abs).map_err(|e| HostError::io("cannot read link", &abs, e))?;
-            let Some(t) = target.to_str().map(str::to_owned) else {
+        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let cname = c_name(&name, &abs)?;
+        // SAFETY: an all-zero stat is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: cname is NUL-terminated, st is a valid out-parameter.
+        let r = unsafe {
+            libc::fstatat(dir.as_raw_fd(), cname.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW)
+        };
+        if r != 0 {
+            return Err(HostError::io("cannot read", &abs, std::io::Error::last_os_error()));
+        }
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                let sub = openat(dir.as_raw_fd(), &cname, DIR_FLAGS).map_err(|e| {
+                    match e.raw_os_error() {
+                        Some(libc::ELOOP) | Some(libc::ENOTDIR) => HostError::Invalid(format!(
+                            "refusing {}: it changed from a directory while being read",
+                            abs.display()
+                        )),
+                        _ => HostError::io("cannot list", &abs, e),
+                    }
+                })?;
+                out.push(Entry { rel: rel.clone(), kind: Kind::Dir });
+                walk_into(&sub, &abs, &rel, out)?;
+            }
+            libc::S_IFREG => out.push(Entry { rel, kind: Kind::File }),
+            libc::S_IFLNK => {
+                let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+                // SAFETY: buf is writable for its length; cname is NUL-terminated.
+                let n = unsafe {
+                    libc::readlinkat(
+                        dir.as_raw_fd(),
+                        cname.as_ptr(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
+                };
+                if n < 0 {
+                    return Err(HostError::io(
+                        "cannot read link",
+                        &abs,
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                buf.truncate(n as usize);
+                let Ok(t) = String::from_utf8(buf) else {
+                    return Err(HostError::Invalid(format!(
+                        "{} links to a non-UTF-8 path",
+                        abs.display()
+                    )));
+                };
+                check_link(&rel, &t).map_err(|why| {
+                    HostError::Invalid(format!("refusing symlink {} → {t}: {why}", abs.display()))
+                })?;
+                out.push(Entry { rel, kind: Kind::Symlink(t) });
+            }
+            _ => {
                 return Err(HostError::Invalid(format!(
-                    "{} links to a non-UTF-8 path",
+                    "refusing {}: device files, fifos and sockets cannot be backed up or restored",
                     abs.display()
-                )));
-            };
-            check_link(&rel, &t).map_err(|why| {
-                HostError::Invalid(format!("refusing symlink {} → {t}: {why}", abs.display()))
-            })?;
-            out.push(Entry { rel, abs, kind: Kind::Symlink(t) });
-        } else {
-            return Err(HostError::Invalid(format!(
-                "refusing {}: device files, fifos and sockets cannot be backed up or restored",
-                abs.display()
-            )));
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Check every link of a tree (`(path, target)` pairs relative to the root) with
+/// [`resolve_in_tree`]; returns the first link that leaves the tree and why.
+pub fn check_links_in_tree(links: &[(String, String)]) -> Result<(), (String, &'static str)> {
+    let map: BTreeMap<&str, &str> = links.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+    for (rel, target) in links {
+        resolve_in_tree(&map, rel, target).map_err(|why| (rel.clone(), why))?;
+    }
+    Ok(())
+}
+
+/// Resolve the symlink at `rel` → `target` the way the kernel would, against the tree's own
+/// symlinks (`links`, relative path → target; any other path is a directory, a file or
+/// nothing). Refuses a target that leaves the root at any point, absolute targets, and chains
+/// deeper than 40 links (a loop).
+fn resolve_in_tree(
+    links: &BTreeMap<&str, &str>,
+    rel: &str,
+    target: &str,
+) -> Result<(), &'static str> {
+    let mut at: Vec<String> = rel.split('/').map(str::to_owned).collect();
+    at.pop();
+    let mut budget = 40u32;
+    follow(links, &mut at, target, &mut budget)
+}
+
+fn follow(
+    links: &BTreeMap<&str, &str>,
+    at: &mut Vec<String>,
+    target: &str,
+    budget: &mut u32,
+) -> Result<(), &'static str> {
+    if target.starts_with('/') {
+        return Err("absolute target escapes the tree");
+    }
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                // `at` always holds the resolved (physical) location, so `..` is its parent.
+                if at.pop().is_none() {
+                    return Err("target escapes the tree (through its symlinks)");
+                }
+            }
+            name => {
+                at.push(name.to_owned());
+                if let Some(next) = links.get(at.join("/").as_str()) {
+                    if *budget == 0 {
+                        return Err("too many levels of symlinks");
+                    }
+                    *budget -= 1;
+                    at.pop();
+                    follow(links, at, next, budget)?;
+                }
+            }
         }
     }
     Ok(())
@@ -518,59 +719,6 @@ fn check_rel(rel: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Every symlink of a tree (`(path, target)` pairs, paths relative to the root) must resolve
-/// inside the tree when the tree's *own* links are followed: `up -> ..` is fine on its own, but
-/// `b -> up/workspace/up/../../../secret` walks through `up` and leaves the root, which a purely
-/// lexical look at `b`'s target cannot see. Resolution follows in-tree links like the kernel
-/// does (at most 40 expansions, so loops are refused). Returns the first offending link.
-pub fn check_links_in_tree(links: &[(String, String)]) -> Result<(), (String, &'static str)> {
-    let map: std::collections::HashMap<&str, &str> =
-        links.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
-    for (rel, target) in links {
-        let mut dir: Vec<String> = rel.split('/').map(str::to_owned).collect();
-        dir.pop();
-        let mut budget = 40u32;
-        resolve(&map, dir, target, &mut budget).map_err(|why| (rel.clone(), why))?;
-    }
-    Ok(())
-}
-
-/// Resolve `target` from directory `dir` (components under the root) through the tree's links.
-fn resolve(
-    map: &std::collections::HashMap<&str, &str>,
-    mut at: Vec<String>,
-    target: &str,
-    budget: &mut u32,
-) -> Result<Vec<String>, &'static str> {
-    if Path::new(target).is_absolute() {
-        return Err("absolute target escapes the tree");
-    }
-    for c in Path::new(target).components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if at.pop().is_none() {
-                    return Err("target escapes the tree");
-                }
-            }
-            Component::Normal(n) => {
-                at.push(n.to_string_lossy().into_owned());
-                let here = at.join("/");
-                if let Some(t) = map.get(here.as_str()) {
-                    if *budget == 0 {
-                        return Err("too many levels of symlinks");
-                    }
-                    *budget -= 1;
-                    at.pop();
-                    at = resolve(map, at, t, budget)?;
-                }
-            }
-            _ => return Err("unsupported target"),
-        }
-    }
-    Ok(at)
-}
-
 /// A symlink at `rel` pointing to `target` must stay inside the tree.
 fn check_link(rel: &str, target: &str) -> Result<(), &'static str> {
     if target.is_empty() {
@@ -595,13 +743,15 @@ fn check_link(rel: &str, target: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn hash_file(path: &Path) -> Result<(u64, String), HostError> {
-    let mut f = File::open(path).map_err(|e| HostError::io("cannot read", path, e))?;
+/// Size and digest of `root/rel`, opened by descriptor (see [`open_source`]).
+fn hash_file(root: &Path, rel: &str) -> Result<(u64, String), HostError> {
+    let path = root.join(rel);
+    let mut f = open_source(root, rel)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(|e| HostError::io("cannot read", path, e))?;
+        let n = f.read(&mut buf).map_err(|e| HostError::io("cannot read", &path, e))?;
         if n == 0 {
             break;
         }
@@ -614,7 +764,11 @@ fn hash_file(path: &Path) -> Result<(u64, String), HostError> {
 /// Copy walked entries under `dest`, hashing what was read. Returns the manifest rows for files
 /// and symlinks. Not yet durable nor verified: callers follow with [`sync_tree`] and a
 /// verification pass over the copy.
-fn copy_entries(entries: &[Entry], dest: &Path) -> Result<Vec<ManifestFile>, HostError> {
+fn copy_entries(
+    root: &Path,
+    entries: &[Entry],
+    dest: &Path,
+) -> Result<Vec<ManifestFile>, HostError> {
     let mut files = Vec::new();
     for e in entries {
         let to = dest.join(&e.rel);
@@ -645,7 +799,7 @@ fn copy_entries(entries: &[Entry], dest: &Path) -> Result<Vec<ManifestFile>, Hos
                 });
             }
             Kind::File => {
-                let (size, digest) = copy_file(&e.abs, &to)?;
+                let (size, digest) = copy_file(root, &e.rel, &to)?;
                 files.push(ManifestFile {
                     path: e.rel.clone(),
                     size,
@@ -658,38 +812,16 @@ fn copy_entries(entries: &[Entry], dest: &Path) -> Result<Vec<ManifestFile>, Hos
     Ok(files)
 }
 
-/// Stream `from` into `to` (replacing it; never through a symlink at `to`), fsync, and return
-/// size and digest of what was read.
-fn copy_file(from: &Path, to: &Path) -> Result<(u64, String), HostError> {
+/// Stream `root/rel` (opened by descriptor, never through a symlink: see [`open_source`]) into
+/// `to` (replacing it; never through a symlink at `to`), and return size and digest of what
+/// was read.
+fn copy_file(root: &Path, rel: &str, to: &Path) -> Result<(u64, String), HostError> {
+    let from = &root.join(rel);
+    let mut src = open_source(root, rel)?;
+    let mode = src.metadata().map(|m| m.permissions().mode() & 0o777).unwrap_or(0o600);
     if fs::symlink_metadata(to).is_ok_and(|m| m.file_type().is_symlink()) {
         fs::remove_file(to).map_err(|e| HostError::io("cannot replace", to, e))?;
     }
-    // The walk saw a regular file, but a process inside the workspace can swap it for a
-    // symlink (to a host file) or a FIFO before this open. So: never follow a final symlink
-    // (O_NOFOLLOW), never block on a FIFO (O_NONBLOCK), and decide on what was actually opened
-    // (fstat of the descriptor), not on the path looked at earlier.
-    let mut src = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(from)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                HostError::Invalid(format!(
-                    "{} became a symlink while it was being copied; refusing to follow it",
-                    from.display()
-                ))
-            } else {
-                HostError::io("cannot read", from, e)
-            }
-        })?;
-    let meta = src.metadata().map_err(|e| HostError::io("cannot read", from, e))?;
-    if !meta.file_type().is_file() {
-        return Err(HostError::Invalid(format!(
-            "{} is no longer a regular file (it changed while it was being copied); refusing it",
-            from.display()
-        )));
-    }
-    let mode = meta.permissions().mode() & 0o777;
     let mut dst = OpenOptions::new()
         .write(true)
         .create(true)
@@ -737,7 +869,7 @@ fn verify_files(root: &Path, files: &[ManifestFile], what_restored: bool) -> Res
                 let t = fs::read_link(&p).map_err(|e| HostError::io("cannot read link", &p, e))?;
                 crate::util::sha256_hex(t.to_string_lossy().as_bytes())
             }
-            None if meta.is_file() => hash_file(&p)?.1,
+            None if meta.is_file() => hash_file(root, &f.path)?.1,
             _ => {
                 return Err(HostError::Invalid(format!(
                     "{label} {} has the wrong file type",

@@ -658,7 +658,7 @@ fn chained_symlinks_that_leave_the_tree_are_refused() {
     assert_eq!(fs::read(ws.join("b")).unwrap(), b"outside\n");
     let e = nemoclaw::host::backup::copy_tree(&t.path().join("state"), &t.path().join("copy"))
         .unwrap_err();
-    assert!(e.to_string().contains("workspace/b is a symlink that target escapes the tree"), "{e}");
+    assert!(e.to_string().contains("escapes the tree"), "{e}");
     assert!(!t.path().join("copy/workspace/b").exists(), "nothing copied");
     let ok = [
         ("workspace/up".to_owned(), "..".to_owned()),
