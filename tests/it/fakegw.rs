@@ -196,6 +196,17 @@ pub fn live_policy(gw: &FakeGateway, name: &str) -> String {
     out.split_once("\n---\n").expect("a --- line").1.to_owned()
 }
 
+/// Add a network rule to alpha's live policy through the real CLI; returns the new policy.
+fn add_corp_rule(gw: &FakeGateway) -> String {
+    let custom = gw.tmp.path().join("custom.yaml");
+    let mut body = live_policy(gw, "alpha");
+    body.push_str("network_policies:\n  corp:\n    name: corp\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n");
+    std::fs::write(&custom, &body).unwrap();
+    let o = gw.openshell(&["policy", "set", "alpha", "--policy", &sh(&custom), "-g", &gw.name]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    live_policy(gw, "alpha")
+}
+
 fn sh(p: &Path) -> String {
     p.display().to_string()
 }
@@ -390,13 +401,7 @@ fn only_original_paths(r: &Real) {
 #[test]
 fn real_cli_normal_rebuild_restores_every_file_at_its_path_and_the_policy() {
     let Some(r) = Real::new() else { return };
-    let custom = r.gw.tmp.path().join("custom.yaml");
-    let mut body = live_policy(&r.gw, "alpha");
-    body.push_str("network_policies:\n  corp:\n    name: corp\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n");
-    std::fs::write(&custom, &body).unwrap();
-    let o = r.gw.openshell(&["policy", "set", "alpha", "--policy", &sh(&custom), "-g", "nemoclaw"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (digest, policy) = (r.digest(), live_policy(&r.gw, "alpha"));
+    let (digest, policy) = (r.digest(), add_corp_rule(&r.gw));
     let old_id = r.gw.sandboxes()["alpha"]["id"].clone();
     let n = r.invocations().len();
     let o = r.run(&["alpha", "rebuild", "--yes"]);
@@ -572,13 +577,7 @@ fn real_cli_hanging_gateway_is_timed_out_and_refused() {
 #[test]
 fn real_cli_stale_recovery_recreates_with_the_journaled_policy() {
     let Some(r) = Real::new() else { return };
-    let custom = r.gw.tmp.path().join("custom.yaml");
-    let mut body = live_policy(&r.gw, "alpha");
-    body.push_str("network_policies:\n  corp:\n    name: corp\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n");
-    std::fs::write(&custom, &body).unwrap();
-    let o = r.gw.openshell(&["policy", "set", "alpha", "--policy", &sh(&custom), "-g", "nemoclaw"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let policy = live_policy(&r.gw, "alpha");
+    let policy = add_corp_rule(&r.gw);
     ok(&r.run(&["alpha", "rebuild", "--yes"]));
     let o = r.gw.openshell(&["sandbox", "delete", "alpha", "-g", "nemoclaw"]);
     assert!(o.status.success());

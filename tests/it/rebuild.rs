@@ -932,11 +932,10 @@ mod via_openshell {
         out.split_once("\n---\n").expect("a --- line").1.to_owned()
     }
 
-    #[test]
-    fn normal_rebuild_hands_the_live_policy_to_the_replacement() {
-        let os = Os::new("nemoclaw");
+    /// Add a network rule to alpha's live policy through the double; returns the new policy.
+    fn add_corp_rule(os: &Os) -> String {
         let custom = os.home.path().join("custom.yaml");
-        let mut body = live_policy(&os);
+        let mut body = live_policy(os);
         body.push_str("network_policies:\n  corp:\n    name: corp\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n");
         std::fs::write(&custom, &body).unwrap();
         let o = std::process::Command::new(&os.program)
@@ -946,7 +945,13 @@ mod via_openshell {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
-        let before = live_policy(&os);
+        live_policy(os)
+    }
+
+    #[test]
+    fn normal_rebuild_hands_the_live_policy_to_the_replacement() {
+        let os = Os::new("nemoclaw");
+        let before = add_corp_rule(&os);
         assert!(before.contains("proxy.corp.example"));
         let n = os.calls().len();
         assert_ok(&os.run(&["alpha", "rebuild", "--yes"]));
@@ -975,18 +980,7 @@ mod via_openshell {
     #[test]
     fn stale_recovery_recreates_with_the_last_journaled_policy() {
         let os = Os::new("nemoclaw");
-        let custom = os.home.path().join("custom.yaml");
-        let mut body = live_policy(&os);
-        body.push_str("network_policies:\n  corp:\n    name: corp\n");
-        std::fs::write(&custom, &body).unwrap();
-        let o = std::process::Command::new(&os.program)
-            .args(["policy", "set", "alpha", "--policy"])
-            .arg(&custom)
-            .args(["-g", "nemoclaw"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        let before = live_policy(&os);
+        let before = add_corp_rule(&os);
         assert_ok(&os.run(&["alpha", "rebuild", "--yes"]));
         // The sandbox disappears from the gateway: the next rebuild is a stale recovery.
         std::fs::remove_dir_all(os.state.join("gw/nemoclaw/alpha")).unwrap();
