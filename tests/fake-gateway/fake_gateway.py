@@ -18,9 +18,15 @@ State directory (`--state DIR`):
                      "hang": ["GetSandbox"],    these RPCs never answer
                      "create_error": true,      a created sandbox goes to phase Error
                      "delete_polls": N,         a deleted sandbox stays Deleting for N GetSandbox
-                     "fail": {"CreateSandbox": "INTERNAL:message"}}   one RPC fails
+                     "fail": {"CreateSandbox": "INTERNAL:message"},   one RPC fails
+                     "healthz": 503}            status of `GET /healthz` (default 200)
   sandboxes/<id>/ plays `/sandbox` of that sandbox (`.openclaw/` created with it); the fake
                   `ssh` beside this file runs upload/download commands there.
+
+One port serves both protocols, as the real gateway does: a front listener reads the first
+bytes of each connection and hands HTTP/2 (the gRPC preface) to the gRPC server on a private
+port, and answers HTTP/1.1 `GET /healthz` itself (the CLI's `status` asks it after a failed
+gRPC `Health`).
 
 The process exits on SIGTERM or when its parent dies (it polls the parent pid).
 """
@@ -31,6 +37,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -318,6 +325,79 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
                 version=b["policy_version"], policy_hash=self.policy_hash(b["policy"])
             )
 
+H2_PREFACE = b"PRI * HTTP/2.0"
+
+
+def pump(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def serve_connection(conn, grpc_port, gw):
+    head = b""
+    try:
+        while len(head) < len(H2_PREFACE) and b"\r\n" not in head:
+            data = conn.recv(len(H2_PREFACE) - len(head))
+            if not data:
+                conn.close()
+                return
+            head += data
+    except OSError:
+        conn.close()
+        return
+    if head.startswith(H2_PREFACE):
+        back = socket.create_connection(("127.0.0.1", grpc_port))
+        back.sendall(head)
+        threading.Thread(target=pump, args=(back, conn), daemon=True).start()
+        pump(conn, back)
+        return
+    # HTTP/1.1: read the request head, answer /healthz, close.
+    try:
+        conn.settimeout(5)
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(4096)
+            if not data:
+                break
+            head += data
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        with open(os.path.join(gw.state, "calls.log"), "a") as f:
+            f.write(json.dumps({"method": "HTTP " + line, "name": ""}) + "\n")
+        if line.startswith("GET /healthz "):
+            code = int(gw.faults().get("healthz", 200))
+        else:
+            code = 404
+        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}.get(code, "Status")
+        body = b"ok" if code == 200 else reason.encode()
+        conn.sendall(
+            f"HTTP/1.1 {code} {reason}\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n".encode() + body
+        )
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def front(listener, grpc_port, gw):
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve_connection, args=(conn, grpc_port, gw), daemon=True).start()
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -325,12 +405,18 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.state, exist_ok=True)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", args.port))
+    listener.listen(64)
+    port = listener.getsockname()[1]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
     gw = Gateway(args.state, port)
     gw.save()
     openshell_pb2_grpc.add_OpenShellServicer_to_server(gw, server)
     server.start()
+    threading.Thread(target=front, args=(listener, grpc_port, gw), daemon=True).start()
     tmp = os.path.join(args.state, "port.tmp")
     with open(tmp, "w") as f:
         f.write(str(port))

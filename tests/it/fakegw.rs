@@ -135,6 +135,34 @@ impl FakeGateway {
         ]
     }
 
+    /// An `openshell` wrapper script that reaches this gateway from any process (its config
+    /// dir, the fake `ssh` first on `PATH`) and logs every invocation to `invocations.log`:
+    /// what the driver runs when it is used in-process.
+    pub fn wrapper(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let wrapper = self.tmp.path().join("bin/openshell");
+        if wrapper.is_file() {
+            return wrapper;
+        }
+        std::fs::create_dir_all(wrapper.parent().unwrap()).unwrap();
+        let log = self.tmp.path().join("invocations.log");
+        let mut script = String::from("#!/bin/sh\n");
+        for (k, v) in self.env() {
+            let (k, v) = (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned());
+            if !k.starts_with("NEMOCLAW_") {
+                script.push_str(&format!("export {k}='{v}'\n"));
+            }
+        }
+        script.push_str(&format!(
+            "printf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+            log.display(),
+            self.cli.display()
+        ));
+        std::fs::write(&wrapper, script).unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        wrapper
+    }
+
     /// Run the real CLI itself.
     pub fn openshell(&self, args: &[&str]) -> std::process::Output {
         let mut c = Command::new(&self.cli);
@@ -295,6 +323,39 @@ fn real_cli_status_refused_and_auth_failure() {
         .contains("The request does not have valid authentication credentials"));
 }
 
+/// The fake answers `GET /healthz` on its gRPC port, so `status` after a failed gRPC `Health`
+/// reads exactly as recorded from the real CLI (transcripts 61 and 64), and the driver calls
+/// both answers unhealthy: an HTTP answer is not a working gateway.
+#[test]
+fn real_cli_status_falls_back_to_healthz_like_the_transcripts() {
+    use nemoclaw::gateway::openshell::OpenShellGateway;
+    use nemoclaw::gateway::Gateway;
+    let Some(gw) = FakeGateway::start("nemoclaw") else { return };
+    for (faults, transcript) in [
+        (serde_json::json!({"unavailable": true}), "61-unavailable-status-json"),
+        (serde_json::json!({"unavailable": true, "healthz": 503}), "64-unavailable-healthz503-status-json"),
+    ] {
+        gw.faults(faults);
+        let o = gw.openshell(&["status", "-o", "json", "-g", "nemoclaw"]);
+        let t: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join(format!("tests/fixtures/openshell-transcripts/{transcript}.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout).replace(&gw.port.to_string(), "<PORT>");
+        assert_eq!(o.status.code(), t["exit"].as_i64().map(|c| c as i32), "{transcript}");
+        assert_eq!(stdout, t["stdout"].as_str().unwrap(), "{transcript}");
+        let driver = OpenShellGateway::new(gw.wrapper(), "nemoclaw");
+        assert!(driver.health().is_some(), "{transcript}: an HTTP-only answer is not healthy");
+    }
+    let http: Vec<_> = gw.calls().into_iter().filter(|(m, _)| m.starts_with("HTTP ")).collect();
+    // Two `status` runs of ours and two of the driver, each asking `/healthz` once.
+    assert_eq!(http.len(), 4, "{http:?}");
+}
+
 // --- rebuilds through the real CLI --------------------------------------------------------
 
 /// A NemoClaw home with sandbox `alpha` onboarded on the fake gateway through the real CLI,
@@ -309,20 +370,7 @@ impl Real {
     pub fn new() -> Option<Real> {
         let gw = FakeGateway::start("nemoclaw")?;
         let home = crate::common::Home::new();
-        let wrapper = gw.tmp.path().join("bin/openshell");
-        std::fs::create_dir_all(wrapper.parent().unwrap()).unwrap();
-        let log = gw.tmp.path().join("invocations.log");
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
-                log.display(),
-                gw.cli.display()
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let wrapper = gw.wrapper();
         let r = Real { gw, home, wrapper };
         let o = r.run(&["onboard", "alpha", "--gateway", "nemoclaw"]);
         assert!(o.status.success(), "onboard: {}", crate::common::stderr(&o));
