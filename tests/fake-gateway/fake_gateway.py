@@ -19,7 +19,8 @@ State directory (`--state DIR`):
                      "create_error": true,      a created sandbox goes to phase Error
                      "delete_polls": N,         a deleted sandbox stays Deleting for N GetSandbox
                      "fail": {"CreateSandbox": "INTERNAL:message"},   one RPC fails
-                     "healthz": 503}            status of `GET /healthz` (default 200)
+                     "healthz": 503,            status of `GET /healthz` (default 200)
+                     "no_policy": true}         GetSandboxConfig answers without a policy
   sandboxes/<id>/ plays `/sandbox` of that sandbox (`.openclaw/` created with it); the fake
                   `ssh` beside this file runs upload/download commands there.
 
@@ -114,6 +115,7 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
                 .name,
                 "labels": b["labels"],
                 "gpu": b["gpu"],
+                "gpu_count": b["gpu_count"],
                 "providers": b["providers"],
                 "image": b["image"],
                 "policy_version": b["policy_version"],
@@ -182,6 +184,7 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
                     self.remove(request.name)
                     context.abort(grpc.StatusCode.NOT_FOUND, "sandbox not found")
                 b["deleting_left"] -= 1
+            self.provisioned(b)
             return openshell_pb2.SandboxResponse(sandbox=self.sandbox_msg(b))
 
     def ListSandboxes(self, request, context):
@@ -211,10 +214,11 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
                 "image": spec.template.image,
                 "policy": spec.policy if spec.HasField("policy") else default_policy(),
                 "policy_version": 1,
-                "gpu": spec.resource_requirements.gpu.count
-                if spec.HasField("resource_requirements")
-                and spec.resource_requirements.HasField("gpu")
-                else 0,
+                # Whether the request carried a GPU requirement at all (`--gpu` without a
+                # count sends one with count 0: "the default number").
+                "gpu": spec.HasField("resource_requirements")
+                and spec.resource_requirements.HasField("gpu"),
+                "gpu_count": spec.resource_requirements.gpu.count,
                 "providers": list(spec.providers),
                 "phase": PROVISIONING,
                 "create_error": bool(fl.get("create_error")),
@@ -225,14 +229,19 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
             self.save()
             return openshell_pb2.SandboxResponse(sandbox=self.sandbox_msg(b))
 
+    def provisioned(self, b):
+        """Provisioning finishes by the first time anyone looks (watch or get), whether or not
+        the creating client is still watching."""
+        if b["phase"] == PROVISIONING:
+            b["phase"] = ERROR if b["create_error"] else READY
+            b["resource_version"] += 1
+            self.save()
+
     def WatchSandbox(self, request, context):
         self.enter("WatchSandbox", context)
         with self.lock:
             b = self.by_id(request.id, context)
-            if b["phase"] == PROVISIONING:
-                b["phase"] = ERROR if b["create_error"] else READY
-                b["resource_version"] += 1
-                self.save()
+            self.provisioned(b)
             msg = self.sandbox_msg(b)
         yield openshell_pb2.SandboxStreamEvent(sandbox=msg)
 
@@ -270,6 +279,8 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
         self.enter("GetSandboxConfig", context)
         with self.lock:
             b = self.by_id(request.sandbox_id, context)
+            if self.faults().get("no_policy"):
+                return sandbox_pb2.GetSandboxConfigResponse()
             return sandbox_pb2.GetSandboxConfigResponse(
                 policy=b["policy"],
                 version=b["policy_version"],

@@ -153,14 +153,25 @@ impl FakeGateway {
                 script.push_str(&format!("export {k}='{v}'\n"));
             }
         }
+        // Any OPENSHELL_* variable that reached the CLI is recorded in env.log.
         script.push_str(&format!(
-            "printf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+            "env | grep '^OPENSHELL_' >> '{}'\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+            self.tmp.path().join("env.log").display(),
             log.display(),
             self.cli.display()
         ));
         std::fs::write(&wrapper, script).unwrap();
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
         wrapper
+    }
+
+    /// Invocations of [`FakeGateway::wrapper`] so far (argv joined by spaces).
+    pub fn invocations(&self) -> Vec<String> {
+        std::fs::read_to_string(self.tmp.path().join("invocations.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Run the real CLI itself.
@@ -333,7 +344,10 @@ fn real_cli_status_falls_back_to_healthz_like_the_transcripts() {
     let Some(gw) = FakeGateway::start("nemoclaw") else { return };
     for (faults, transcript) in [
         (serde_json::json!({"unavailable": true}), "61-unavailable-status-json"),
-        (serde_json::json!({"unavailable": true, "healthz": 503}), "64-unavailable-healthz503-status-json"),
+        (
+            serde_json::json!({"unavailable": true, "healthz": 503}),
+            "64-unavailable-healthz503-status-json",
+        ),
     ] {
         gw.faults(faults);
         let o = gw.openshell(&["status", "-o", "json", "-g", "nemoclaw"]);
@@ -412,11 +426,7 @@ impl Real {
 
     /// `openshell` invocations so far (argv joined by spaces).
     pub fn invocations(&self) -> Vec<String> {
-        std::fs::read_to_string(self.gw.tmp.path().join("invocations.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        self.gw.invocations()
     }
 }
 
@@ -633,4 +643,81 @@ fn real_cli_stale_recovery_recreates_with_the_journaled_policy() {
     ok(&o);
     assert!(crate::common::stderr(&o).contains("absent from the live OpenShell gateway"));
     assert_eq!(live_policy(&r.gw, "alpha"), policy, "recreated with the journaled policy");
+}
+
+/// The gateway answers the sandbox but not its policy: the replacement could not be given the
+/// same policy, so the rebuild is refused before anything is journaled or removed.
+#[test]
+fn real_cli_unreadable_live_policy_is_refused_before_anything_changes() {
+    let Some(r) = Real::new() else { return };
+    let (reg, digest) = (r.registry_bytes(), r.digest());
+    r.gw.faults(serde_json::json!({"no_policy": true}));
+    let n = r.invocations().len();
+    let o = r.run(&["alpha", "rebuild", "--yes"]);
+    let err = crate::common::stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("Cannot read the live policy of 'alpha'"), "{err}");
+    assert_eq!((r.registry_bytes(), r.digest()), (reg, digest), "nothing changed");
+    let calls = r.invocations()[n..].to_vec();
+    assert!(!calls.iter().any(|c| c.starts_with("sandbox delete")), "{calls:?}");
+    assert!(crate::rebuild::runs(r.home.path()).is_empty(), "nothing journaled");
+}
+
+#[test]
+fn real_cli_gpu_enabled_row_recreates_with_a_gpu() {
+    let Some(r) = Real::new() else { return };
+    let reg_path = r.home.path().join("sandboxes.json");
+    let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
+    reg["sandboxes"]["alpha"]["gpuEnabled"] = serde_json::json!(true);
+    std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    // The fake records whether the create request carried a GPU requirement.
+    assert_eq!(r.gw.sandboxes()["alpha"]["gpu"], false);
+    ok(&r.run(&["alpha", "rebuild", "--yes"]));
+    assert_eq!(r.gw.sandboxes()["alpha"]["gpu"], true, "the create request asked for a GPU");
+}
+
+/// Built from a Dockerfile: refused (nothing changed) while the Dockerfile is missing, rebuilt
+/// from it once it is back. The real CLI would build a Dockerfile with a local Docker daemon,
+/// which this machine cannot reach; so a shim in front of it checks the `--from` path is the
+/// Dockerfile and hands the CLI the image such a build would have tagged. Everything else
+/// (the create request, the watch, the restore) is the real CLI's.
+#[test]
+fn real_cli_dockerfile_sandbox_is_recreated_from_it_and_refused_without_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(r) = Real::new() else { return };
+    let dockerfile = r.home.path().join("build/Dockerfile");
+    let session = serde_json::json!({"version": 1, "sandboxName": "alpha", "status": "complete",
+        "metadata": {"gatewayName": "nemoclaw", "fromDockerfile": dockerfile}});
+    std::fs::write(r.home.path().join("onboard-session.json"), session.to_string()).unwrap();
+    let (reg, digest) = (r.registry_bytes(), r.digest());
+    let n = r.invocations().len();
+    let o = r.run(&["alpha", "rebuild", "--yes"]);
+    let err = crate::common::stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("does not exist, so it could not be recreated"), "{err}");
+    assert_eq!((r.registry_bytes(), r.digest()), (reg, digest.clone()), "nothing changed");
+    assert!(!r.invocations()[n..].iter().any(|c| c.starts_with("sandbox delete")));
+
+    std::fs::create_dir_all(dockerfile.parent().unwrap()).unwrap();
+    std::fs::write(&dockerfile, "FROM openshell/sandbox-base:latest\n").unwrap();
+    let shim = r.gw.tmp.path().join("docker-shim");
+    let froms = r.gw.tmp.path().join("from.log");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do shift; if [ \"$prev\" = --from ]; then \
+             printf '%s\\n' \"$a\" >> '{froms}'; [ -f \"$a\" ] && a=openshell/sandbox-from:built; \
+             fi; set -- \"$@\" \"$a\"; prev=\"$a\"; done\nexec '{}' \"$@\"\n",
+            r.wrapper.display(),
+            froms = froms.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = r.cmd().env("NEMOCLAW_OPENSHELL", &shim).args(["alpha", "rebuild", "--yes"]).output();
+    ok(&o.unwrap());
+    let froms = std::fs::read_to_string(froms).unwrap();
+    assert_eq!(froms.lines().collect::<Vec<_>>(), [dockerfile.to_str().unwrap()], "{froms}");
+    assert_eq!(r.gw.sandboxes()["alpha"]["image"], "openshell/sandbox-from:built");
+    assert_eq!(r.digest(), digest);
 }

@@ -1,6 +1,6 @@
 //! Integration tests: gateway classification (a table over every output and error text of
 //! openshell.md) and one behavioural suite run against both drivers — the local gateway and the
-//! openshell driver talking to the test double in real child processes.
+//! openshell driver running the real `openshell` CLI against the fake gateway.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -15,6 +15,8 @@ use nemoclaw::host::tree_digest;
 use nemoclaw::names::SandboxName;
 use rstest::rstest;
 use serde_json::json;
+
+use crate::fakegw::FakeGateway;
 
 /// A compact verdict for table assertions.
 fn verdict(l: &Liveness) -> String {
@@ -255,71 +257,50 @@ fn status_timeout_is_unknown() {
 struct Rig {
     _home: tempfile::TempDir,
     home: PathBuf,
-    /// The double's state directory (openshell rigs only).
-    double: Option<PathBuf>,
+    /// The fake gateway behind the real CLI (openshell rigs only).
+    fake: Option<FakeGateway>,
     gw: Box<dyn Gateway>,
 }
 
-/// A wrapper script named `openshell` that runs the double with its own state directory, so
-/// parallel tests never share one.
-pub fn double_wrapper(dir: &Path, state: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let bin = env!("CARGO_BIN_EXE_openshell-double");
-    let p = dir.join("openshell");
-    fs::write(
-        &p,
-        format!("#!/bin/sh\nOPENSHELL_DOUBLE_STATE='{}' exec '{bin}' \"$@\"\n", state.display()),
-    )
-    .unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
-/// Write the double's config.json.
-pub fn double_config(state: &Path, cfg: serde_json::Value) {
-    fs::create_dir_all(state).unwrap();
-    fs::write(state.join("config.json"), cfg.to_string()).unwrap();
-}
-
 impl Rig {
-    fn local() -> Rig {
+    fn local() -> Option<Rig> {
         let t = tempfile::tempdir().unwrap();
         let home = t.path().to_owned();
-        Rig { gw: Box::new(LocalGateway::open(&home).unwrap()), home, double: None, _home: t }
+        Some(Rig { gw: Box::new(LocalGateway::open(&home).unwrap()), home, fake: None, _home: t })
     }
 
-    fn openshell(version: &str, gateway: &str) -> Rig {
+    /// The openshell driver running the real CLI against the fake gateway, recorded on
+    /// `gateway`; `None` (the reason printed) where the real CLI cannot run.
+    fn real(gateway: &str) -> Option<Rig> {
+        let fake = FakeGateway::start("nemoclaw")?;
         let t = tempfile::tempdir().unwrap();
         let home = t.path().to_owned();
-        let state = home.join("double");
-        double_config(&state, json!({"version": version}));
-        let program = double_wrapper(&home, &state);
-        let gw = OpenShellGateway::new(program, gateway)
+        let gw = OpenShellGateway::new(fake.wrapper(), gateway)
             .with_timeout(Duration::from_secs(20))
             .with_create_timeout(Duration::from_secs(20))
             .with_poll(Duration::from_millis(10));
-        Rig { gw: Box::new(gw), home, double: Some(state), _home: t }
+        Some(Rig { gw: Box::new(gw), home, fake: Some(fake), _home: t })
+    }
+
+    fn fake(&self) -> &FakeGateway {
+        self.fake.as_ref().expect("an openshell rig")
     }
 
     fn make_unreachable(&self) {
-        match &self.double {
+        match &self.fake {
             None => {
                 fs::write(self.home.join("local-gateway/fault.json"), r#"{"health":"unreachable"}"#)
                     .unwrap()
             }
-            Some(s) => {
-                double_config(s, json!({"gateways": {"nemoclaw": "refused"}, "active": "nemoclaw"}))
-            }
+            // The recorded gateway now points at a port nobody listens on.
+            Some(f) => f.register_refused("nemoclaw"),
         }
     }
 
-    fn calls(&self) -> Vec<serde_json::Value> {
-        let Some(s) = &self.double else { return Vec::new() };
-        fs::read_to_string(s.join("calls.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+    /// The argument vectors the driver ran (openshell rigs only).
+    fn calls(&self) -> Vec<Vec<String>> {
+        let Some(f) = &self.fake else { return Vec::new() };
+        f.invocations().iter().map(|l| l.split(' ').map(str::to_owned).collect()).collect()
     }
 }
 
@@ -349,9 +330,9 @@ fn sample_tree(dir: &Path) {
 
 #[rstest]
 #[case::local(Rig::local())]
-#[case::openshell_json(Rig::openshell("0.0.116", "nemoclaw"))]
-#[case::openshell_tables_old_errors(Rig::openshell("0.0.40", "nemoclaw"))]
-fn driver_behaviour(#[case] rig: Rig) {
+#[case::real_openshell(Rig::real("nemoclaw"))]
+fn driver_behaviour(#[case] rig: Option<Rig>) {
+    let Some(rig) = rig else { return };
     let gw = rig.gw.as_ref();
     let demo = name("demo");
     assert_eq!(gw.health(), None, "fresh gateway must be healthy");
@@ -431,8 +412,7 @@ fn driver_behaviour(#[case] rig: Rig) {
 
     // openshell: every sandbox call was scoped to the recorded gateway.
     for c in rig.calls() {
-        let argv: Vec<&str> =
-            c["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let argv: Vec<&str> = c.iter().map(String::as_str).collect();
         let unscoped_ok =
             argv == ["--version"] || argv.starts_with(&["gateway", "list"]) || argv == ["status"];
         assert!(
@@ -452,19 +432,34 @@ fn pid_dead(pid: i32) -> bool {
             .unwrap_or(true)
 }
 
+/// A gateway that never answers: the real CLI waits forever, so the driver's timeout must kill
+/// the whole process group (here the wrapper also starts a `sleep` of its own, as a shell
+/// pipeline would) and classify the sandbox unknown, never missing.
 #[test]
 fn hang_is_killed_with_its_process_group_and_classified_unknown() {
-    let rig = Rig::openshell("0.0.116", "nemoclaw");
-    let state = rig.double.clone().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let Some(rig) = Rig::real("nemoclaw") else { return };
     rig.gw.create(&spec("demo", "r")).unwrap();
-    double_config(&state, json!({"hang": "sandbox get"}));
-    let gw = OpenShellGateway::new(rig.home.join("openshell"), "nemoclaw")
-        .with_timeout(Duration::from_millis(1500));
+    rig.fake().faults(json!({"hang": ["GetSandbox"]}));
+    let pids = rig.home.join("hang.pids");
+    let wrapper = rig.home.join("openshell");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *'sandbox get'*) sleep 300 </dev/null >/dev/null 2>&1 &\n\
+             echo $$ $! > '{}';; esac\nexec '{}' \"$@\"\n",
+            pids.display(),
+            rig.fake().wrapper().display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let gw = OpenShellGateway::new(wrapper, "nemoclaw").with_timeout(Duration::from_millis(1500));
     let t = Instant::now();
     let l = gw.classify(&name("demo"));
     assert!(matches!(&l, Liveness::Unknown { detail } if detail.contains("timed out")), "{l:?}");
     assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
-    let pids = fs::read_to_string(state.join("hang.pids")).expect("the double recorded its pids");
+    let pids = fs::read_to_string(&pids).expect("the wrapper recorded its pids");
     let pids: Vec<i32> = pids.split_whitespace().map(|p| p.parse().unwrap()).collect();
     assert_eq!(pids.len(), 2);
     // The grandchild (`sleep`) is reaped by init asynchronously: allow it a moment.
@@ -479,51 +474,59 @@ fn hang_is_killed_with_its_process_group_and_classified_unknown() {
 
 #[test]
 fn asynchronous_delete_is_confirmed_by_polling() {
-    let rig = Rig::openshell("0.0.116", "nemoclaw");
-    let state = rig.double.clone().unwrap();
+    let Some(rig) = Rig::real("nemoclaw") else { return };
     rig.gw.create(&spec("demo", "r")).unwrap();
-    double_config(&state, json!({"delete_polls": 3}));
+    rig.fake().faults(json!({"delete_polls": 3}));
     let before = rig.calls().len();
     rig.gw.delete(&name("demo"), Duration::from_secs(10)).unwrap();
     let gets = rig.calls()[before..]
         .iter()
-        .filter(|c| c["argv"][0] == "sandbox" && c["argv"][1] == "get")
+        .filter(|c| c.starts_with(&["sandbox".into(), "get".into()]))
         .count();
     assert!(gets >= 4, "absence must be confirmed by polling (saw {gets} gets)");
-    assert!(!state.join("gw/nemoclaw/demo").exists());
+    assert!(!rig.fake().sandboxes().contains_key("demo"));
     assert_eq!(rig.gw.classify(&name("demo")), Liveness::Missing);
 }
 
+/// Recorded on `nemoclaw-9000`, which the CLI does not know, while `nemoclaw` is active.
 #[test]
 fn recorded_port_gateway_while_another_is_active_is_foreign() {
-    let rig = Rig::openshell("0.0.116", "nemoclaw-9000");
-    double_config(
-        rig.double.as_ref().unwrap(),
-        json!({"gateways": {"nemoclaw": "connected"}, "active": "nemoclaw"}),
-    );
+    let Some(rig) = Rig::real("nemoclaw-9000") else { return };
     let l = rig.gw.classify(&name("demo"));
     assert_eq!(verdict(&l), "unhealthy:foreign:nemoclaw", "{l:?}");
 }
 
+/// Gateway faults the real CLI turns into errors, and a program printing garbage: none of them
+/// may ever read as "missing" (that would start a stale recovery) or "present".
 #[rstest]
-#[case::garbage(json!({"garbage": "sandbox get"}))]
-#[case::no_spec(json!({"no_spec": true}))]
-#[case::auth(json!({"gateways": {"nemoclaw": "auth"}}))]
-#[case::handshake(json!({"gateways": {"nemoclaw": "handshake"}}))]
-#[case::schema(json!({"gateways": {"nemoclaw": "schema"}}))]
-fn misbehaving_openshell_is_never_missing(#[case] cfg: serde_json::Value) {
-    let rig = Rig::openshell("0.0.116", "nemoclaw");
-    double_config(rig.double.as_ref().unwrap(), cfg);
-    let l = rig.gw.classify(&name("demo"));
+#[case::unauthenticated(json!({"unauthenticated": true}))]
+#[case::unavailable(json!({"unavailable": true}))]
+#[case::internal(json!({"fail": {"GetSandbox": "INTERNAL:sandbox has no spec"}}))]
+#[case::schema(json!({"fail": {"GetSandbox": "UNKNOWN:failed to decode Protobuf message: invalid wire type"}}))]
+#[case::garbage(json!("garbage"))]
+fn misbehaving_openshell_is_never_missing(#[case] fault: serde_json::Value) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(rig) = Rig::real("nemoclaw") else { return };
+    let gw = if fault == "garbage" {
+        let p = rig.home.join("garbage");
+        fs::write(&p, "#!/bin/sh\necho '}{ not json'\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        OpenShellGateway::new(p, "nemoclaw")
+    } else {
+        rig.fake().faults(fault);
+        OpenShellGateway::new(rig.fake().wrapper(), "nemoclaw")
+    };
+    let l = gw.classify(&name("demo"));
     assert!(!matches!(l, Liveness::Missing | Liveness::Present(_)), "{l:?}");
 }
 
+/// The create request went through but the CLI never returned (its watch stream hangs): after
+/// the timeout the driver adopts the sandbox only because it carries this run's label.
 #[test]
 fn create_timeout_adopts_only_a_sandbox_with_this_runs_label() {
-    let rig = Rig::openshell("0.0.116", "nemoclaw");
-    let state = rig.double.clone().unwrap();
-    double_config(&state, json!({"hang": "sandbox create"}));
-    let gw = OpenShellGateway::new(rig.home.join("openshell"), "nemoclaw")
+    let Some(rig) = Rig::real("nemoclaw") else { return };
+    rig.fake().faults(json!({"hang": ["WatchSandbox"]}));
+    let gw = OpenShellGateway::new(rig.fake().wrapper(), "nemoclaw")
         .with_timeout(Duration::from_secs(20))
         .with_create_timeout(Duration::from_millis(1500))
         .with_poll(Duration::from_millis(10));
@@ -532,6 +535,7 @@ fn create_timeout_adopts_only_a_sandbox_with_this_runs_label() {
     // Another run's sandbox of the same name is not adopted.
     let other = gw.create(&spec("demo", "run-8"));
     assert!(other.is_err(), "{other:?}");
+    assert_eq!(rig.fake().sandboxes()["demo"]["labels"]["rebuild-run"], "run-7");
 }
 
 #[test]

@@ -15,7 +15,6 @@ use rstest::rstest;
 use serde_json::{json, Value};
 
 use crate::common::{stderr, stdout, Home};
-use crate::gateway::{double_config, double_wrapper};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sandboxes.json");
 const SESSION_FIXTURE: &str =
@@ -505,18 +504,17 @@ fn a_live_nemoclaw_lock_makes_writers_wait_then_fail_and_a_dead_ones_is_broken()
 
 #[test]
 fn onboard_and_status_through_openshell_are_scoped_and_scrubbed() {
+    let Some(gw) = crate::fakegw::FakeGateway::start("nemoclaw") else { return };
     let h = Home::new();
-    let state = h.path().join("double");
-    double_config(
-        &state,
-        json!({"version": "0.0.116", "gateways": {"nemoclaw": "connected"}, "active": "nemoclaw"}),
-    );
-    let program = double_wrapper(h.path(), &state);
+    let program = gw.wrapper();
     let with = |args: &[&str]| {
-        cmd(&h)
-            .env("OPENSHELL_GATEWAY", "elsewhere")
+        let mut c = cmd(&h);
+        for (k, v) in gw.env() {
+            c.env(k, v);
+        }
+        c.env("OPENSHELL_GATEWAY", "elsewhere")
             .env("OPENSHELL_WORKSPACE", "other")
-            .env("NEMOCLAW_OPENSHELL_POLL_MS", "10")
+            .env("OPENSHELL_SANDBOX_POLICY", "/nonexistent.yaml")
             .arg("--openshell")
             .arg(&program)
             .args(args)
@@ -527,7 +525,7 @@ fn onboard_and_status_through_openshell_are_scoped_and_scrubbed() {
     let o = with(&["onboard", "demo", "--policy", "npm"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(Registry::load(h.path()).unwrap().entry(&name("demo")).is_none());
-    assert!(!state.join("gw/nemoclaw/demo").exists(), "nothing created");
+    assert!(!gw.sandboxes().contains_key("demo"), "nothing created");
     let o = with(&["onboard", "demo"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let row = Registry::load(h.path()).unwrap().entry(&name("demo")).cloned().unwrap();
@@ -535,16 +533,15 @@ fn onboard_and_status_through_openshell_are_scoped_and_scrubbed() {
         (row["gatewayName"].clone(), row["gatewayPort"].clone()),
         (json!("nemoclaw"), json!(8080))
     );
-    assert!(state.join("gw/nemoclaw/demo/state/workspace/AGENTS.md").is_file());
+    let root = gw.sandbox_root("demo").expect("created on the gateway");
+    assert!(root.join(".openclaw/workspace/AGENTS.md").is_file());
     let o = with(&["demo", "status", "--json"]);
     assert_eq!(parse(&o.stdout)["data"]["live"]["status"], "present", "{}", stderr(&o));
-    let calls: Vec<Value> = fs::read_to_string(state.join("calls.log"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(calls.iter().all(|c| c["scrubbed"] == true), "OPENSHELL_* leaked into a call");
-    assert!(calls.iter().any(|c| c["argv"][1] == "create"));
+    let leaked = fs::read_to_string(gw.tmp.path().join("env.log")).unwrap_or_default();
+    assert!(leaked.trim().is_empty(), "OPENSHELL_* leaked into a call: {leaked}");
+    let calls = gw.invocations();
+    assert!(calls.iter().any(|c| c.starts_with("sandbox create")), "{calls:?}");
+    assert!(calls.iter().all(|c| c == "--version" || c.contains("-g nemoclaw")), "{calls:?}");
 
     // Recorded on nemoclaw-9000 while nemoclaw is the active gateway: the refusal names the
     // gateway to select, and nothing is removed.
@@ -567,7 +564,7 @@ fn onboard_and_status_through_openshell_are_scoped_and_scrubbed() {
     let o = with(&["demo", "destroy", "--yes"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("openshell gateway select nemoclaw-9000"), "{}", stderr(&o));
-    assert!(state.join("gw/nemoclaw/demo").exists());
+    assert!(gw.sandboxes().contains_key("demo"));
 }
 
 #[test]
