@@ -87,6 +87,12 @@ impl Printer {
         }
     }
 
+    /// A notice on stderr that is always shown, even with `-q` and `--json` (the answer to a
+    /// Ctrl-C: the operator must know at once what the program is doing).
+    pub fn notice(&self, msg: impl AsRef<str>) {
+        eprintln!("{}", self.paint(self.color, "33", msg.as_ref()));
+    }
+
     /// An error line on stderr (always shown).
     pub fn error(&self, msg: impl AsRef<str>) {
         eprintln!("{} {}", self.paint(self.color, "31;1", "error:"), msg.as_ref());

@@ -9,6 +9,7 @@ use super::args::{RebuildArgs, RecoverArgs};
 use super::{CliError, CmdResult, Ctx, Printer};
 use crate::engine::lock::LockDir;
 use crate::engine::runner::{self, Observer, RunReport, RunSpec, StepOutcome};
+use crate::engine::signals::{self, Stop};
 use crate::engine::StepCtx;
 use crate::exit::Exit;
 use crate::journal::runs::{self, RunRecord, RunState, StepState, UnfinishedFilter};
@@ -21,8 +22,39 @@ struct Progress<'a> {
     p: &'a Printer,
 }
 
+/// The step in flight, for the stop notice (the signal thread reads it).
+static CURRENT_STEP: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+impl<'a> Progress<'a> {
+    /// The observer of a run; also what a Ctrl-C is answered with while it runs.
+    fn new(p: &'a Printer) -> Self {
+        let printer = p.clone();
+        signals::on_signal(Box::new(move |stop| {
+            let step = CURRENT_STEP.lock().map(|s| s.clone()).unwrap_or_default();
+            let step = if step.is_empty() {
+                "the current step".to_owned()
+            } else {
+                format!("step `{step}`")
+            };
+            printer.notice(match stop {
+                Stop::AfterThisStep => format!(
+                    "Stopping: {step} is finishing and will be journaled, then the run stops as interrupted. \
+                     Press Ctrl-C again to stop at once (the journal stays consistent); `nemoclaw recover` continues the run."
+                ),
+                Stop::Now => format!(
+                    "Stopped at once during {step}; the journal is consistent. Run `nemoclaw recover` to resume or roll back."
+                ),
+            });
+        }));
+        Self { p }
+    }
+}
+
 impl Observer for Progress<'_> {
     fn step_started(&self, _seq: usize, name: &str, resumed: bool) {
+        if let Ok(mut s) = CURRENT_STEP.lock() {
+            name.clone_into(&mut s);
+        }
         let msg = match name {
             "backup" => Some(messages::BACKING_UP),
             "remove" => Some(messages::DELETING),
@@ -90,39 +122,92 @@ fn unfinished_for(journal: &Journal, name: &SandboxName) -> Result<Vec<RunRecord
     )?)
 }
 
-/// Print the notice about an unfinished run of `name`, if there is one. Used by every command
-/// that touches a sandbox. Returns whether one was found.
+/// Who is working on run `r` right now: the journal's holder row when another live process
+/// holds the run's kernel lock, `None` when nobody does (the run was interrupted). The lock is
+/// the truth (the OS drops it when its holder dies); the row only names the holder.
+fn live_holder(ctx: &Ctx, journal: &Journal, r: &RunRecord) -> Option<runs::HolderRecord> {
+    match LockDir::new(&ctx.home).try_lock(&r.lock_key) {
+        // Free: nobody is running it. Dropping the lock at once leaves it as we found it.
+        Ok(Some(_free)) => None,
+        Ok(None) => Some(runs::holder(journal.conn(), &r.lock_key).ok().flatten().unwrap_or(
+            runs::HolderRecord {
+                lock_key: r.lock_key.clone(),
+                run_id: Some(r.id.clone()),
+                pid: r.pid,
+                host: r.host.clone(),
+                started_at: r.created_at,
+                acquired_at: r.updated_at,
+            },
+        )),
+        // Cannot even open the lock file (read-only home): say nothing we cannot prove.
+        Err(_) => None,
+    }
+}
+
+/// "pid 42 on host h since 2026-…, running `nemoclaw alpha rebuild --yes`".
+fn holder_line(h: &runs::HolderRecord, r: &RunRecord) -> String {
+    format!(
+        "pid {} on host {} since {}, running `{}`",
+        h.pid,
+        h.host,
+        crate::util::iso_ms(h.acquired_at),
+        r.argv.join(" ")
+    )
+}
+
+/// Print the notice about an unfinished run of `name`, if there is one: "in progress" when a
+/// live process holds it, "was interrupted" (with the recover commands) when nobody does.
+/// Used by every command that touches a sandbox. Returns whether one was found.
 pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
     let path = ctx.home.join(crate::journal::store::FILE_NAME);
     let Ok(Some(j)) = Journal::open_readonly(&path) else { return false };
     let Ok(list) = unfinished_for(&j, name) else { return false };
     for r in &list {
-        ctx.printer.warn(format!(
-            "⚠ A rebuild of '{name}' was interrupted (run {}, {}); you must run `nemoclaw recover --resume {}` or `nemoclaw recover --rollback {}`.",
-            short(&r.id), r.state.as_str(), r.id, r.id
-        ));
+        match live_holder(ctx, &j, r) {
+            Some(h) => ctx.printer.warn(format!(
+                "⚠ A rebuild of '{name}' is in progress (run {}, {}): {}.",
+                short(&r.id),
+                r.state.as_str(),
+                holder_line(&h, r)
+            )),
+            None => ctx.printer.warn(format!(
+                "⚠ A rebuild of '{name}' was interrupted (run {}, {}); you must run `nemoclaw recover --resume {}` or `nemoclaw recover --rollback {}`.",
+                short(&r.id), r.state.as_str(), r.id, r.id
+            )),
+        }
     }
     !list.is_empty()
 }
 
-/// Refuse (exit 3) a command that would change a sandbox with an unfinished run: recovery
-/// needs the host as the journal left it.
+/// Refuse a command that would change a sandbox with an unfinished run: exit 75 naming the
+/// holder while a live process runs it, else exit 3 with the recover commands (recovery needs
+/// the host as the journal left it).
 pub fn refuse_if_unfinished(ctx: &Ctx, name: &SandboxName, what: &str) -> Result<(), CliError> {
     let path = ctx.home.join(crate::journal::store::FILE_NAME);
     let Some(j) = Journal::open_readonly(&path)? else { return Ok(()) };
-    match unfinished_for(&j, name)?.into_iter().next() {
-        None => Ok(()),
-        Some(r) => Err(CliError::new(
-            Exit::Refused,
+    let Some(r) = unfinished_for(&j, name)?.into_iter().next() else { return Ok(()) };
+    if let Some(h) = live_holder(ctx, &j, &r) {
+        return Err(CliError::new(
+            Exit::Busy,
             format!(
-                "a rebuild of '{name}' is unfinished (run {}, {}); `{what}` is refused until it is resumed or rolled back (nothing was changed)",
+                "a rebuild of '{name}' is in progress (run {}, {}): {}; `{what}` is refused while it runs (nothing was changed)",
                 r.id,
-                r.state.as_str()
+                r.state.as_str(),
+                holder_line(&h, &r)
             ),
         )
-        .hint(format!("resume it: `nemoclaw recover --resume {}`", r.id))
-        .hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.id))),
+        .hint(format!("wait for it to finish (`nemoclaw journal show {}` follows it), then retry", r.id)));
     }
+    Err(CliError::new(
+        Exit::Refused,
+        format!(
+            "a rebuild of '{name}' is unfinished (run {}, {}); `{what}` is refused until it is resumed or rolled back (nothing was changed)",
+            r.id,
+            r.state.as_str()
+        ),
+    )
+    .hint(format!("resume it: `nemoclaw recover --resume {}`", r.id))
+    .hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.id)))
 }
 
 fn short(id: &str) -> &str {
@@ -272,7 +357,7 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
         params,
         argv: argv(),
     };
-    let obs = Progress { p };
+    let obs = Progress::new(p);
     let report = runner::start(&mut journal, &locks, &plan, spec, &obs)?;
     finish(ctx, &mut journal, &locks, name, mode, report, pf.shields_locked)
 }
@@ -311,13 +396,29 @@ fn finish(
                 eprintln!("  {}", e.message);
             }
             let resolver = resolver(ctx, journal, &id)?;
-            let rb = runner::rollback(journal, locks, &id, &resolver, &Progress { p })?;
+            let rb = runner::rollback(journal, locks, &id, &resolver, &Progress::new(p))?;
             if rb.state == RunState::RolledBack {
                 eprintln!("{}", messages::ENTRY_PRESERVED_RETRY);
                 json_report(p, name, mode, &report, Some(&rb));
                 Ok(Exit::Failed)
             } else {
                 json_report(p, name, mode, &report, Some(&rb));
+                next_commands(p, &rb);
+                Ok(rb.exit().max_failed())
+            }
+        }
+        // Failed before the point of no return (nothing deleted, no row removed): undo at
+        // once, in this command, so a run that changed nothing an operator cares about never
+        // blocks the sandbox, and shields lowered for the backup are raised again.
+        RunState::Failed if failed_before_remove(&report) => {
+            explain(p, &report);
+            let resolver = resolver(ctx, journal, &id)?;
+            let rb = runner::rollback(journal, locks, &id, &resolver, &Progress::new(p))?;
+            json_report(p, name, mode, &report, Some(&rb));
+            if rb.state == RunState::RolledBack {
+                p.notice(messages::nothing_changed(name.as_str(), shields_locked));
+                Ok(Exit::Failed)
+            } else {
                 next_commands(p, &rb);
                 Ok(rb.exit().max_failed())
             }
@@ -329,6 +430,14 @@ fn finish(
             Ok(report.exit())
         }
     }
+}
+
+/// Whether a failed run stopped before its first destructive step (`remove`): the steps
+/// before it only read, lower shields (undone by the rollback) and write a backup.
+fn failed_before_remove(r: &RunReport) -> bool {
+    matches!(r.failed_step.as_deref(), Some("snapshot" | "shields_down" | "backup"))
+        && r.needs_operator.is_none()
+        && !r.interrupted
 }
 
 trait MaxFailed {
@@ -520,7 +629,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     let mode = run.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Normal);
     let resolver = resolver(ctx, &journal, &run.id)?;
     let locks = LockDir::new(&ctx.home);
-    let obs = Progress { p };
+    let obs = Progress::new(p);
     let verb = if a.resume { "Resuming" } else { "Rolling back" };
     p.info(format!(
         "{verb} run {} of '{}' ({} mode, {})",

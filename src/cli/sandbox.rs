@@ -255,8 +255,18 @@ pub fn dispatch(ctx: &Ctx, sc: SandboxCli) -> CmdResult {
             super::rebuild_cmd::warn_unfinished(ctx, &name);
             status(ctx, &name)
         }
-        SandboxAction::Shields { action } => {
+        // A shields change during a live or unfinished run would be undone silently when the
+        // run re-locks (or clears) the shields at its end: refused, naming the next command.
+        SandboxAction::Shields { action: ShieldsAction::Status } => {
             super::rebuild_cmd::warn_unfinished(ctx, &name);
+            shields_cmd(ctx, &name, ShieldsAction::Status)
+        }
+        SandboxAction::Shields { action } => {
+            let what = match action {
+                ShieldsAction::Up => "shields up",
+                _ => "shields down",
+            };
+            super::rebuild_cmd::refuse_if_unfinished(ctx, &name, what)?;
             shields_cmd(ctx, &name, action)
         }
         SandboxAction::Destroy { yes } => {

@@ -57,3 +57,11 @@ pub fn could_not_confirm(n: &str) -> String {
 /// Refusal follow-up.
 pub const ENTRY_PRESERVED: &str =
     "Your local registry entry has been preserved — nothing was removed.";
+
+/// After a failure before the point of no return, rolled back in the same command.
+pub fn nothing_changed(name: &str, shields_locked: bool) -> String {
+    format!(
+        "Nothing was changed{}: the old sandbox and its registry entry are as they were. Fix the cause above and run the rebuild again: `nemoclaw {name} rebuild`.",
+        if shields_locked { " (shields are locked again)" } else { "" }
+    )
+}

@@ -719,6 +719,159 @@ fn sigint_interrupts_cleanly_and_resume_completes() {
     check_rebuilt(&w, &b, "normal");
 }
 
+/// A failure before the delete (the backup's download fails, as an `ssh` failure does through
+/// openshell) is rolled back in the same command: shields locked again, no backup directory
+/// left, registry bytes as before, the run `rolled_back`, and the sandbox is not blocked.
+#[test]
+fn failure_before_the_delete_is_rolled_back_at_once_and_blocks_nothing() {
+    let w = World::new(Opts::default());
+    let b = w.snapshot();
+    assert!(b.shields.is_some(), "the sandbox starts locked");
+    w.fault(json!({"fail": {"download": "ssh tar extract exited with status 255"}}));
+    let o = w.rebuild();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("step `backup` failed") && err.contains("status 255"), "{err}");
+    assert!(err.contains("Nothing was changed (shields are locked again)"), "{err}");
+    assert!(!err.contains("recover --"), "nothing to recover: {err}");
+    assert_eq!(w.registry_bytes(), b.registry, "registry bytes");
+    assert_eq!(w.shields_bytes(), b.shields, "shields as they were");
+    assert_eq!(w.digest(), b.digest, "sandbox untouched");
+    assert_eq!(w.live_id(), b.id, "the same sandbox");
+    assert_eq!(runs(w.path()).last().unwrap().1, "rolled_back");
+    check_journal(w.path());
+    let backups = w.path().join("rebuild-backups/alpha");
+    let left: Vec<_> = std::fs::read_dir(&backups)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the uncommitted backup directory is removed: {left:?}");
+    w.clear_fault();
+    assert_ok(&w.rebuild());
+}
+
+/// The first Ctrl-C is answered at once, while the step is still running, naming the step and
+/// the second Ctrl-C; the second says what it did and exits 130; the journal is left for
+/// `recover --resume`, which completes the rebuild.
+#[test]
+fn ctrl_c_is_acknowledged_at_once_and_the_second_says_what_it_did() {
+    use std::io::BufRead;
+    let w = World::new(Opts { locked: true, files: 12 });
+    let b = w.snapshot();
+    let mut child = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_STEP_DELAY_MS", "4000")
+        .args(["alpha", "rebuild", "--yes"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while runs(w.path()).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the rebuild never journaled a run");
+        // Deliberate: waiting for the other process to write its run.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let first =
+        rx.iter().find(|l| l.starts_with("Stopping:")).expect("the first Ctrl-C is acknowledged");
+    // Each step takes 4 s: the answer came while the step was still running.
+    assert!(child.try_wait().unwrap().is_none(), "answered only after the process ended");
+    assert!(first.contains("step `") && first.contains("Ctrl-C again"), "{first}");
+    assert!(first.contains("nemoclaw recover"), "{first}");
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let second = rx.iter().find(|l| l.starts_with("Stopped at once")).expect("the second says so");
+    assert!(second.contains("during step `") && second.contains("nemoclaw recover"), "{second}");
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    // Stopped at once is like kill -9: the run is still `running` until recover takes it over.
+    let (id, state) = runs(w.path()).last().unwrap().clone();
+    assert_eq!(state, "running");
+    assert_ok(&w.home.run(&["recover", "--resume", &id]));
+    check_journal(w.path());
+    check_rebuilt(&w, &b, "normal");
+}
+
+/// While a live process runs a rebuild (running, or stopped with SIGSTOP), every mutating
+/// command on that sandbox is busy (75) and names the holder; `shields up` is refused rather
+/// than answered and silently undone when the run re-locks; status says "in progress". Once
+/// nobody holds an unfinished run, the same commands get exit 3 and the recover commands.
+#[test]
+fn live_run_is_busy_and_an_interrupted_one_unfinished_and_shields_changes_are_refused() {
+    let w = World::new(Opts { locked: true, files: 12 });
+    let b = w.snapshot();
+    let mut child = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_STEP_DELAY_MS", "400")
+        .args(["alpha", "rebuild", "--yes"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while runs(w.path()).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the rebuild never journaled a run");
+        // Deliberate: waiting for the other process to write its run.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id() as i32;
+    for stopped in [false, true] {
+        if stopped {
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        let shields = w.shields_bytes();
+        for args in [
+            &["alpha", "rebuild", "--yes"][..],
+            &["alpha", "destroy", "--yes"],
+            &["alpha", "shields", "up"],
+            &["alpha", "shields", "down"],
+        ] {
+            let o = w.home.run(args);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(75), "{args:?} stopped={stopped}: {err}");
+            assert!(
+                err.contains("is in progress") && err.contains(&format!("pid {pid} ")),
+                "{err}"
+            );
+            assert!(err.contains("running `") && err.contains("alpha rebuild --yes`"), "{err}");
+            assert!(!err.contains("recover --resume"), "a live run is not to be recovered: {err}");
+            assert_eq!(w.shields_bytes(), shields, "{args:?}: shields untouched");
+        }
+        let o = w.home.run(&["alpha", "status"]);
+        assert!(stderr(&o).contains("is in progress"), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("was interrupted"), "{}", stderr(&o));
+    }
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(child.wait().unwrap().success());
+    check_rebuilt(&w, &b, "normal");
+
+    // Killed mid-run: nobody holds it, so it is unfinished (3), with the commands that finish it.
+    let o = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_CRASHPOINT", "after_effect:2")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    assert!(killed(&o), "{}", stderr(&o));
+    let shields = w.shields_bytes();
+    for args in [&["alpha", "shields", "up"][..], &["alpha", "destroy", "--yes"]] {
+        let o = w.home.run(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {err}");
+        assert!(err.contains("is unfinished") && err.contains("recover --resume"), "{err}");
+        assert_eq!(w.shields_bytes(), shields, "{args:?}: shields untouched");
+    }
+    let o = w.home.run(&["alpha", "status"]);
+    assert!(stderr(&o).contains("was interrupted"), "{}", stderr(&o));
+}
+
 /// Seeded kill -9 soak: rebuilds of a few-hundred-file workspace killed at random moments,
 /// each followed by `recover --resume` or `--rollback` alternately; invariants after each.
 /// `NEMOCLAW_SOAK_SEED` replays a failure; `NEMOCLAW_SOAK_CYCLES` changes the count (≥ 50).
