@@ -8,6 +8,43 @@ use super::args::{ColorChoice, Global};
 /// Version of every `--json` document's envelope and payloads.
 pub const JSON_SCHEMA_VERSION: u32 = 1;
 
+const BOLD: &str = "\x1b[1m";
+const DIM: &str = "\x1b[2m";
+const RESET: &str = "\x1b[0m";
+
+/// Text for a terminal, with every control character but newline and tab written out as an
+/// escape (`\x1b`, `\r`, `\x07`, …), and C1 controls and DEL too: the text may come from
+/// `openshell` output, registry keys or journal rows, and none of them may move the cursor,
+/// retitle the window (OSC) or hide what came before (`\r`).
+pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    clean_keeping(s, &[])
+}
+
+fn clean_keeping<'a>(s: &'a str, keep: &[&str]) -> std::borrow::Cow<'a, str> {
+    let bad = |c: char| (c.is_control() && c != '\n' && c != '\t') || c == '\u{7f}';
+    if !s.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    let mut rest = s;
+    'outer: while let Some(c) = rest.chars().next() {
+        for k in keep {
+            if let Some(r) = rest.strip_prefix(k) {
+                out.push_str(k);
+                rest = r;
+                continue 'outer;
+            }
+        }
+        match c {
+            '\r' => out.push_str("\\r"),
+            c if bad(c) => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Owns quiet / verbose / JSON / colour decisions.
 #[derive(Debug, Clone)]
 pub struct Printer {
@@ -69,61 +106,73 @@ impl Printer {
     /// A progress or status message on stderr (suppressed by `-q` and `--json`).
     pub fn info(&self, msg: impl AsRef<str>) {
         if !self.quiet && !self.json {
-            eprintln!("{}", msg.as_ref());
+            eprintln!("{}", clean(msg.as_ref()));
         }
     }
 
     /// A success line (`✓ ...`) on stderr.
     pub fn success(&self, msg: impl AsRef<str>) {
         if !self.quiet && !self.json {
-            eprintln!("{}", self.paint(self.color, "32", msg.as_ref()));
+            eprintln!("{}", self.paint(self.color, "32", &clean(msg.as_ref())));
         }
     }
 
     /// A warning on stderr (shown unless `-q`; shown with `--json` too, it is not data).
     pub fn warn(&self, msg: impl AsRef<str>) {
         if !self.quiet {
-            eprintln!("{}", self.paint(self.color, "33", msg.as_ref()));
+            eprintln!("{}", self.paint(self.color, "33", &clean(msg.as_ref())));
         }
     }
 
     /// A notice on stderr that is always shown, even with `-q` and `--json` (the answer to a
     /// Ctrl-C: the operator must know at once what the program is doing).
     pub fn notice(&self, msg: impl AsRef<str>) {
-        eprintln!("{}", self.paint(self.color, "33", msg.as_ref()));
+        eprintln!("{}", self.paint(self.color, "33", &clean(msg.as_ref())));
+    }
+
+    /// A plain line on stderr that is always shown: the rest of an error or refusal.
+    pub fn say(&self, msg: impl AsRef<str>) {
+        eprintln!("{}", clean(msg.as_ref()));
     }
 
     /// An error line on stderr (always shown).
     pub fn error(&self, msg: impl AsRef<str>) {
-        eprintln!("{} {}", self.paint(self.color, "31;1", "error:"), msg.as_ref());
+        eprintln!("{} {}", self.paint(self.color, "31;1", "error:"), clean(msg.as_ref()));
     }
 
     /// A `hint: ...` line on stderr (always shown: it names the next command).
     pub fn hint(&self, msg: impl AsRef<str>) {
-        eprintln!("{} {}", self.paint(self.color, "36", "hint:"), msg.as_ref());
+        eprintln!("{} {}", self.paint(self.color, "36", "hint:"), clean(msg.as_ref()));
     }
 
     /// Detail shown with `-v`.
     pub fn debug(&self, msg: impl AsRef<str>) {
         if self.verbose > 0 && !self.json {
-            eprintln!("{}", self.paint(self.color, "2", msg.as_ref()));
+            eprintln!("{}", self.paint(self.color, "2", &clean(msg.as_ref())));
         }
     }
 
-    /// One line of data on stdout.
+    /// One line of data on stdout (control characters escaped; see [`Printer::bold`]).
     pub fn data(&self, line: impl AsRef<str>) {
+        let line = line.as_ref();
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{}", line.as_ref());
+        // Our own styling was added by `bold`/`dim` around already-escaped text; only those
+        // exact sequences survive, so foreign text cannot smuggle in others.
+        let _ = if self.color_stdout {
+            writeln!(out, "{}", clean_keeping(line, &[BOLD, DIM, RESET]))
+        } else {
+            writeln!(out, "{}", clean(line))
+        };
     }
 
-    /// Bold text for stdout tables, when colour is on.
+    /// Bold text for stdout tables, when colour is on (the text itself is escaped).
     pub fn bold(&self, s: &str) -> String {
-        self.paint(self.color_stdout, "1", s)
+        self.paint(self.color_stdout, "1", &clean(s))
     }
 
-    /// Dim text for stdout tables, when colour is on.
+    /// Dim text for stdout tables, when colour is on (the text itself is escaped).
     pub fn dim(&self, s: &str) -> String {
-        self.paint(self.color_stdout, "2", s)
+        self.paint(self.color_stdout, "2", &clean(s))
     }
 
     /// The JSON document of a command: `{"schema_version":1,"type":kind,"data":data}` on stdout.
@@ -134,5 +183,24 @@ impl Printer {
             "data": data,
         });
         self.data(doc.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_only_our_styling_survives() {
+        assert_eq!(clean("plain\ttext\nnext"), "plain\ttext\nnext");
+        assert_eq!(
+            clean("a\x1b]0;pwned\x07b\rc\0d\u{9b}e\u{7f}"),
+            "a\\x1b]0;pwned\\x07b\\rc\\x00d\\x9be\\x7f"
+        );
+        let styled = format!("{BOLD}name{RESET} \x1b[8mhidden");
+        assert_eq!(
+            clean_keeping(&styled, &[BOLD, DIM, RESET]),
+            format!("{BOLD}name{RESET} \\x1b[8mhidden")
+        );
     }
 }

@@ -252,7 +252,7 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
                 p.error(first);
             }
             for l in it {
-                eprintln!("{l}");
+                p.say(l);
             }
             return Ok(Exit::Refused);
         }
@@ -336,7 +336,7 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
                 step_names.join(" → ")
             ),
         };
-        eprintln!("{what}");
+        eprintln!("{}", super::printer::clean(&what));
         eprint!("Proceed? [y/N] ");
         let _ = std::io::stderr().flush();
         let mut line = String::new();
@@ -393,12 +393,12 @@ fn finish(
             // NemoClaw does), and the rollback is journaled like any other.
             p.error(messages::RECREATE_FAILED);
             if let Some(e) = &report.error {
-                eprintln!("  {}", e.message);
+                p.say(format!("  {}", e.message));
             }
             let resolver = resolver(ctx, journal, &id)?;
             let rb = runner::rollback(journal, locks, &id, &resolver, &Progress::new(p))?;
             if rb.state == RunState::RolledBack {
-                eprintln!("{}", messages::ENTRY_PRESERVED_RETRY);
+                p.say(messages::ENTRY_PRESERVED_RETRY);
                 json_report(p, name, mode, &report, Some(&rb));
                 Ok(Exit::Failed)
             } else {
@@ -462,7 +462,7 @@ fn explain(p: &Printer, r: &RunReport) {
             "step `{}` cannot tell whether its effect happened: {t}",
             r.failed_step.as_deref().unwrap_or("?")
         ));
-        eprintln!("A person must look before anything else is done; nemoclaw will not guess.");
+        p.say("A person must look before anything else is done; nemoclaw will not guess.");
     } else if let Some(e) = &r.error {
         p.error(format!(
             "step `{}` failed: {}",

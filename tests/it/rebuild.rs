@@ -749,6 +749,53 @@ fn failure_before_the_delete_is_rolled_back_at_once_and_blocks_nothing() {
     assert_ok(&w.rebuild());
 }
 
+/// Control characters from the registry, a gateway's error text and the journal are written
+/// out as escapes in human output (no OSC retitling, no `\r` overwriting a line), while
+/// `--json` keeps the exact text.
+#[test]
+fn control_characters_never_reach_the_terminal() {
+    let w = World::new(Opts::default());
+    let evil = "x\u{1b}]0;pwned\u{7}\rFAKE\u{0}";
+    let mut reg = w.registry();
+    reg["sandboxes"]["alpha"]["model"] = json!(evil);
+    reg["sandboxes"][format!("bad{evil}")] = json!({"name": "bad"});
+    std::fs::write(w.path().join("sandboxes.json"), serde_json::to_vec_pretty(&reg).unwrap())
+        .unwrap();
+    w.fault(json!({"fail": {"download": format!("ssh said {evil}")}}));
+    let o = w.rebuild();
+    w.clear_fault();
+    let id = runs(w.path()).last().unwrap().0.clone();
+    let human = [
+        w.home.run(&["list"]),
+        o,
+        w.home.run(&["journal", "show", &id]),
+        w.home.run(&["alpha", "status"]),
+    ];
+    for (i, o) in human.iter().enumerate() {
+        for (what, bytes) in [("stdout", &o.stdout), ("stderr", &o.stderr)] {
+            let bad: Vec<u8> =
+                bytes.iter().copied().filter(|b| matches!(b, 0 | 7 | 0x1b | b'\r')).collect();
+            assert!(
+                bad.is_empty(),
+                "output {i} {what} carries control bytes {bad:?}: {}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+    assert!(stdout(&human[0]).contains("x\\x1b]0;pwned\\x07\\rFAKE\\x00"), "{}", stdout(&human[0]));
+    assert!(stderr(&human[1]).contains("ssh said x\\x1b]0;pwned"), "{}", stderr(&human[1]));
+    let j = w.home.run(&["--json", "list"]);
+    let doc: Value = serde_json::from_slice(&j.stdout).unwrap();
+    let alpha = doc["data"]["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "alpha")
+        .unwrap()
+        .clone();
+    assert_eq!(alpha["model"], evil, "JSON keeps the exact text");
+}
+
 /// The first Ctrl-C is answered at once, while the step is still running, naming the step and
 /// the second Ctrl-C; the second says what it did and exits 130; the journal is left for
 /// `recover --resume`, which completes the rebuild.
