@@ -26,6 +26,10 @@ pub struct Global {
     /// Path of the `openshell` binary (default: $NEMOCLAW_OPENSHELL, else found on PATH).
     #[arg(long, global = true, env = "NEMOCLAW_OPENSHELL", value_name = "PATH")]
     pub openshell: Option<PathBuf>,
+    /// NemoClaw's policy presets directory (`<preset>.yaml` files), read when a stale recovery
+    /// has no journaled policy and re-applies the registry's presets.
+    #[arg(long, global = true, env = "NEMOCLAW_POLICY_PRESETS", value_name = "DIR")]
+    pub policy_presets: Option<PathBuf>,
 }
 
 /// `--color` values.

@@ -154,6 +154,11 @@ const SANDBOX_MARKER: &str = "sandbox-named-like-a-command";
 
 fn run_with(global: Global, f: impl FnOnce(&Ctx) -> CmdResult) -> Exit {
     let printer = Printer::from_global(&global);
+    // The openshell driver reads the presets directory from the environment, so the flag and
+    // the variable are one setting. Set before any thread of ours exists.
+    if let Some(dir) = &global.policy_presets {
+        std::env::set_var("NEMOCLAW_POLICY_PRESETS", dir);
+    }
     let result = resolve_home(&global).and_then(|home| {
         let ctx = Ctx { global, printer: printer.clone(), home };
         f(&ctx)
@@ -179,6 +184,7 @@ fn merge_global(a: Global, b: Global) -> Global {
         quiet: a.quiet || b.quiet,
         color: if b.color != args::ColorChoice::Auto { b.color } else { a.color },
         openshell: b.openshell.or(a.openshell),
+        policy_presets: b.policy_presets.or(a.policy_presets),
     }
 }
 

@@ -376,6 +376,7 @@ fn finish(
     let id = report.run_id.clone();
     match report.state {
         RunState::Succeeded => {
+            step_warnings(p, journal, &id);
             p.success(messages::rebuilt(name.as_str()));
             if mode == Mode::Stale {
                 p.info(messages::STALE_RECOVERED);
@@ -428,6 +429,17 @@ fn finish(
             explain(p, &report);
             next_commands(p, &report);
             Ok(report.exit())
+        }
+    }
+}
+
+/// The warnings steps journaled in their output (e.g. a preset that could not be re-applied):
+/// the run succeeded, but the operator has something to do.
+fn step_warnings(p: &Printer, journal: &Journal, run_id: &str) {
+    for step in runs::steps(journal.conn(), run_id).unwrap_or_default() {
+        let list = step.output.as_ref().and_then(|o| o.get("warnings")).and_then(Value::as_array);
+        for w in list.into_iter().flatten().filter_map(Value::as_str) {
+            p.warn(w);
         }
     }
 }
@@ -646,6 +658,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     let shields_locked = run.params["shields_locked"].as_bool().unwrap_or(false);
     match (report.state, name) {
         (RunState::Succeeded, Some(n)) => {
+            step_warnings(p, &journal, &run.id);
             p.success(messages::rebuilt(n.as_str()));
             if mode == Mode::Stale {
                 p.info(messages::STALE_RECOVERED);

@@ -12,6 +12,7 @@ use crate::names::SandboxName;
 pub mod classify;
 pub mod local;
 pub mod openshell;
+pub mod policy;
 
 /// A sandbox as a gateway reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -210,6 +211,30 @@ pub trait Gateway: Send + Sync {
 
     /// Names of the policies currently applied, when the gateway can tell.
     fn applied_policies(&self, name: &SandboxName) -> Result<Vec<String>, GatewayError>;
+
+    /// Apply several policies at once; one result per policy, in order. Gateways that keep one
+    /// whole policy merge them all and write the result once.
+    fn apply_policies(
+        &self,
+        name: &SandboxName,
+        policies: &[PolicySpec],
+    ) -> Vec<Result<(), GatewayError>> {
+        policies.iter().map(|p| self.apply_policy(name, p)).collect()
+    }
+
+    /// The names of those of `policies` that are not in force on the sandbox.
+    fn missing_policies(
+        &self,
+        name: &SandboxName,
+        policies: &[PolicySpec],
+    ) -> Result<Vec<String>, GatewayError> {
+        let applied = self.applied_policies(name)?;
+        Ok(policies
+            .iter()
+            .filter(|p| !applied.iter().any(|a| a == p.name()))
+            .map(|p| p.name().to_owned())
+            .collect())
+    }
 
     /// The sandbox's whole live policy, as the gateway serialises it, when this gateway keeps
     /// whole policies (openshell: the body of `policy get --full`); `Ok(None)` when it does not

@@ -396,6 +396,36 @@ fn link_view(src: &Path, dest: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The YAML of a preset (from `NEMOCLAW_POLICY_PRESETS/<name>.yaml`, NemoClaw's blueprint
+/// presets directory) or of a custom policy (its registry `content`). Names are checked with
+/// the sandbox-name rule before they reach a path; there is no fallback body.
+fn preset_body(p: &PolicySpec) -> Result<String, GatewayError> {
+    SandboxName::parse(p.name()).map_err(|e| {
+        GatewayError::Other(format!("invalid policy preset name '{}': {e}", p.name()))
+    })?;
+    match p {
+        PolicySpec::Custom { content, .. } => Ok(content.clone()),
+        PolicySpec::Preset { name: preset } => {
+            let dir = std::env::var_os("NEMOCLAW_POLICY_PRESETS").map(PathBuf::from);
+            let Some(path) = dir.map(|d| d.join(format!("{preset}.yaml"))).filter(|p| p.is_file())
+            else {
+                return Err(GatewayError::Other(format!(
+                    "policy preset '{preset}' not found (give NemoClaw's presets directory with --policy-presets DIR or NEMOCLAW_POLICY_PRESETS)"
+                )));
+            };
+            std::fs::read_to_string(&path).map_err(|e| GatewayError::Io {
+                context: format!("cannot read {}", path.display()),
+                source: e,
+            })
+        }
+    }
+}
+
+fn entries_of(p: &PolicySpec, body: &str) -> Result<serde_yaml_ng::Mapping, GatewayError> {
+    super::policy::preset_entries(body)
+        .map_err(|e| GatewayError::Other(format!("policy '{}': {e}", p.name())))
+}
+
 fn temp_policy_file(content: &str) -> Result<PathBuf, GatewayError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -602,29 +632,66 @@ impl Gateway for OpenShellGateway {
     }
 
     fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError> {
-        // OpenShell keeps one whole policy per sandbox and refuses a NemoClaw preset file
-        // (top-level `preset:`), so only content that is itself a whole OpenShell policy can be
-        // set. A preset is read from `NEMOCLAW_POLICY_PRESETS/<preset>.yaml`, its name checked
-        // first so it cannot leave that directory; there is no fallback body.
-        let body = match policy {
-            PolicySpec::Custom { content, .. } => content.clone(),
-            PolicySpec::Preset { name: preset } => {
-                SandboxName::parse(preset)
-                    .map_err(|e| GatewayError::Other(format!("invalid policy preset name: {e}")))?;
-                let dir = std::env::var_os("NEMOCLAW_POLICY_PRESETS").map(PathBuf::from);
-                let Some(p) = dir.map(|d| d.join(format!("{preset}.yaml"))).filter(|p| p.is_file())
-                else {
-                    return Err(GatewayError::Other(format!(
-                        "policy preset '{preset}' not found (set NEMOCLAW_POLICY_PRESETS to NemoClaw's presets directory)"
-                    )));
-                };
-                std::fs::read_to_string(&p).map_err(|e| GatewayError::Io {
-                    context: format!("cannot read {}", p.display()),
-                    source: e,
-                })?
-            }
+        self.apply_policies(name, std::slice::from_ref(policy)).remove(0)
+    }
+
+    /// NemoClaw's way (see [`super::policy`]): read the live policy, merge every preset's
+    /// `network_policies` into it by key, and write the whole result once with `--wait`.
+    fn apply_policies(
+        &self,
+        name: &SandboxName,
+        policies: &[PolicySpec],
+    ) -> Vec<Result<(), GatewayError>> {
+        let entries: Vec<Result<_, GatewayError>> =
+            policies.iter().map(|p| preset_body(p).and_then(|b| entries_of(p, &b))).collect();
+        let ok: Vec<_> = entries.iter().filter_map(|e| e.as_ref().ok().cloned()).collect();
+        let written = if ok.is_empty() {
+            Ok(())
+        } else {
+            self.live_policy(name).and_then(|live| {
+                let live = live.unwrap_or_default();
+                let merged = super::policy::merge(&live, &ok).map_err(|e| {
+                    GatewayError::Other(format!(
+                        "cannot merge presets into the live policy of '{name}': {e}"
+                    ))
+                })?;
+                if merged == live {
+                    Ok(())
+                } else {
+                    self.set_policy(name, &merged)
+                }
+            })
         };
-        self.set_policy(name, &body)
+        entries
+            .into_iter()
+            .map(|e| match (e, &written) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Ok(())) => Ok(()),
+                (Ok(_), Err(w)) => Err(GatewayError::Other(w.to_string())),
+            })
+            .collect()
+    }
+
+    fn missing_policies(
+        &self,
+        name: &SandboxName,
+        policies: &[PolicySpec],
+    ) -> Result<Vec<String>, GatewayError> {
+        let live = self.live_policy(name)?.unwrap_or_default();
+        let mut missing = Vec::new();
+        for p in policies {
+            let applied = match preset_body(p).and_then(|b| entries_of(p, &b)) {
+                Ok(entries) => super::policy::is_applied(&live, &entries).map_err(|e| {
+                    GatewayError::Other(format!("the live policy of '{name}': {e}"))
+                })?,
+                // A preset that cannot be read is not in force (apply says why).
+                Err(_) => false,
+            };
+            if !applied {
+                missing.push(p.name().to_owned());
+            }
+        }
+        Ok(missing)
     }
 
     fn live_policy(&self, name: &SandboxName) -> Result<Option<String>, GatewayError> {

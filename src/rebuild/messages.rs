@@ -65,3 +65,8 @@ pub fn nothing_changed(name: &str, shields_locked: bool) -> String {
         if shields_locked { " (shields are locked again)" } else { "" }
     )
 }
+
+/// NemoClaw's non-fatal warning for a preset or custom policy that could not be re-applied.
+pub fn preset_restore_failed(preset: &str, why: &str, name: &str) -> String {
+    format!("⚠ Failed to restore presets: {preset}: {why}\n  Re-apply manually with: nemoclaw {name} policy-add")
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::snapshot::{self, Snapshot};
-use super::Mode;
+use super::{messages, Mode};
 use crate::engine::crash::{self, MID_EFFECT};
 use crate::engine::{Probe, Step, StepCtx, StepError};
 use crate::gateway::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec};
@@ -704,14 +704,10 @@ impl Step for PoliciesStep {
             });
         }
         let wanted = Self::wanted(&s);
-        let applied = match env.gateway.applied_policies(&env.name) {
-            Ok(a) => a,
-            Err(e) => return Ok(Probe::Unknown(format!("cannot read applied policies: {e}"))),
-        };
-        Ok(if wanted.iter().all(|p| applied.iter().any(|a| a == p.name())) {
-            Probe::Done(Self::output(&wanted))
-        } else {
-            Probe::NotDone
+        Ok(match env.gateway.missing_policies(&env.name, &wanted) {
+            Ok(missing) if missing.is_empty() => Probe::Done(Self::output(&wanted)),
+            Ok(_) => Probe::NotDone,
+            Err(e) => Probe::Unknown(format!("cannot read the policies in force: {e}")),
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
@@ -724,15 +720,16 @@ impl Step for PoliciesStep {
         let wanted = Self::wanted(&s);
         // As NemoClaw: a preset that cannot be re-applied is a warning with the command to
         // re-apply it by hand, not a failure of a rebuild whose sandbox already exists again.
+        // One call for all of them: a gateway keeping one whole policy writes the merge once.
         let mut applied = Vec::new();
         let mut warnings = Vec::new();
-        for p in &wanted {
-            match env.gateway.apply_policy(&env.name, p) {
+        for (p, r) in wanted.iter().zip(env.gateway.apply_policies(&env.name, &wanted)) {
+            match r {
                 Ok(()) => applied.push(p.clone()),
-                Err(e) => warnings.push(format!(
-                    "Failed to restore presets: {}: {e}. Re-apply manually with: nemoclaw {} policy-add",
+                Err(e) => warnings.push(messages::preset_restore_failed(
                     p.name(),
-                    env.name
+                    &e.to_string(),
+                    env.name.as_str(),
                 )),
             }
         }

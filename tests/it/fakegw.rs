@@ -721,3 +721,65 @@ fn real_cli_dockerfile_sandbox_is_recreated_from_it_and_refused_without_it() {
     assert_eq!(r.gw.sandboxes()["alpha"]["image"], "openshell/sandbox-from:built");
     assert_eq!(r.digest(), digest);
 }
+
+/// Stale recovery with no policy journaled for the sandbox: the replacement starts with the
+/// gateway's default policy, and the registry's presets and custom policies are merged into it
+/// as NemoClaw does (by `network_policies` key, one whole-policy `policy set`); static fields
+/// stay the default's. A preset that is not in the presets directory is NemoClaw's non-fatal
+/// warning, journaled with the step and shown by `journal show`.
+#[test]
+fn real_cli_stale_recovery_without_a_journaled_policy_merges_presets_and_custom_policies() {
+    let Some(r) = Real::new() else { return };
+    let presets = r.gw.tmp.path().join("presets");
+    std::fs::create_dir_all(&presets).unwrap();
+    std::fs::write(
+        presets.join("npm.yaml"),
+        "preset:\n  name: npm\n  description: npm registry\nnetwork_policies:\n  npm:\n    name: npm\n    endpoints:\n    - host: registry.npmjs.org\n      port: 443\n",
+    )
+    .unwrap();
+    let reg_path = r.home.path().join("sandboxes.json");
+    let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
+    reg["sandboxes"]["alpha"]["policies"] = serde_json::json!(["npm", "gone"]);
+    reg["sandboxes"]["alpha"]["customPolicies"] = serde_json::json!([{"name": "corp-proxy",
+        "content": "preset:\n  name: corp-proxy\nnetwork_policies:\n  corp_proxy:\n    name: corp_proxy\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n"}]);
+    std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    let default: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&live_policy(&r.gw, "alpha")).unwrap();
+    let o = r.gw.openshell(&["sandbox", "delete", "alpha", "-g", "nemoclaw"]);
+    assert!(o.status.success());
+
+    let n = r.invocations().len();
+    let o = r
+        .cmd()
+        .args(["--policy-presets"])
+        .arg(&presets)
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let err = crate::common::stderr(&o);
+    assert!(err.contains("⚠ Failed to restore presets: gone"), "{err}");
+    assert!(err.contains("Re-apply manually with: nemoclaw alpha policy-add"), "{err}");
+    let after: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&live_policy(&r.gw, "alpha")).unwrap();
+    let net = after["network_policies"].as_mapping().expect("network_policies");
+    let keys: Vec<&str> = net.keys().filter_map(|k| k.as_str()).collect();
+    assert!(keys.contains(&"npm") && keys.contains(&"corp_proxy"), "{keys:?}");
+    assert_eq!(
+        after["network_policies"]["corp_proxy"]["endpoints"][0]["port"],
+        serde_yaml_ng::Value::from(3128)
+    );
+    for field in ["filesystem_policy", "landlock", "process"] {
+        assert_eq!(after[field], default[field], "{field} is the default's");
+    }
+    let sets = r.invocations()[n..].iter().filter(|c| c.starts_with("policy set")).count();
+    assert_eq!(sets, 1, "one whole-policy set of the merged result");
+
+    let id = crate::rebuild::runs(r.home.path()).last().unwrap().0.clone();
+    let show = r.run(&["journal", "show", &id]);
+    let out = crate::common::stdout(&show);
+    assert!(
+        out.contains("Warnings") && out.contains("policies: ⚠ Failed to restore presets: gone"),
+        "{out}"
+    );
+}

@@ -749,6 +749,28 @@ fn failure_before_the_delete_is_rolled_back_at_once_and_blocks_nothing() {
     assert_ok(&w.rebuild());
 }
 
+/// Every host file the run will read is checked in preflight: a corrupt onboard session (like
+/// a corrupt shields file) is exit 65 naming the file, nothing journaled, nothing changed, the
+/// file itself untouched; `destroy` is not blocked by a run that never started.
+#[rstest::rstest]
+#[case::session("onboard-session.json")]
+#[case::shields("state/shields-alpha.json")]
+fn corrupt_host_file_is_refused_in_preflight_with_nothing_journaled(#[case] file: &str) {
+    let w = World::new(Opts::default());
+    let b = w.snapshot();
+    let path = w.path().join(file);
+    std::fs::write(&path, b"{ not json").unwrap();
+    let o = w.rebuild();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(65), "{err}");
+    assert!(err.contains(file.rsplit('/').next().unwrap()), "names the file: {err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"{ not json", "never overwritten");
+    assert_eq!(w.registry_bytes(), b.registry);
+    assert_eq!((w.digest(), w.live_id()), (b.digest, b.id));
+    let journaled = if w.path().join("journal.sqlite3").exists() { runs(w.path()) } else { vec![] };
+    assert!(journaled.is_empty(), "nothing journaled: {journaled:?}");
+}
+
 /// Control characters from the registry, a gateway's error text and the journal are written
 /// out as escapes in human output (no OSC retitling, no `\r` overwriting a line), while
 /// `--json` keeps the exact text.
