@@ -39,6 +39,7 @@ fn make_sandbox(home: &Path, n: &str, files: usize, bytes: usize) -> PathBuf {
         agent: None,
         gpu: false,
         policy: None,
+        providers: Vec::new(),
     })
     .unwrap();
     registry::update(home, |reg| {

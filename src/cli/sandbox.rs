@@ -111,6 +111,7 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
         agent: a.agent.clone(),
         gpu: false,
         policy: None,
+        providers: Vec::new(),
     };
     p.info(format!("Creating sandbox '{name}' on gateway '{binding}'..."));
     let live = gw.create(&spec).map_err(|e| {

@@ -92,6 +92,9 @@ pub struct CreateSpec {
     /// being replaced; `None` = the gateway's default.
     #[serde(default)]
     pub policy: Option<String>,
+    /// Providers to attach (`--provider`, repeatable): the registry row's `provider`.
+    #[serde(default)]
+    pub providers: Vec<String>,
 }
 
 /// A policy to apply to a sandbox: a preset name or custom policy content.
@@ -220,6 +223,12 @@ pub trait Gateway: Send + Sync {
         policies: &[PolicySpec],
     ) -> Vec<Result<(), GatewayError>> {
         policies.iter().map(|p| self.apply_policy(name, p)).collect()
+    }
+
+    /// Whether the gateway has provider `provider`: `Ok(None)` when this gateway has no
+    /// providers to ask about (the local gateway).
+    fn provider_exists(&self, _provider: &str) -> Result<Option<bool>, GatewayError> {
+        Ok(None)
     }
 
     /// The names of those of `policies` that are not in force on the sandbox.

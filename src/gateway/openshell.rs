@@ -512,6 +512,13 @@ impl Gateway for OpenShellGateway {
             // The registry row says the old sandbox had a GPU (`gpuEnabled: true`).
             args.push("--gpu".to_owned());
         }
+        for p in &spec.providers {
+            // The old sandbox's provider (checked to exist on the gateway in preflight).
+            SandboxName::parse(p)
+                .map_err(|e| GatewayError::Other(format!("invalid provider name '{p}': {e}")))?;
+            args.push("--provider".to_owned());
+            args.push(p.clone());
+        }
         if let Some(f) = &policy_file {
             args.push("--policy".to_owned());
             args.push(f.to_string_lossy().into_owned());
@@ -670,6 +677,21 @@ impl Gateway for OpenShellGateway {
                 (Ok(_), Err(w)) => Err(GatewayError::Other(w.to_string())),
             })
             .collect()
+    }
+
+    fn provider_exists(&self, provider: &str) -> Result<Option<bool>, GatewayError> {
+        // Checked like a sandbox name before it reaches a command line.
+        SandboxName::parse(provider)
+            .map_err(|e| GatewayError::Other(format!("invalid provider name '{provider}': {e}")))?;
+        let out = self.call(&["provider", "get", provider], self.timeout);
+        if out.ok() {
+            return Ok(Some(true));
+        }
+        let words = classify::report_words(&out.stderr);
+        if !out.timed_out && words.contains("not found") && !words.contains("gateway") {
+            return Ok(Some(false));
+        }
+        Err(self.fail(&out, "provider get", provider, self.timeout))
     }
 
     fn missing_policies(

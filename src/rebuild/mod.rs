@@ -139,6 +139,36 @@ pub fn preflight(
             ]);
         }
     }
+    if let (Decision::Proceed(_), Some(p)) =
+        (&decision, entry.get("provider").and_then(Value::as_str))
+    {
+        // The replacement is created with the old sandbox's provider (`--provider`): it must
+        // be on the gateway. nemoclaw never creates providers, so the credential named by the
+        // onboard session matters only to the person who creates it.
+        let missing = |why: String| {
+            let cred = session.as_ref().and_then(|s| s.credential_env()).map(|v| {
+                let set = std::env::var_os(v).is_some_and(|x| !x.is_empty());
+                format!(
+                    "  Its credential comes from ${v}, which is {} in this environment.",
+                    if set { "set" } else { "NOT set" }
+                )
+            });
+            let mut lines = vec![format!(
+                "Sandbox '{name}' uses the provider '{p}', {why}, so it could not be recreated."
+            )];
+            lines.extend(cred);
+            lines.push(format!("  Create it (`openshell provider create --name {p} --type <type> --credential <KEY> -g {}`), then retry.", binding.name()));
+            lines.push(messages::ENTRY_PRESERVED.to_owned());
+            Decision::Refuse(lines)
+        };
+        match gateway.provider_exists(p) {
+            Ok(Some(true)) | Ok(None) => {}
+            Ok(Some(false)) => {
+                decision = missing(format!("which is not on gateway '{}'", binding.name()))
+            }
+            Err(e) => decision = missing(format!("which could not be checked ({e})")),
+        }
+    }
     if matches!(decision, Decision::Proceed(Mode::Normal)) {
         // Never delete what cannot be recreated: the replacement is created with the live
         // policy, so a gateway that keeps whole policies must be able to say what it is.

@@ -492,6 +492,13 @@ fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandb
         agent: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
         gpu: s.entry.get("gpuEnabled").and_then(Value::as_bool).unwrap_or(false),
         policy: s.policy.clone(),
+        providers: s
+            .entry
+            .get("provider")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .into_iter()
+            .collect(),
     };
     // The driver returns once the sandbox is ready, with its id: no second query needed.
     env.gateway.create(&spec).map_err(gw_err)

@@ -21,6 +21,7 @@ State directory (`--state DIR`):
                      "fail": {"CreateSandbox": "INTERNAL:message"},   one RPC fails
                      "healthz": 503,            status of `GET /healthz` (default 200)
                      "no_policy": true}         GetSandboxConfig answers without a policy
+  providers.json  optional list of provider names `GetProvider` knows
   sandboxes/<id>/ plays `/sandbox` of that sandbox (`.openclaw/` created with it); the fake
                   `ssh` beside this file runs upload/download commands there.
 
@@ -262,6 +263,20 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
             else:
                 self.remove(request.name)
             return openshell_pb2.DeleteSandboxResponse(deleted=True)
+
+    def GetProvider(self, request, context):
+        """Providers are configured by the test: `providers.json`, a list of names."""
+        self.enter("GetProvider", context, request.name)
+        try:
+            with open(os.path.join(self.state, "providers.json")) as f:
+                names = json.load(f)
+        except (OSError, ValueError):
+            names = []
+        if request.name not in names:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"provider '{request.name}' not found")
+        p = datamodel_pb2.Provider(type="nvidia")
+        p.metadata.name = request.name
+        return openshell_pb2.ProviderResponse(provider=p)
 
     def CreateSshSession(self, request, context):
         self.enter("CreateSshSession", context)

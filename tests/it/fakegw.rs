@@ -783,3 +783,44 @@ fn real_cli_stale_recovery_without_a_journaled_policy_merges_presets_and_custom_
         "{out}"
     );
 }
+
+/// The registry row's provider: while the gateway does not have it the rebuild is refused in
+/// preflight (exit 3, nothing changed), naming the credential the onboard session says it
+/// uses and whether it is set; once it is there the replacement is created with it.
+#[test]
+fn real_cli_provider_is_checked_in_preflight_and_attached_to_the_replacement() {
+    let Some(r) = Real::new() else { return };
+    let reg_path = r.home.path().join("sandboxes.json");
+    let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
+    reg["sandboxes"]["alpha"]["provider"] = serde_json::json!("nvidia-prod");
+    std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    let session = serde_json::json!({"version": 1, "sandboxName": "alpha", "status": "complete",
+        "credentialEnv": "NEMOCLAW_TEST_PROVIDER_KEY", "metadata": {"gatewayName": "nemoclaw"}});
+    std::fs::write(r.home.path().join("onboard-session.json"), session.to_string()).unwrap();
+    let (reg, digest) = (r.registry_bytes(), r.digest());
+    let id = r.gw.sandboxes()["alpha"]["id"].clone();
+    let n = r.invocations().len();
+    let o = r
+        .cmd()
+        .env_remove("NEMOCLAW_TEST_PROVIDER_KEY")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    let err = crate::common::stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("uses the provider 'nvidia-prod', which is not on gateway 'nemoclaw'"),
+        "{err}"
+    );
+    assert!(err.contains("$NEMOCLAW_TEST_PROVIDER_KEY, which is NOT set"), "{err}");
+    assert_eq!((r.registry_bytes(), r.digest()), (reg, digest.clone()), "nothing changed");
+    assert_eq!(r.gw.sandboxes()["alpha"]["id"], id, "the same sandbox");
+    let calls = r.invocations()[n..].to_vec();
+    assert!(!calls.iter().any(|c| c.starts_with("sandbox delete")), "{calls:?}");
+    assert!(crate::rebuild::runs(r.home.path()).is_empty(), "nothing journaled");
+
+    std::fs::write(r.gw.state().join("providers.json"), r#"["nvidia-prod"]"#).unwrap();
+    ok(&r.run(&["alpha", "rebuild", "--yes"]));
+    assert_eq!(r.gw.sandboxes()["alpha"]["providers"], serde_json::json!(["nvidia-prod"]));
+    assert_eq!(r.digest(), digest);
+}

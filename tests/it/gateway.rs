@@ -316,6 +316,7 @@ fn spec(n: &str, run: &str) -> CreateSpec {
         agent: None,
         gpu: false,
         policy: None,
+        providers: Vec::new(),
     }
 }
 

@@ -69,6 +69,7 @@ impl World {
                 agent: None,
                 gpu: false,
                 policy: None,
+                providers: Vec::new(),
             };
             gw.create(&spec).unwrap();
         }
@@ -1047,6 +1048,7 @@ fn eight_concurrent_rebuilds_on_a_fresh_journal() {
             agent: None,
             gpu: false,
             policy: None,
+            providers: Vec::new(),
         })
         .unwrap();
         std::fs::write(gw.state_dir(&sb(n)).join("MEMORY.md"), n.as_bytes()).unwrap();
