@@ -264,19 +264,32 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
                 self.remove(request.name)
             return openshell_pb2.DeleteSandboxResponse(deleted=True)
 
-    def GetProvider(self, request, context):
-        """Providers are configured by the test: `providers.json`, a list of names."""
-        self.enter("GetProvider", context, request.name)
+    # Providers are configured by the test: `providers.json`, a list of names.
+    def provider_names(self):
         try:
             with open(os.path.join(self.state, "providers.json")) as f:
-                names = json.load(f)
+                return json.load(f)
         except (OSError, ValueError):
-            names = []
-        if request.name not in names:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"provider '{request.name}' not found")
+            return []
+
+    def provider_msg(self, name):
         p = datamodel_pb2.Provider(type="nvidia")
-        p.metadata.name = request.name
-        return openshell_pb2.ProviderResponse(provider=p)
+        p.metadata.name = name
+        return p
+
+    def GetProvider(self, request, context):
+        self.enter("GetProvider", context, request.name)
+        if request.name not in self.provider_names():
+            context.abort(grpc.StatusCode.NOT_FOUND, f"provider '{request.name}' not found")
+        return openshell_pb2.ProviderResponse(provider=self.provider_msg(request.name))
+
+    def ListProviders(self, request, context):
+        # `sandbox create --provider` lists providers first to check the names it was given.
+        self.enter("ListProviders", context)
+        names = self.provider_names()[request.offset :]
+        if request.limit:
+            names = names[: request.limit]
+        return openshell_pb2.ListProvidersResponse(providers=[self.provider_msg(n) for n in names])
 
     def CreateSshSession(self, request, context):
         self.enter("CreateSshSession", context)

@@ -235,15 +235,29 @@ pub fn live_policy(gw: &FakeGateway, name: &str) -> String {
     out.split_once("\n---\n").expect("a --- line").1.to_owned()
 }
 
-/// Add a network rule to alpha's live policy through the real CLI; returns the new policy.
+/// Change alpha's live policy through the real CLI as an operator would: a network rule and a
+/// static field (a read-only path: a live sandbox accepts added paths); returns the new policy.
 fn add_corp_rule(gw: &FakeGateway) -> String {
     let custom = gw.tmp.path().join("custom.yaml");
-    let mut body = live_policy(gw, "alpha");
-    body.push_str("network_policies:\n  corp:\n    name: corp\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n");
-    std::fs::write(&custom, &body).unwrap();
+    let mut body: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&live_policy(gw, "alpha")).unwrap();
+    let corp: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        "name: corp\nendpoints:\n- host: proxy.corp.example\n  port: 3128\n",
+    )
+    .unwrap();
+    let net = &mut body["network_policies"];
+    if !net.is_mapping() {
+        *net = serde_yaml_ng::Value::Mapping(Default::default());
+    }
+    net.as_mapping_mut().unwrap().insert("corp".into(), corp);
+    let ro = body["filesystem_policy"]["read_only"].as_sequence_mut().expect("read_only paths");
+    ro.push("/opt/corp-data".into());
+    std::fs::write(&custom, serde_yaml_ng::to_string(&body).unwrap()).unwrap();
     let o = gw.openshell(&["policy", "set", "alpha", "--policy", &sh(&custom), "-g", &gw.name]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    live_policy(gw, "alpha")
+    let after = live_policy(gw, "alpha");
+    assert!(after.contains("/opt/corp-data") && after.contains("proxy.corp.example"), "{after}");
+    after
 }
 
 fn sh(p: &Path) -> String {
@@ -388,6 +402,12 @@ impl Real {
         let r = Real { gw, home, wrapper };
         let o = r.run(&["onboard", "alpha", "--gateway", "nemoclaw"]);
         assert!(o.status.success(), "onboard: {}", crate::common::stderr(&o));
+        // NemoClaw's onboard creates the row's provider on the gateway; so does this fixture.
+        let reg: Value = serde_json::from_slice(&r.registry_bytes()).unwrap();
+        if let Some(p) = reg["sandboxes"]["alpha"]["provider"].as_str() {
+            std::fs::write(r.gw.state().join("providers.json"), serde_json::json!([p]).to_string())
+                .unwrap();
+        }
         let ws = r.tree();
         std::fs::create_dir_all(ws.join("workspace/notes")).unwrap();
         for i in 0..10 {
@@ -559,6 +579,7 @@ fn real_cli_crash_matrix_then_resume_or_rollback() {
         for hit in 1.. {
             let resume = (cases % 2) == 0;
             let r = Real::new().unwrap();
+            let policy = add_corp_rule(&r.gw);
             let (bytes, digest) = (r.registry_bytes(), r.digest());
             let armed = format!("{point}:{hit}");
             let o = r
@@ -580,6 +601,7 @@ fn real_cli_crash_matrix_then_resume_or_rollback() {
             assert_eq!(r.digest(), digest, "{armed} {how}: workspace");
             only_original_paths(&r);
             assert_eq!(r.gw.sandboxes().len(), 1, "{armed} {how}: no orphans");
+            assert_eq!(live_policy(&r.gw, "alpha"), policy, "{armed} {how}: the same policy");
             crate::rebuild::check_journal(r.home.path());
             let last = crate::rebuild::runs(r.home.path()).last().unwrap().1.clone();
             if resume {
@@ -792,7 +814,7 @@ fn real_cli_provider_is_checked_in_preflight_and_attached_to_the_replacement() {
     let Some(r) = Real::new() else { return };
     let reg_path = r.home.path().join("sandboxes.json");
     let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
-    reg["sandboxes"]["alpha"]["provider"] = serde_json::json!("nvidia-prod");
+    reg["sandboxes"]["alpha"]["provider"] = serde_json::json!("corp-llm");
     std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
     let session = serde_json::json!({"version": 1, "sandboxName": "alpha", "status": "complete",
         "credentialEnv": "NEMOCLAW_TEST_PROVIDER_KEY", "metadata": {"gatewayName": "nemoclaw"}});
@@ -809,7 +831,7 @@ fn real_cli_provider_is_checked_in_preflight_and_attached_to_the_replacement() {
     let err = crate::common::stderr(&o);
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(
-        err.contains("uses the provider 'nvidia-prod', which is not on gateway 'nemoclaw'"),
+        err.contains("uses the provider 'corp-llm', which is not on gateway 'nemoclaw'"),
         "{err}"
     );
     assert!(err.contains("$NEMOCLAW_TEST_PROVIDER_KEY, which is NOT set"), "{err}");
@@ -819,8 +841,8 @@ fn real_cli_provider_is_checked_in_preflight_and_attached_to_the_replacement() {
     assert!(!calls.iter().any(|c| c.starts_with("sandbox delete")), "{calls:?}");
     assert!(crate::rebuild::runs(r.home.path()).is_empty(), "nothing journaled");
 
-    std::fs::write(r.gw.state().join("providers.json"), r#"["nvidia-prod"]"#).unwrap();
+    std::fs::write(r.gw.state().join("providers.json"), r#"["corp-llm"]"#).unwrap();
     ok(&r.run(&["alpha", "rebuild", "--yes"]));
-    assert_eq!(r.gw.sandboxes()["alpha"]["providers"], serde_json::json!(["nvidia-prod"]));
+    assert_eq!(r.gw.sandboxes()["alpha"]["providers"], serde_json::json!(["corp-llm"]));
     assert_eq!(r.digest(), digest);
 }
