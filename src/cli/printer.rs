@@ -8,8 +8,22 @@ use super::args::{ColorChoice, Global};
 /// Version of every `--json` document's envelope and payloads.
 pub const JSON_SCHEMA_VERSION: u32 = 1;
 
+/// The styling sequences nemoclaw itself writes (bold, dim, reset, and the state colours of
+/// the tables); on stdout with colour on, only these survive [`Printer::data`]. Foreign text
+/// may still carry one of them: that changes a colour, never the cursor or the title.
+const OURS: &[&str] = &[
+    "\x1b[0m",
+    "\x1b[1m",
+    "\x1b[2m",
+    "\x1b[31m",
+    "\x1b[32m",
+    "\x1b[33m",
+    "\x1b[36m",
+    "\x1b[31;1m",
+];
+#[cfg(test)]
 const BOLD: &str = "\x1b[1m";
-const DIM: &str = "\x1b[2m";
+#[cfg(test)]
 const RESET: &str = "\x1b[0m";
 
 /// Text for a terminal, with every control character but newline and tab written out as an
@@ -156,10 +170,10 @@ impl Printer {
     pub fn data(&self, line: impl AsRef<str>) {
         let line = line.as_ref();
         let mut out = std::io::stdout().lock();
-        // Our own styling was added by `bold`/`dim` around already-escaped text; only those
-        // exact sequences survive, so foreign text cannot smuggle in others.
+        // Our own styling was added around already-escaped text (`bold`, `dim`, the tables'
+        // state colours); only those exact sequences survive.
         let _ = if self.color_stdout {
-            writeln!(out, "{}", clean_keeping(line, &[BOLD, DIM, RESET]))
+            writeln!(out, "{}", clean_keeping(line, OURS))
         } else {
             writeln!(out, "{}", clean(line))
         };
@@ -198,9 +212,6 @@ mod tests {
             "a\\x1b]0;pwned\\x07b\\rc\\x00d\\x9be\\x7f"
         );
         let styled = format!("{BOLD}name{RESET} \x1b[8mhidden");
-        assert_eq!(
-            clean_keeping(&styled, &[BOLD, DIM, RESET]),
-            format!("{BOLD}name{RESET} \\x1b[8mhidden")
-        );
+        assert_eq!(clean_keeping(&styled, OURS), format!("{BOLD}name{RESET} \\x1b[8mhidden"));
     }
 }

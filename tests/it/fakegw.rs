@@ -460,6 +460,34 @@ fn ok(o: &std::process::Output) {
     );
 }
 
+/// What a rebuild must leave (or give back) after a crash and a recover.
+struct Pre {
+    bytes: Vec<u8>,
+    digest: String,
+    policy: String,
+}
+
+/// `recover --resume` or `--rollback` after a kill, then the invariants: every file back at
+/// its path, one sandbox, the same policy, a clean journal, the run finished; after a
+/// rollback the registry byte for byte.
+fn recover_and_check(r: &Real, resume: bool, ctx: &str, pre: &Pre) {
+    let how = if resume { "--resume" } else { "--rollback" };
+    let o = r.run(&["recover", how, "--sandbox", "alpha"]);
+    assert!(o.status.success(), "{ctx} {how}: {}", crate::common::stderr(&o));
+    assert_eq!(r.digest(), pre.digest, "{ctx} {how}: workspace");
+    only_original_paths(r);
+    assert_eq!(r.gw.sandboxes().len(), 1, "{ctx} {how}: no orphans");
+    assert_eq!(live_policy(&r.gw, "alpha"), pre.policy, "{ctx} {how}: the same policy");
+    crate::rebuild::check_journal(r.home.path());
+    let last = crate::rebuild::runs(r.home.path()).last().unwrap().1.clone();
+    if resume {
+        assert_eq!(last, "succeeded", "{ctx}");
+    } else {
+        assert_eq!(last, "rolled_back", "{ctx}");
+        assert_eq!(r.registry_bytes(), pre.bytes, "{ctx}: registry byte-equal");
+    }
+}
+
 /// No `<run>.restore` (or any other staging name) inside the sandbox: only the original paths.
 fn only_original_paths(r: &Real) {
     let root = r.gw.sandbox_root("alpha").unwrap();
@@ -595,21 +623,12 @@ fn real_cli_crash_matrix_then_resume_or_rollback() {
                 break;
             }
             cases += 1;
-            let how = if resume { "--resume" } else { "--rollback" };
-            let o = r.run(&["recover", how, "--sandbox", "alpha"]);
-            assert!(o.status.success(), "{armed} {how}: {}", crate::common::stderr(&o));
-            assert_eq!(r.digest(), digest, "{armed} {how}: workspace");
-            only_original_paths(&r);
-            assert_eq!(r.gw.sandboxes().len(), 1, "{armed} {how}: no orphans");
-            assert_eq!(live_policy(&r.gw, "alpha"), policy, "{armed} {how}: the same policy");
-            crate::rebuild::check_journal(r.home.path());
-            let last = crate::rebuild::runs(r.home.path()).last().unwrap().1.clone();
-            if resume {
-                assert_eq!(last, "succeeded", "{armed}");
-            } else {
-                assert_eq!(last, "rolled_back", "{armed}");
-                assert_eq!(r.registry_bytes(), bytes, "{armed}: registry byte-equal");
-            }
+            recover_and_check(
+                &r,
+                resume,
+                &armed,
+                &Pre { bytes: bytes.clone(), digest: digest.clone(), policy: policy.clone() },
+            );
         }
     }
     eprintln!("real-CLI crash matrix: {cases} kills recovered");
@@ -845,4 +864,65 @@ fn real_cli_provider_is_checked_in_preflight_and_attached_to_the_replacement() {
     ok(&r.run(&["alpha", "rebuild", "--yes"]));
     assert_eq!(r.gw.sandboxes()["alpha"]["providers"], serde_json::json!(["corp-llm"]));
     assert_eq!(r.digest(), digest);
+}
+
+/// A kill -9 soak subset through the real CLI: rebuilds whose whole process group (nemoclaw and
+/// any `openshell`/`ssh` it is running) is killed at a seeded random moment, each followed by
+/// `recover --resume` or `--rollback` alternately, with the crash matrix's invariants.
+/// `NEMOCLAW_SOAK_SEED` replays; `NEMOCLAW_REAL_SOAK_CYCLES` changes the count (default 8).
+#[test]
+fn real_cli_kill9_soak() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    if let Err(why) = real_cli() {
+        eprintln!("skipping the real-openshell soak: {why}");
+        return;
+    }
+    let seed: u64 = std::env::var("NEMOCLAW_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(crate::rebuild::nanos);
+    let cycles: u32 =
+        std::env::var("NEMOCLAW_REAL_SOAK_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    eprintln!(
+        "real_cli_kill9_soak: seed {seed} (replay with NEMOCLAW_SOAK_SEED={seed}), {cycles} cycles"
+    );
+    let mut rng = crate::rebuild::XorShift(seed | 1);
+    let r = Real::new().unwrap();
+    let policy = add_corp_rule(&r.gw);
+    let t0 = Instant::now();
+    ok(&r.run(&["alpha", "rebuild", "--yes"]));
+    let full = t0.elapsed();
+    let mut killed = 0;
+    for cycle in 0..cycles {
+        let pre = Pre { bytes: r.registry_bytes(), digest: r.digest(), policy: policy.clone() };
+        let runs_before = crate::rebuild::runs(r.home.path()).len();
+        let resume = cycle % 2 == 0;
+        // Inside the run: its first ~15% is process start and preflight, which journal nothing.
+        let delay = full.mul_f64(0.15 + rng.unit() * 0.85);
+        let mut child = r
+            .cmd()
+            .args(["alpha", "rebuild", "--yes"])
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        // Deliberate: the kill must land at a random moment of the run.
+        std::thread::sleep(delay);
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let st = child.wait().unwrap();
+        let ctx = format!("seed {seed} cycle {cycle} after {delay:?}");
+        if st.signal() == Some(9) && crate::rebuild::runs(r.home.path()).len() == runs_before {
+            // Killed before it journaled its run: nothing may have changed.
+            assert_eq!((r.registry_bytes(), r.digest()), (pre.bytes, pre.digest), "{ctx}");
+            assert_eq!(r.gw.sandboxes().len(), 1, "{ctx}: no orphans");
+        } else if st.signal() == Some(9) {
+            killed += 1;
+            recover_and_check(&r, resume, &ctx, &pre);
+        } else {
+            assert!(st.success(), "{ctx}: the rebuild failed");
+            assert_eq!(r.digest(), pre.digest, "{ctx}: workspace");
+        }
+    }
+    eprintln!("real_cli_kill9_soak: {killed} of {cycles} rebuilds killed and recovered");
+    assert!(killed >= cycles.min(3), "the soak really killed runs ({killed} of {cycles})");
 }

@@ -1009,7 +1009,7 @@ fn check_soak(w: &World, b: &Before, ctx: &str) {
     assert!(leftovers.is_empty(), "{ctx}: leftovers {leftovers:?}");
 }
 
-fn nanos() -> u64 {
+pub fn nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -1017,10 +1017,10 @@ fn nanos() -> u64 {
 }
 
 /// A tiny deterministic PRNG: the soak must replay from its seed alone.
-struct XorShift(u64);
+pub struct XorShift(pub u64);
 
 impl XorShift {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -1028,7 +1028,7 @@ impl XorShift {
         self.0 = x;
         x
     }
-    fn unit(&mut self) -> f64 {
+    pub fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
