@@ -102,9 +102,14 @@ pub struct OnboardArgs {
     pub image: Option<String>,
 }
 
-/// `nemoclaw <name> <action>`, parsed from the external subcommand.
+/// Act on one sandbox: `nemoclaw <NAME> <COMMAND>`.
+//
+// Parsed from the external subcommand. `bin_name` makes each action's usage read
+// `nemoclaw <NAME> rebuild [OPTIONS]` (clap puts the name positional in between); the sandbox
+// command's own usage is spelt out.
 #[derive(Debug, Parser)]
-#[command(name = "nemoclaw <name>", no_binary_name = true)]
+#[command(name = "nemoclaw", bin_name = "nemoclaw", no_binary_name = true)]
+#[command(override_usage = "nemoclaw [OPTIONS] <NAME> <COMMAND>")]
 pub struct SandboxCli {
     /// Sandbox name.
     pub name: String,

@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod printer;
+mod suggest;
 
 mod demo;
 mod internal;
@@ -87,6 +88,21 @@ fn resolve_home(g: &Global) -> Result<PathBuf, CliError> {
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `nemoclaw help rebuild`: the sandbox actions are not top-level commands, so clap's own
+    // `help` cannot find them; show the action's help as `nemoclaw <name> rebuild --help` would.
+    if let [_, help, action] = &argv[..] {
+        let action = action.to_string_lossy();
+        if help == "help" && ["status", "rebuild", "shields", "destroy"].contains(&action.as_ref())
+        {
+            use clap::CommandFactory;
+            let mut cmd = SandboxCli::command();
+            cmd.build();
+            if let Some(sub) = cmd.find_subcommand_mut(action.as_ref()) {
+                let _ = sub.print_help();
+                return ExitCode::from(0);
+            }
+        }
+    }
     let cli = match Cli::try_parse_from(sandbox_named_like_a_command(argv)) {
         Ok(c) => c,
         Err(e) => {
@@ -94,25 +110,43 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { Exit::Usage.code() } else { 0 });
         }
     };
-    init_tracing(cli.global.verbose);
     let (global, command) = (cli.global, cli.command);
     let outcome = match command {
-        Command::Sandbox(mut argv) => match SandboxCli::try_parse_from({
-            if argv.first().is_some_and(|a| a == SANDBOX_MARKER) {
+        Command::Sandbox(mut argv) => {
+            let marked = argv.first().is_some_and(|a| a == SANDBOX_MARKER);
+            if marked {
                 argv.remove(0);
             }
-            argv
-        }) {
-            Ok(sc) => {
-                let merged = merge_global(global, sc.global.clone());
-                run_with(merged, |ctx| sandbox::dispatch(ctx, sc))
+            match SandboxCli::try_parse_from(argv.clone()) {
+                Ok(sc) => {
+                    // `-v` after the action counts: tracing starts once both sets are merged.
+                    let merged = merge_global(global, sc.global.clone());
+                    init_tracing(merged.verbose);
+                    run_with(merged, |ctx| sandbox::dispatch(ctx, sc))
+                }
+                // Not `<name> <action>`: perhaps a mistyped command, or a NemoClaw action this
+                // tool does not have. (A marked word is a real command name, never a typo.)
+                Err(e) => {
+                    let words: Vec<String> =
+                        argv.iter().map(|w| w.to_string_lossy().into_owned()).collect();
+                    let hint = if marked { None } else { suggest::explain(&words) };
+                    match hint {
+                        Some(msg) => eprintln!("{msg}"),
+                        None => {
+                            let _ = e.print();
+                            if !e.use_stderr() {
+                                return ExitCode::from(0);
+                            }
+                        }
+                    }
+                    return ExitCode::from(Exit::Usage.code());
+                }
             }
-            Err(e) => {
-                let _ = e.print();
-                return ExitCode::from(if e.use_stderr() { Exit::Usage.code() } else { 0 });
-            }
-        },
-        other => run_with(global, |ctx| dispatch(ctx, other)),
+        }
+        other => {
+            init_tracing(global.verbose);
+            run_with(global, |ctx| dispatch(ctx, other))
+        }
     };
     ExitCode::from(outcome.code())
 }
@@ -207,7 +241,9 @@ fn init_tracing(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
+    // NEMOCLAW_LOG wins, then the usual RUST_LOG, then -v.
     let filter = tracing_subscriber::EnvFilter::try_from_env("NEMOCLAW_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("nemoclaw={level}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -210,8 +210,15 @@ impl OpenShellGateway {
         let mut argv: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
         argv.push("-g".to_owned());
         argv.push(self.gateway.clone());
-        tracing::debug!("openshell {}", argv.join(" "));
-        run_command(&self.program, &argv, timeout)
+        let started = Instant::now();
+        let out = run_command(&self.program, &argv, timeout);
+        tracing::info!(
+            "openshell {} → {} in {:.2}s",
+            argv.join(" "),
+            if out.timed_out { "timed out".to_owned() } else { format!("exit {:?}", out.status) },
+            started.elapsed().as_secs_f64()
+        );
+        out
     }
 
     fn json_flag(&self, cap: impl Fn(Capabilities) -> bool) -> Vec<&'static str> {

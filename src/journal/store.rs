@@ -290,6 +290,7 @@ impl Journal {
             other => other,
         })?;
         tx.commit().map_err(|e| JournalError::sql(&p, what, e))?;
+        tracing::info!("journal: committed `{what}`");
         COMMITS.fetch_add(1, Ordering::Relaxed);
         self.commits += 1;
         Ok(out)

@@ -772,6 +772,53 @@ fn corrupt_host_file_is_refused_in_preflight_with_nothing_journaled(#[case] file
     assert!(journaled.is_empty(), "nothing journaled: {journaled:?}");
 }
 
+/// A mistyped command is not taken for a sandbox name, a NemoClaw action this tool lacks says
+/// so, `help <action>` shows the action's usage, and `-v` after the action (or `RUST_LOG`)
+/// shows the journal's commits. Nothing is written by a usage error.
+#[test]
+fn command_line_edges_suggest_explain_and_log() {
+    let w = World::new(Opts::default());
+    let b = w.snapshot();
+    for (args, want) in [
+        (&["lst"][..], "a similar command exists: 'list'"),
+        (&["recovr"], "a similar command exists: 'recover'"),
+        (&["jornal", "list"], "a similar command exists: 'journal'"),
+        (&["alpha", "connect"], "`connect` is a NemoClaw command that nemoclaw does not implement"),
+        (&["alpha", "rebuld"], "a similar subcommand exists: 'rebuild'"),
+    ] {
+        let o = w.home.run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(w.registry_bytes(), b.registry, "usage errors write nothing");
+    assert!(!w.path().join("journal.sqlite3").exists(), "no journal was created");
+    let o = w.home.run(&["help", "rebuild"]);
+    assert!(stdout(&o).contains("Usage: nemoclaw <NAME> rebuild [OPTIONS]"), "{}", stdout(&o));
+    let o = w.home.run(&["alpha", "status", "-v"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = w.home.run(&["alpha", "rebuild", "--yes", "-v"]);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("journal: committed `"), "{}", stderr(&o));
+    let o = w
+        .home
+        .cmd()
+        .env("RUST_LOG", "nemoclaw=info")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    assert!(stderr(&o).contains("journal: committed `"), "{}", stderr(&o));
+    let o = w
+        .home
+        .cmd()
+        .env_remove("RUST_LOG")
+        .env_remove("NEMOCLAW_LOG")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    assert!(!stderr(&o).contains("journal: committed"), "quiet without -v: {}", stderr(&o));
+}
+
 /// Control characters from the registry, a gateway's error text and the journal are written
 /// out as escapes in human output (no OSC retitling, no `\r` overwriting a line), while
 /// `--json` keeps the exact text.
