@@ -275,3 +275,16 @@ pub struct SyntheticArgs {
     #[arg(long, default_value_t = 0)]
     pub step_ms: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks over every command and argument definition.
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+        SandboxCli::command().debug_assert();
+    }
+}

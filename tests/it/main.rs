@@ -9,4 +9,5 @@ mod fakegw;
 mod gateway;
 mod host;
 mod rebuild;
+mod surface;
 mod transcripts;

@@ -1,0 +1,78 @@
+//! The command-line surface, pinned: every `--help`, the usage errors a person meets, and
+//! that nothing but `nemoclaw` gets installed. A change to any of them shows up as a snapshot
+//! diff (`tests/it/snapshots/`) to be reviewed, not as a silent drift.
+
+use crate::common::{stderr, stdout, Home};
+
+/// Every command path whose `--help` is pinned.
+const HELP: &[&[&str]] = &[
+    &[],
+    &["onboard"],
+    &["list"],
+    &["recover"],
+    &["journal"],
+    &["journal", "list"],
+    &["journal", "show"],
+    &["journal", "export"],
+    &["journal", "verify"],
+    &["journal", "prune"],
+    &["demo"],
+    &["alpha"],
+    &["alpha", "status"],
+    &["alpha", "rebuild"],
+    &["alpha", "shields"],
+    &["alpha", "shields", "up"],
+    &["alpha", "shields", "down"],
+    &["alpha", "shields", "status"],
+    &["alpha", "destroy"],
+];
+
+#[test]
+fn every_help_is_pinned() {
+    let h = Home::new();
+    for path in HELP {
+        let mut args: Vec<&str> = path.to_vec();
+        args.push("--help");
+        let o = h.run(&args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        let name =
+            if path.is_empty() { "help".to_owned() } else { format!("help-{}", path.join("-")) };
+        insta::assert_snapshot!(name, stdout(&o));
+    }
+}
+
+/// Usage errors: exit 2, a message naming what is wrong, and nothing written to the home.
+#[test]
+fn usage_errors_are_pinned() {
+    let h = Home::new();
+    for (name, args) in [
+        ("usage-typo-list", &["lst"][..]),
+        ("usage-typo-journal", &["jornal", "list"]),
+        ("usage-nemoclaw-only-action", &["alpha", "connect"]),
+        ("usage-action-typo", &["alpha", "rebuld"]),
+        ("usage-lone-name", &["alpha"]),
+        ("usage-bad-name", &["Bad_Name", "status"]),
+        ("usage-recover-both", &["recover", "--resume", "--rollback"]),
+        ("usage-unknown-flag", &["list", "--frobnicate"]),
+    ] {
+        let o = h.run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        insta::assert_snapshot!(name, stderr(&o));
+    }
+    let left: Vec<_> =
+        std::fs::read_dir(h.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "a usage error wrote {left:?}");
+}
+
+/// The one installable binary is `nemoclaw`: no test helper is a `[[bin]]`.
+#[test]
+fn only_nemoclaw_is_installed() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let bins: Vec<&str> = manifest
+        .split("[[bin]]")
+        .skip(1)
+        .filter_map(|b| b.lines().find_map(|l| l.trim().strip_prefix("name = ")))
+        .collect();
+    assert_eq!(bins, ["\"nemoclaw\""]);
+}
