@@ -426,7 +426,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     let p = &ctx.printer;
     let journal_path = ctx.home.join(crate::journal::store::FILE_NAME);
     if !a.resume && !a.rollback {
-        let Some(j) = Journal::open_readonly(&journal_path)? else {
+        let Some(j) = Journal::open_recovering(&journal_path)? else {
             if p.json {
                 p.json_doc("recover", json!({"unfinished": []}));
             } else {

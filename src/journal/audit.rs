@@ -113,6 +113,13 @@ impl ExitCoded for AuditError {
             AuditError::Output(_) | AuditError::Backup { .. } => Exit::Io,
         }
     }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            AuditError::Journal(e) => e.next_command(),
+            _ => None,
+        }
+    }
 }
 
 fn sql<'a>(path: &'a Path, what: &str) -> impl FnOnce(rusqlite::Error) -> AuditError + 'a {
