@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::chain::{event_hash, EventFields, GENESIS};
 use super::events::{self, META_PRUNED_HEAD, META_PRUNED_ID};
-use super::runs::{RunState, StepState};
+use super::runs::{column_json, RunState, StepState, RUN_IMAGE_COLUMNS, STEP_IMAGE_COLUMNS};
 use super::{Journal, JournalError};
 use crate::exit::{Exit, ExitCoded};
 
@@ -734,6 +734,10 @@ pub enum Check {
     Chain,
     /// Runs, steps and events agree with each other.
     Consistency,
+    /// Every stored column equals what the (hash-chained) events recorded for it.
+    Rows,
+    /// The chain contains the head an auditor recorded earlier (`--expect-head`).
+    Anchor,
 }
 
 /// One problem found by [`verify`], naming the first bad row.
@@ -762,8 +766,57 @@ pub struct VerifyReport {
     pub steps_checked: u64,
     /// Id of the last pruned event (the chain's anchor), if any prune happened.
     pub pruned_head_id: Option<i64>,
+    /// Runs created before events recorded whole rows (schema 1): only the columns their
+    /// `run_created` recorded are compared (see docs/journal.md).
+    pub legacy_runs: u64,
+    /// The last verified event: record it outside the journal, pass it to `--expect-head`.
+    pub head: Head,
+    /// The `--expect-head` check, when asked for.
+    pub expect_head: Option<ExpectHead>,
     /// Problems: at most the first of the chain, and the first few of the others.
     pub problems: Vec<Problem>,
+}
+
+/// The head of the verified chain.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Head {
+    /// Event id (0 for an empty journal; the prune anchor's id when nothing is left after it).
+    pub id: i64,
+    /// Its hash (64 zeros for an empty journal).
+    pub hash: String,
+}
+
+/// The outcome of `--expect-head`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ExpectHead {
+    /// The hash given.
+    pub hash: String,
+    /// The event it is on the verified chain, if it is there.
+    pub found_at: Option<i64>,
+    /// Events appended after it.
+    pub events_since: Option<i64>,
+}
+
+/// An `--expect-head` value that is not a SHA-256 in hex.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid `--expect-head` value `{0}`: expected the 64 hex digits `journal verify` prints as the head")]
+pub struct BadHead(pub String);
+
+impl ExitCoded for BadHead {
+    fn exit(&self) -> Exit {
+        Exit::Usage
+    }
+}
+
+/// Parse an `--expect-head` value (the head hash `journal verify` prints); returns it in
+/// lowercase.
+pub fn parse_head(s: &str) -> Result<String, BadHead> {
+    let h = s.trim().to_ascii_lowercase();
+    if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(h)
+    } else {
+        Err(BadHead(s.to_owned()))
+    }
 }
 
 /// How many consistency problems are reported before stopping to collect them.
@@ -772,13 +825,20 @@ const MAX_PROBLEMS: usize = 20;
 /// Check the journal: SQLite integrity, the hash chain from the prune anchor (or genesis) to
 /// the last event, and consistency of runs, steps and events. Memory stays flat: every pass is
 /// one streaming statement, and per-run state lives only while that run is being checked.
-pub fn verify(j: &Journal) -> Result<VerifyReport, AuditError> {
+///
+/// `expect_head` (a lowercase hash from [`parse_head`]) is an anchor kept outside the file: the
+/// check fails unless that hash is on the verified chain, which a wholesale rewrite of the
+/// journal cannot keep.
+pub fn verify(j: &Journal, expect_head: Option<&str>) -> Result<VerifyReport, AuditError> {
     let mut report = VerifyReport {
         ok: true,
         events_checked: 0,
         runs_checked: 0,
         steps_checked: 0,
         pruned_head_id: None,
+        legacy_runs: 0,
+        head: Head { id: 0, hash: GENESIS.to_owned() },
+        expect_head: None,
         problems: Vec::new(),
     };
     match j.integrity_check() {
@@ -800,25 +860,55 @@ pub fn verify(j: &Journal) -> Result<VerifyReport, AuditError> {
     // of "the chain is intact".
     let (anchor_id, _) = chain_anchor(j.conn()).map_err(sql(j.path(), "cannot read meta"))?;
     report.pruned_head_id = (anchor_id > 0).then_some(anchor_id);
-    match events::verify_chain(j.conn()) {
-        Ok(n) => report.events_checked = n,
-        Err(bad) => {
-            report.events_checked = (bad.event_id - anchor_id - 1).max(0) as u64;
-            let run_id = j
-                .conn()
-                .query_row("SELECT run_id FROM events WHERE id = ?1", [bad.event_id], |r| {
-                    r.get::<_, Option<String>>(0)
-                })
-                .optional()
-                .ok()
-                .flatten()
-                .flatten();
-            report.problems.push(Problem {
-                check: Check::Chain,
-                event_id: Some(bad.event_id),
-                run_id,
-                detail: bad.reason,
-            });
+    let (walk, broken) = events::walk_chain(j.conn(), expect_head);
+    report.events_checked = walk.events;
+    report.head = Head { id: walk.head_id, hash: walk.head_hash.clone() };
+    if let Some(bad) = &broken {
+        let run_id = j
+            .conn()
+            .query_row("SELECT run_id FROM events WHERE id = ?1", [bad.event_id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()
+            .ok()
+            .flatten()
+            .flatten();
+        report.problems.push(Problem {
+            check: Check::Chain,
+            event_id: Some(bad.event_id),
+            run_id,
+            detail: bad.reason.clone(),
+        });
+    }
+    if let Some(h) = expect_head {
+        let found_at = walk.found;
+        report.expect_head = Some(ExpectHead {
+            hash: h.to_owned(),
+            found_at,
+            events_since: found_at.map(|f| walk.head_id - f),
+        });
+        if found_at.is_none() {
+            let detail = match &broken {
+                Some(b) => format!(
+                    "the expected head {h} is not on the chain before it breaks at event {}, so it \
+                     cannot be confirmed",
+                    b.event_id
+                ),
+                None => format!(
+                    "the expected head {h} is not on the chain (whose head is event {} {}): the \
+                     journal was rewritten or replaced{}",
+                    walk.head_id,
+                    walk.head_hash,
+                    report
+                        .pruned_head_id
+                        .map(|k| format!(
+                            ", or the anchored event was pruned (events up to {k} were), which \
+                             leaves nothing to compare it with"
+                        ))
+                        .unwrap_or_default()
+                ),
+            };
+            report.problems.push(Problem { check: Check::Anchor, event_id: None, run_id: None, detail });
         }
     }
     consistency(j, &mut report).map_err(sql(j.path(), "cannot check consistency"))?;
@@ -853,20 +943,28 @@ struct FromTo<'a> {
 struct RunRow {
     id: String,
     state: String,
+    /// The stored columns, [`RUN_IMAGE_COLUMNS`] order, as row-image JSON.
+    cols: Vec<Value>,
 }
 
 struct StepRow {
     run_id: String,
     seq: i64,
     state: String,
+    /// The stored columns, [`STEP_IMAGE_COLUMNS`] order, as row-image JSON.
+    cols: Vec<Value>,
+}
+
+fn image_cols(r: &rusqlite::Row<'_>, from: usize, cols: &[&str]) -> rusqlite::Result<Vec<Value>> {
+    cols.iter().enumerate().map(|(i, c)| Ok(column_json(c, r.get_ref(from + i)?))).collect()
 }
 
 fn consistency(j: &Journal, report: &mut VerifyReport) -> rusqlite::Result<()> {
     let conn = j.conn();
-    let problem = |report: &mut VerifyReport, run: &str, ev: Option<i64>, d: String| {
+    let problem = |report: &mut VerifyReport, check: Check, run: &str, ev: Option<i64>, d: String| {
         if report.problems.len() < MAX_PROBLEMS {
             report.problems.push(Problem {
-                check: Check::Consistency,
+                check,
                 event_id: ev,
                 run_id: Some(run.to_owned()),
                 detail: d,
@@ -877,13 +975,32 @@ fn consistency(j: &Journal, report: &mut VerifyReport) -> rusqlite::Result<()> {
     // Three streams in run-id order, merged: runs (primary key), steps (primary key
     // run_id, seq) and events (index events_by_run). One run's steps and events are in memory
     // at a time.
-    let mut runs_stmt = conn.prepare("SELECT id, state FROM runs ORDER BY id")?;
-    let mut runs =
-        runs_stmt.query_map([], |r| Ok(RunRow { id: r.get(0)?, state: r.get(1)? }))?.peekable();
-    let mut steps_stmt =
-        conn.prepare("SELECT run_id, seq, state FROM steps ORDER BY run_id, seq")?;
+    let mut runs_stmt = conn.prepare(&format!(
+        "SELECT id, state, {} FROM runs ORDER BY id",
+        RUN_IMAGE_COLUMNS.join(", ")
+    ))?;
+    let mut runs = runs_stmt
+        .query_map([], |r| {
+            Ok(RunRow {
+                id: r.get(0)?,
+                state: r.get(1)?,
+                cols: image_cols(r, 2, RUN_IMAGE_COLUMNS)?,
+            })
+        })?
+        .peekable();
+    let mut steps_stmt = conn.prepare(&format!(
+        "SELECT run_id, seq, state, {} FROM steps ORDER BY run_id, seq",
+        STEP_IMAGE_COLUMNS.join(", ")
+    ))?;
     let mut steps = steps_stmt
-        .query_map([], |r| Ok(StepRow { run_id: r.get(0)?, seq: r.get(1)?, state: r.get(2)? }))?
+        .query_map([], |r| {
+            Ok(StepRow {
+                run_id: r.get(0)?,
+                seq: r.get(1)?,
+                state: r.get(2)?,
+                cols: image_cols(r, 3, STEP_IMAGE_COLUMNS)?,
+            })
+        })?
         .peekable();
     // The hashes were checked by the chain pass; not reading them again saves a copy per row.
     let mut ev_stmt = conn.prepare(
@@ -943,12 +1060,21 @@ fn consistency(j: &Journal, report: &mut VerifyReport) -> rusqlite::Result<()> {
             } else {
                 "events refer to a run that does not exist".to_owned()
             };
-            problem(report, &id, ev, d);
+            problem(report, Check::Consistency, &id, ev, d);
             continue;
         };
         report.runs_checked += 1;
-        for (at, d) in check_run(&run, &run_steps, &run_events) {
-            problem(report, &run.id, at, d);
+        let replayed = check_run(&run, &run_steps, &run_events);
+        let created = replayed.is_empty() || run_events.first().is_some_and(|e| e.kind == "run_created");
+        for (at, d) in replayed {
+            problem(report, Check::Consistency, &run.id, at, d);
+        }
+        if created && !run_events.is_empty() {
+            let (bad, legacy) = check_rows(&run, &run_steps, &run_events);
+            report.legacy_runs += u64::from(legacy);
+            for (at, d) in bad {
+                problem(report, Check::Rows, &run.id, at, d);
+            }
         }
         if report.problems.len() >= MAX_PROBLEMS {
             break;
@@ -963,7 +1089,13 @@ fn consistency(j: &Journal, report: &mut VerifyReport) -> rusqlite::Result<()> {
     )?;
     let orphans: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
     for id in orphans {
-        problem(report, &id, None, "run is `running` but no holder row names it".to_owned());
+        problem(
+            report,
+            Check::Consistency,
+            &id,
+            None,
+            "run is `running` but no holder row names it".to_owned(),
+        );
     }
     Ok(())
 }
@@ -1056,6 +1188,168 @@ fn check_run(
         }
     }
     out
+}
+
+/// What a `run_created` event recorded. From schema 2: the whole run (`row`) and its steps
+/// (`step_rows`). Before: only the fields below `step_rows` (absent ones were null).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Created {
+    row: Option<serde_json::Map<String, Value>>,
+    step_rows: Option<Vec<serde_json::Map<String, Value>>>,
+    lock: Option<Value>,
+    plan: Option<Value>,
+    plan_fingerprint: Option<Value>,
+    sandbox: Option<Value>,
+    gateway: Option<Value>,
+    mode: Option<Value>,
+    pid: Option<Value>,
+    host: Option<Value>,
+    steps: Option<Vec<Value>>,
+}
+
+/// The image a later event recorded of the row it changed.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Changed {
+    row: Option<serde_json::Map<String, Value>>,
+}
+
+/// Per column: the value the events say it has, and the index of the event that said so last.
+type Wanted = Vec<Option<(Value, usize)>>;
+
+fn want(w: &mut Wanted, cols: &[&str], image: serde_json::Map<String, Value>, event: usize) {
+    for (k, v) in image {
+        if let Some(i) = cols.iter().position(|c| *c == k) {
+            w[i] = Some((v, event));
+        }
+    }
+}
+
+/// A value for a message: compact JSON, cut at 80 characters.
+fn shown(v: &Value) -> String {
+    let mut t = v.to_string();
+    if t.chars().count() > 80 {
+        t = t.chars().take(77).collect::<String>() + "...";
+    }
+    t
+}
+
+/// Replay the row images of one run's events and compare them with the stored run and step
+/// rows, column by column. Returns the differences (naming the row, the column and the event
+/// that recorded it) and whether the run predates row images (schema 1), in which case only the
+/// columns its `run_created` recorded are compared.
+fn check_rows(
+    run: &RunRow,
+    steps: &[StepRow],
+    events: &[EventRecord],
+) -> (Vec<(Option<i64>, String)>, bool) {
+    let mut out = Vec::new();
+    let created: Created = serde_json::from_str(&events[0].data).unwrap_or_default();
+    let mut run_want: Wanted = vec![None; RUN_IMAGE_COLUMNS.len()];
+    let mut step_want: Vec<Wanted> = vec![vec![None; STEP_IMAGE_COLUMNS.len()]; steps.len()];
+    let position = |seq: i64| steps.iter().position(|s| s.seq == seq);
+    let legacy = created.row.is_none();
+    if let Some(row) = created.row {
+        want(&mut run_want, RUN_IMAGE_COLUMNS, row, 0);
+        let recorded = created.step_rows.unwrap_or_default();
+        if recorded.len() != steps.len() {
+            out.push((
+                Some(events[0].id),
+                format!(
+                    "`run_created` recorded {} step(s), but the journal has {} step row(s)",
+                    recorded.len(),
+                    steps.len()
+                ),
+            ));
+        }
+        for (seq, image) in recorded.into_iter().enumerate() {
+            if let Some(p) = position(seq as i64) {
+                want(&mut step_want[p], STEP_IMAGE_COLUMNS, image, 0);
+            }
+        }
+    } else {
+        // Schema 1: the facts the old event recorded, under their old names.
+        let mut old = serde_json::Map::new();
+        for (col, v) in [
+            ("lock_key", created.lock),
+            ("plan", created.plan),
+            ("plan_fingerprint", created.plan_fingerprint),
+            ("sandbox", created.sandbox),
+            ("gateway", created.gateway),
+            ("mode", created.mode),
+            ("pid", created.pid),
+            ("host", created.host),
+        ] {
+            old.insert(col.to_owned(), v.unwrap_or(Value::Null));
+        }
+        old.insert("created_at".to_owned(), Value::from(events[0].at));
+        want(&mut run_want, RUN_IMAGE_COLUMNS, old, 0);
+        for (seq, name) in created.steps.unwrap_or_default().into_iter().enumerate() {
+            if let Some(p) = position(seq as i64) {
+                let mut m = serde_json::Map::new();
+                m.insert("name".to_owned(), name);
+                want(&mut step_want[p], STEP_IMAGE_COLUMNS, m, 0);
+            }
+        }
+    }
+    for (i, e) in events.iter().enumerate().skip(1) {
+        // Most events of a schema-1 run carry no image; skip them without parsing.
+        if !e.data.contains("\"row\"") {
+            continue;
+        }
+        let Ok(Changed { row: Some(image) }) = serde_json::from_str(&e.data) else { continue };
+        match e.step_seq {
+            None => want(&mut run_want, RUN_IMAGE_COLUMNS, image, i),
+            Some(q) => {
+                if let Some(p) = position(q) {
+                    want(&mut step_want[p], STEP_IMAGE_COLUMNS, image, i);
+                }
+            }
+        }
+    }
+    // `state` is left to the consistency check, which says which transition went wrong.
+    let differs = |stored: &Value, w: &Option<(Value, usize)>| match w {
+        Some((v, i)) if stored != v => Some((v.clone(), *i)),
+        _ => None,
+    };
+    for (c, col) in RUN_IMAGE_COLUMNS.iter().enumerate() {
+        if *col == "state" {
+            continue;
+        }
+        if let Some((v, i)) = differs(&run.cols[c], &run_want[c]) {
+            out.push((
+                Some(events[i].id),
+                format!(
+                    "runs.{col} is {} but event {} (`{}`) recorded {} (the row was edited)",
+                    shown(&run.cols[c]),
+                    events[i].id,
+                    events[i].kind,
+                    shown(&v)
+                ),
+            ));
+        }
+    }
+    for (s, w) in steps.iter().zip(&step_want) {
+        for (c, col) in STEP_IMAGE_COLUMNS.iter().enumerate() {
+            if *col == "state" {
+                continue;
+            }
+            if let Some((v, i)) = differs(&s.cols[c], &w[c]) {
+                out.push((
+                    Some(events[i].id),
+                    format!(
+                        "steps.{col} of step {} is {} but event {} (`{}`) recorded {} (the row \
+                         was edited)",
+                        s.seq,
+                        shown(&s.cols[c]),
+                        events[i].id,
+                        events[i].kind,
+                        shown(&v)
+                    ),
+                ));
+            }
+        }
+    }
+    (out, legacy)
 }
 
 // ---------------------------------------------------------------------------------------------

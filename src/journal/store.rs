@@ -10,8 +10,10 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use super::JournalError;
 
 /// Forward-only migrations, in order. `PRAGMA user_version` = how many are applied.
-pub const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../../journal-schema/0001_init.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../../journal-schema/0001_init.sql")),
+    ("0002_row_images", include_str!("../../journal-schema/0002_row_images.sql")),
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
