@@ -479,9 +479,9 @@ fn verify(ctx: &Ctx, expect_head: Option<&str>) -> CmdResult {
         ]);
         let legacy = match rep.legacy_runs {
             0 => String::new(),
-            n => format!(
-                "; {n} run(s) from before schema 2: only their creation facts are covered"
-            ),
+            n => {
+                format!("; {n} run(s) from before schema 2: only their creation facts are covered")
+            }
         };
         rows.push(vec![
             ("rows".into(), ""),

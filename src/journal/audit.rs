@@ -908,7 +908,12 @@ pub fn verify(j: &Journal, expect_head: Option<&str>) -> Result<VerifyReport, Au
                         .unwrap_or_default()
                 ),
             };
-            report.problems.push(Problem { check: Check::Anchor, event_id: None, run_id: None, detail });
+            report.problems.push(Problem {
+                check: Check::Anchor,
+                event_id: None,
+                run_id: None,
+                detail,
+            });
         }
     }
     consistency(j, &mut report).map_err(sql(j.path(), "cannot check consistency"))?;
@@ -961,16 +966,17 @@ fn image_cols(r: &rusqlite::Row<'_>, from: usize, cols: &[&str]) -> rusqlite::Re
 
 fn consistency(j: &Journal, report: &mut VerifyReport) -> rusqlite::Result<()> {
     let conn = j.conn();
-    let problem = |report: &mut VerifyReport, check: Check, run: &str, ev: Option<i64>, d: String| {
-        if report.problems.len() < MAX_PROBLEMS {
-            report.problems.push(Problem {
-                check,
-                event_id: ev,
-                run_id: Some(run.to_owned()),
-                detail: d,
-            });
-        }
-    };
+    let problem =
+        |report: &mut VerifyReport, check: Check, run: &str, ev: Option<i64>, d: String| {
+            if report.problems.len() < MAX_PROBLEMS {
+                report.problems.push(Problem {
+                    check,
+                    event_id: ev,
+                    run_id: Some(run.to_owned()),
+                    detail: d,
+                });
+            }
+        };
 
     // Three streams in run-id order, merged: runs (primary key), steps (primary key
     // run_id, seq) and events (index events_by_run). One run's steps and events are in memory
@@ -1065,7 +1071,8 @@ fn consistency(j: &Journal, report: &mut VerifyReport) -> rusqlite::Result<()> {
         };
         report.runs_checked += 1;
         let replayed = check_run(&run, &run_steps, &run_events);
-        let created = replayed.is_empty() || run_events.first().is_some_and(|e| e.kind == "run_created");
+        let created =
+            replayed.is_empty() || run_events.first().is_some_and(|e| e.kind == "run_created");
         for (at, d) in replayed {
             problem(report, Check::Consistency, &run.id, at, d);
         }

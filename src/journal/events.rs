@@ -127,13 +127,16 @@ pub struct ChainWalk {
 /// [`verify_chain`], also returning the head it reached and where the hash `find` (lowercase
 /// hex) occurs on the verified part of the chain. The walk stops at the first break.
 pub fn walk_chain(conn: &Connection, find: Option<&str>) -> (ChainWalk, Option<ChainBreak>) {
-    let mut walk =
-        ChainWalk { events: 0, head_id: 0, head_hash: GENESIS.to_owned(), found: None };
+    let mut walk = ChainWalk { events: 0, head_id: 0, head_hash: GENESIS.to_owned(), found: None };
     let brk = walk_into(conn, find, &mut walk).err();
     (walk, brk)
 }
 
-fn walk_into(conn: &Connection, find: Option<&str>, walk: &mut ChainWalk) -> Result<(), ChainBreak> {
+fn walk_into(
+    conn: &Connection,
+    find: Option<&str>,
+    walk: &mut ChainWalk,
+) -> Result<(), ChainBreak> {
     let read_err =
         |e: rusqlite::Error| ChainBreak { event_id: 0, reason: format!("cannot read events: {e}") };
     let meta = |key: &str| -> Result<Option<String>, ChainBreak> {

@@ -377,8 +377,16 @@ pub const STEP_IMAGE_COLUMNS: &[&str] = &[
 
 /// The `steps` columns that change after creation: every `step_*` event records them under
 /// `row`.
-pub const STEP_MUTABLE_COLUMNS: &[&str] =
-    &["state", "attempt", "input", "output", "error", "started_at", "finished_at", "compensated_at"];
+pub const STEP_MUTABLE_COLUMNS: &[&str] = &[
+    "state",
+    "attempt",
+    "input",
+    "output",
+    "error",
+    "started_at",
+    "finished_at",
+    "compensated_at",
+];
 
 /// Columns holding JSON text. Their image is the JSON value itself (not a string of it), so
 /// an auditor reads it as it is and a re-serialisation cannot pass for an edit.

@@ -5,6 +5,7 @@ mod common;
 
 mod audit;
 mod engine;
+mod evidence;
 mod fakegw;
 mod gateway;
 mod host;
