@@ -226,8 +226,13 @@ fn event_detail(kind: &str, data: &Value) -> String {
             parts.push(format!("attempt {a}"));
         }
     } else if kind != "run_created" {
-        // Unknown kinds are shown generically: their data, compact and bounded.
-        let mut t = data.to_string();
+        // Unknown kinds are shown generically: their data, compact and bounded, without the
+        // row image (the step table above shows the rows).
+        let mut shown = data.clone();
+        if let Some(m) = shown.as_object_mut() {
+            m.remove("row");
+        }
+        let mut t = shown.to_string();
         if t.len() > 120 {
             let mut cut = 117;
             while !t.is_char_boundary(cut) {

@@ -6,17 +6,19 @@
 //! prefix of the hash chain in one IMMEDIATE transaction and leaves an anchor so that the rest
 //! of the chain stays verifiable.
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use rusqlite::{params_from_iter, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::chain::{event_hash, EventFields, GENESIS};
 use super::events::{self, META_PRUNED_HEAD, META_PRUNED_ID};
-use super::runs::{column_json, RunState, StepState, RUN_IMAGE_COLUMNS, STEP_IMAGE_COLUMNS};
+use super::runs::{column_text, RunState, StepState, RUN_IMAGE_COLUMNS, STEP_IMAGE_COLUMNS};
 use super::{Journal, JournalError};
 use crate::exit::{Exit, ExitCoded};
 
@@ -948,20 +950,20 @@ struct FromTo<'a> {
 struct RunRow {
     id: String,
     state: String,
-    /// The stored columns, [`RUN_IMAGE_COLUMNS`] order, as row-image JSON.
-    cols: Vec<Value>,
+    /// The stored columns, [`RUN_IMAGE_COLUMNS`] order, as row-image JSON text.
+    cols: Vec<String>,
 }
 
 struct StepRow {
     run_id: String,
     seq: i64,
     state: String,
-    /// The stored columns, [`STEP_IMAGE_COLUMNS`] order, as row-image JSON.
-    cols: Vec<Value>,
+    /// The stored columns, [`STEP_IMAGE_COLUMNS`] order, as row-image JSON text.
+    cols: Vec<String>,
 }
 
-fn image_cols(r: &rusqlite::Row<'_>, from: usize, cols: &[&str]) -> rusqlite::Result<Vec<Value>> {
-    cols.iter().enumerate().map(|(i, c)| Ok(column_json(c, r.get_ref(from + i)?))).collect()
+fn image_cols(r: &rusqlite::Row<'_>, from: usize, cols: &[&str]) -> rusqlite::Result<Vec<String>> {
+    cols.iter().enumerate().map(|(i, c)| Ok(column_text(c, r.get_ref(from + i)?))).collect()
 }
 
 fn consistency(j: &Journal, report: &mut VerifyReport) -> rusqlite::Result<()> {
@@ -1197,47 +1199,76 @@ fn check_run(
     out
 }
 
+/// A row image as recorded: column name → the JSON text of its value, borrowed from the
+/// event's data (no value is built unless it has to be shown or compared loosely).
+type Image<'a> = HashMap<&'a str, &'a RawValue>;
+
 /// What a `run_created` event recorded. From schema 2: the whole run (`row`) and its steps
 /// (`step_rows`). Before: only the fields below `step_rows` (absent ones were null).
 #[derive(Debug, Default, serde::Deserialize)]
-struct Created {
-    row: Option<serde_json::Map<String, Value>>,
-    step_rows: Option<Vec<serde_json::Map<String, Value>>>,
-    lock: Option<Value>,
-    plan: Option<Value>,
-    plan_fingerprint: Option<Value>,
-    sandbox: Option<Value>,
-    gateway: Option<Value>,
-    mode: Option<Value>,
-    pid: Option<Value>,
-    host: Option<Value>,
-    steps: Option<Vec<Value>>,
+struct Created<'a> {
+    #[serde(borrow)]
+    row: Option<Image<'a>>,
+    #[serde(borrow)]
+    step_rows: Option<Vec<Image<'a>>>,
+    #[serde(borrow)]
+    lock: Option<&'a RawValue>,
+    #[serde(borrow)]
+    plan: Option<&'a RawValue>,
+    #[serde(borrow)]
+    plan_fingerprint: Option<&'a RawValue>,
+    #[serde(borrow)]
+    sandbox: Option<&'a RawValue>,
+    #[serde(borrow)]
+    gateway: Option<&'a RawValue>,
+    #[serde(borrow)]
+    mode: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    host: Option<&'a RawValue>,
+    #[serde(borrow)]
+    steps: Option<Vec<&'a RawValue>>,
 }
 
 /// The image a later event recorded of the row it changed.
 #[derive(Debug, Default, serde::Deserialize)]
-struct Changed {
-    row: Option<serde_json::Map<String, Value>>,
+struct Changed<'a> {
+    #[serde(borrow)]
+    row: Option<Image<'a>>,
 }
 
-/// Per column: the value the events say it has, and the index of the event that said so last.
-type Wanted = Vec<Option<(Value, usize)>>;
+/// Per column: the JSON text the events say it holds, and the index of the event that said so
+/// last.
+type Wanted<'a> = Vec<Option<(Cow<'a, str>, usize)>>;
 
-fn want(w: &mut Wanted, cols: &[&str], image: serde_json::Map<String, Value>, event: usize) {
+fn want<'a>(w: &mut Wanted<'a>, cols: &[&str], image: Image<'a>, event: usize) {
     for (k, v) in image {
         if let Some(i) = cols.iter().position(|c| *c == k) {
-            w[i] = Some((v, event));
+            w[i] = Some((Cow::Borrowed(v.get()), event));
         }
     }
 }
 
+/// Whether a stored column (as image text) holds what the events recorded. Equal text is the
+/// common case (both were written by the same serialiser); otherwise the two are compared as
+/// JSON values, so a mere re-serialisation is not taken for an edit.
+fn same(stored: &str, recorded: &str) -> bool {
+    stored == recorded
+        || matches!(
+            (serde_json::from_str::<Value>(stored), serde_json::from_str::<Value>(recorded)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
 /// A value for a message: compact JSON, cut at 80 characters.
-fn shown(v: &Value) -> String {
-    let mut t = v.to_string();
+fn shown(text: &str) -> String {
+    let t = serde_json::from_str::<Value>(text).map(|v| v.to_string()).unwrap_or(text.to_owned());
     if t.chars().count() > 80 {
-        t = t.chars().take(77).collect::<String>() + "...";
+        t.chars().take(77).collect::<String>() + "..."
+    } else {
+        t
     }
-    t
 }
 
 /// Replay the row images of one run's events and compare them with the stored run and step
@@ -1250,9 +1281,9 @@ fn check_rows(
     events: &[EventRecord],
 ) -> (Vec<(Option<i64>, String)>, bool) {
     let mut out = Vec::new();
-    let created: Created = serde_json::from_str(&events[0].data).unwrap_or_default();
-    let mut run_want: Wanted = vec![None; RUN_IMAGE_COLUMNS.len()];
-    let mut step_want: Vec<Wanted> = vec![vec![None; STEP_IMAGE_COLUMNS.len()]; steps.len()];
+    let created: Created<'_> = serde_json::from_str(&events[0].data).unwrap_or_default();
+    let mut run_want: Wanted<'_> = vec![None; RUN_IMAGE_COLUMNS.len()];
+    let mut step_want: Vec<Wanted<'_>> = vec![vec![None; STEP_IMAGE_COLUMNS.len()]; steps.len()];
     let position = |seq: i64| steps.iter().position(|s| s.seq == seq);
     let legacy = created.row.is_none();
     if let Some(row) = created.row {
@@ -1275,7 +1306,9 @@ fn check_rows(
         }
     } else {
         // Schema 1: the facts the old event recorded, under their old names.
-        let mut old = serde_json::Map::new();
+        fn text(v: Option<&RawValue>) -> (Cow<'_, str>, usize) {
+            (Cow::Borrowed(v.map(RawValue::get).unwrap_or("null")), 0)
+        }
         for (col, v) in [
             ("lock_key", created.lock),
             ("plan", created.plan),
@@ -1286,15 +1319,17 @@ fn check_rows(
             ("pid", created.pid),
             ("host", created.host),
         ] {
-            old.insert(col.to_owned(), v.unwrap_or(Value::Null));
+            if let Some(i) = RUN_IMAGE_COLUMNS.iter().position(|c| *c == col) {
+                run_want[i] = Some(text(v));
+            }
         }
-        old.insert("created_at".to_owned(), Value::from(events[0].at));
-        want(&mut run_want, RUN_IMAGE_COLUMNS, old, 0);
-        for (seq, name) in created.steps.unwrap_or_default().into_iter().enumerate() {
-            if let Some(p) = position(seq as i64) {
-                let mut m = serde_json::Map::new();
-                m.insert("name".to_owned(), name);
-                want(&mut step_want[p], STEP_IMAGE_COLUMNS, m, 0);
+        if let Some(i) = RUN_IMAGE_COLUMNS.iter().position(|c| *c == "created_at") {
+            run_want[i] = Some((Cow::Owned(events[0].at.to_string()), 0));
+        }
+        let name = STEP_IMAGE_COLUMNS.iter().position(|c| *c == "name");
+        for (seq, n) in created.steps.unwrap_or_default().into_iter().enumerate() {
+            if let (Some(p), Some(i)) = (position(seq as i64), name) {
+                step_want[p][i] = Some(text(Some(n)));
             }
         }
     }
@@ -1314,45 +1349,37 @@ fn check_rows(
         }
     }
     // `state` is left to the consistency check, which says which transition went wrong.
-    let differs = |stored: &Value, w: &Option<(Value, usize)>| match w {
-        Some((v, i)) if stored != v => Some((v.clone(), *i)),
-        _ => None,
-    };
     for (c, col) in RUN_IMAGE_COLUMNS.iter().enumerate() {
-        if *col == "state" {
-            continue;
-        }
-        if let Some((v, i)) = differs(&run.cols[c], &run_want[c]) {
-            out.push((
-                Some(events[i].id),
+        match &run_want[c] {
+            Some((v, i)) if *col != "state" && !same(&run.cols[c], v) => out.push((
+                Some(events[*i].id),
                 format!(
                     "runs.{col} is {} but event {} (`{}`) recorded {} (the row was edited)",
                     shown(&run.cols[c]),
-                    events[i].id,
-                    events[i].kind,
-                    shown(&v)
+                    events[*i].id,
+                    events[*i].kind,
+                    shown(v)
                 ),
-            ));
+            )),
+            _ => {}
         }
     }
     for (s, w) in steps.iter().zip(&step_want) {
         for (c, col) in STEP_IMAGE_COLUMNS.iter().enumerate() {
-            if *col == "state" {
-                continue;
-            }
-            if let Some((v, i)) = differs(&s.cols[c], &w[c]) {
-                out.push((
-                    Some(events[i].id),
+            match &w[c] {
+                Some((v, i)) if *col != "state" && !same(&s.cols[c], v) => out.push((
+                    Some(events[*i].id),
                     format!(
                         "steps.{col} of step {} is {} but event {} (`{}`) recorded {} (the row \
                          was edited)",
                         s.seq,
                         shown(&s.cols[c]),
-                        events[i].id,
-                        events[i].kind,
-                        shown(&v)
+                        events[*i].id,
+                        events[*i].kind,
+                        shown(v)
                     ),
-                ));
+                )),
+                _ => {}
             }
         }
     }

@@ -413,6 +413,19 @@ pub fn column_json(column: &str, v: rusqlite::types::ValueRef<'_>) -> Value {
     }
 }
 
+/// [`column_json`] as JSON text, without building a value: what `journal verify` compares with
+/// the recorded text. JSON columns are their stored text (written compact by the same
+/// serialiser that writes the events).
+pub fn column_text(column: &str, v: rusqlite::types::ValueRef<'_>) -> String {
+    use rusqlite::types::ValueRef as V;
+    match v {
+        V::Text(t) if JSON_COLUMNS.contains(&column) => String::from_utf8_lossy(t).into_owned(),
+        V::Null => "null".to_owned(),
+        V::Integer(i) => i.to_string(),
+        other => column_json(column, other).to_string(),
+    }
+}
+
 /// The image of `columns` of one row, read back from the row itself inside the writer's
 /// transaction: the event then records exactly what was written, whatever SQL wrote it.
 fn image(
@@ -910,6 +923,112 @@ mod tests {
             assert_eq!(StepState::parse(s.as_str()), Some(s));
             assert!(sql.contains(&format!("'{}'", s.as_str())), "{s} missing from CHECK");
         }
+    }
+
+    /// The images cover every column: a column added to `runs` or `steps` without being added
+    /// to the image lists would escape `journal verify`.
+    #[test]
+    fn row_images_cover_every_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = crate::journal::Journal::open_home(dir.path()).unwrap();
+        let cols = |t: &str| -> Vec<String> {
+            j.conn()
+                .prepare(&format!("SELECT name FROM pragma_table_info('{t}') ORDER BY cid"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let mut want = vec!["id".to_owned()];
+        want.extend(RUN_IMAGE_COLUMNS.iter().map(|c| c.to_string()));
+        assert_eq!(cols("runs"), want);
+        let mut want = vec!["run_id".to_owned(), "seq".to_owned()];
+        want.extend(STEP_IMAGE_COLUMNS.iter().map(|c| c.to_string()));
+        assert_eq!(cols("steps"), want);
+        for c in RUN_MUTABLE_COLUMNS {
+            assert!(RUN_IMAGE_COLUMNS.contains(c), "{c}");
+        }
+        for c in STEP_MUTABLE_COLUMNS {
+            assert!(STEP_IMAGE_COLUMNS.contains(c), "{c}");
+        }
+    }
+
+    /// Every write records what it wrote: after each kind of change, the latest image of each
+    /// column equals the stored row (the engine's raw `UPDATE runs SET error` before a note
+    /// included).
+    #[test]
+    fn every_change_records_the_row_it_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = crate::journal::Journal::open_home(dir.path()).unwrap();
+        let id = "0190-cccc";
+        j.write("create", |tx| create_run(tx, &new_run(id), 1)).unwrap();
+        j.write("s", |tx| {
+            let out = json!({"backup_path": "/b", "apiKey": "sk"});
+            set_step_state(tx, id, 0, S::Started, StepChange { input: Some(&json!({"pid": 1})), ..Default::default() }, 2)?;
+            set_step_state(tx, id, 0, S::Done, StepChange { output: Some(&out), ..Default::default() }, 3)?;
+            set_step_state(tx, id, 1, S::Started, StepChange::default(), 4)?;
+            set_step_state(tx, id, 1, S::Failed, StepChange { error: Some("boom"), ..Default::default() }, 5)?;
+            set_run_state(tx, id, R::Failed, Some("boom"), 6, json!({}))?;
+            set_run_state(tx, id, R::RollingBack, None, 7, json!({}))?;
+            tx.execute("UPDATE runs SET error = 'comp failed' WHERE id = ?1", [id])
+                .map_err(JournalError::from_sqlite)?;
+            run_event(tx, id, "compensation_failed", 8, json!({}))
+        })
+        .unwrap();
+        let conn = j.conn();
+        let stored = |sql: &str, cols: &[&str]| -> Value {
+            conn.query_row(sql, [id], |r| {
+                let mut m = serde_json::Map::new();
+                for (i, c) in cols.iter().enumerate() {
+                    m.insert(c.to_string(), column_json(c, r.get_ref(i)?));
+                }
+                Ok(Value::Object(m))
+            })
+            .unwrap()
+        };
+        let mut run = serde_json::Map::new();
+        let mut steps = vec![serde_json::Map::new(), serde_json::Map::new()];
+        let mut st = conn.prepare("SELECT step_seq, kind, data FROM events ORDER BY id").unwrap();
+        let mut rows = st.query([]).unwrap();
+        while let Some(r) = rows.next().unwrap() {
+            let seq: Option<i64> = r.get(0).unwrap();
+            let kind: String = r.get(1).unwrap();
+            let d: Value = serde_json::from_str(&r.get::<_, String>(2).unwrap()).unwrap();
+            let row = d["row"].as_object().unwrap_or_else(|| panic!("{kind} has no row")).clone();
+            let into = match seq {
+                Some(q) => &mut steps[q as usize],
+                None => &mut run,
+            };
+            into.extend(row);
+            if kind == "run_created" {
+                for (q, s) in d["step_rows"].as_array().unwrap().iter().enumerate() {
+                    steps[q].extend(s.as_object().unwrap().clone());
+                }
+            }
+        }
+        let cols = RUN_IMAGE_COLUMNS.join(", ");
+        assert_eq!(
+            Value::Object(run),
+            stored(&format!("SELECT {cols} FROM runs WHERE id = ?1"), RUN_IMAGE_COLUMNS)
+        );
+        let cols = STEP_IMAGE_COLUMNS.join(", ");
+        for (q, s) in steps.into_iter().enumerate() {
+            let got = stored(
+                &format!("SELECT {cols} FROM steps WHERE run_id = ?1 AND seq = {q}"),
+                STEP_IMAGE_COLUMNS,
+            );
+            assert_eq!(Value::Object(s), got, "step {q}");
+        }
+        let out: String = conn
+            .query_row("SELECT data FROM events WHERE kind = 'step_done'", [], |r| r.get(0))
+            .unwrap();
+        assert!(out.contains(r#""apiKey":"[redacted]""#) && !out.contains("sk"), "{out}");
+        // Image columns are not mistaken for secrets by their names.
+        let created: String = conn
+            .query_row("SELECT data FROM events WHERE kind = 'run_created'", [], |r| r.get(0))
+            .unwrap();
+        assert!(created.contains(r#""lock_key":"k""#), "{created}");
     }
 
     fn new_run(id: &str) -> NewRun {
