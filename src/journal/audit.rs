@@ -7,7 +7,7 @@
 //! of the chain stays verifiable.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
@@ -1199,9 +1199,34 @@ fn check_run(
     out
 }
 
-/// A row image as recorded: column name → the JSON text of its value, borrowed from the
-/// event's data (no value is built unless it has to be shown or compared loosely).
-type Image<'a> = HashMap<&'a str, &'a RawValue>;
+/// A row image as recorded: (column name, the JSON text of its value), borrowed from the
+/// event's data — no value is built unless it has to be shown or compared loosely, and no map
+/// is built at all (this runs for every event).
+#[derive(Debug, Default)]
+struct Image<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Image<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Image<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a row image (an object)")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Image<'a>, M::Error> {
+                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(12));
+                while let Some(e) = m.next_entry::<&'de str, &'de RawValue>()? {
+                    v.push(e);
+                }
+                Ok(Image(v))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
 
 /// What a `run_created` event recorded. From schema 2: the whole run (`row`) and its steps
 /// (`step_rows`). Before: only the fields below `step_rows` (absent ones were null).
@@ -1243,7 +1268,7 @@ struct Changed<'a> {
 type Wanted<'a> = Vec<Option<(Cow<'a, str>, usize)>>;
 
 fn want<'a>(w: &mut Wanted<'a>, cols: &[&str], image: Image<'a>, event: usize) {
-    for (k, v) in image {
+    for (k, v) in image.0 {
         if let Some(i) = cols.iter().position(|c| *c == k) {
             w[i] = Some((Cow::Borrowed(v.get()), event));
         }

@@ -965,10 +965,31 @@ mod tests {
         j.write("create", |tx| create_run(tx, &new_run(id), 1)).unwrap();
         j.write("s", |tx| {
             let out = json!({"backup_path": "/b", "apiKey": "sk"});
-            set_step_state(tx, id, 0, S::Started, StepChange { input: Some(&json!({"pid": 1})), ..Default::default() }, 2)?;
-            set_step_state(tx, id, 0, S::Done, StepChange { output: Some(&out), ..Default::default() }, 3)?;
+            set_step_state(
+                tx,
+                id,
+                0,
+                S::Started,
+                StepChange { input: Some(&json!({"pid": 1})), ..Default::default() },
+                2,
+            )?;
+            set_step_state(
+                tx,
+                id,
+                0,
+                S::Done,
+                StepChange { output: Some(&out), ..Default::default() },
+                3,
+            )?;
             set_step_state(tx, id, 1, S::Started, StepChange::default(), 4)?;
-            set_step_state(tx, id, 1, S::Failed, StepChange { error: Some("boom"), ..Default::default() }, 5)?;
+            set_step_state(
+                tx,
+                id,
+                1,
+                S::Failed,
+                StepChange { error: Some("boom"), ..Default::default() },
+                5,
+            )?;
             set_run_state(tx, id, R::Failed, Some("boom"), 6, json!({}))?;
             set_run_state(tx, id, R::RollingBack, None, 7, json!({}))?;
             tx.execute("UPDATE runs SET error = 'comp failed' WHERE id = ?1", [id])
