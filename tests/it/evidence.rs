@@ -167,6 +167,9 @@ fn verify_counts_the_steps_run_created_recorded() {
     );
 }
 
+/// An event's hashed fields, as read back for rehashing.
+type EventRow = (i64, Option<String>, Option<i64>, i64, String, String);
+
 /// Rewrite the journal as someone with write access and time would: edit a row and the event
 /// that recorded it, then recompute every hash from the genesis on, so that everything in the
 /// file agrees again.
@@ -179,7 +182,7 @@ fn rewrite_consistently(home: &Path, run: &str) {
           WHERE run_id = '{run}' AND kind = 'run_created';"
     ))
     .unwrap();
-    let rows: Vec<(i64, Option<String>, Option<i64>, i64, String, String)> = c
+    let rows: Vec<EventRow> = c
         .prepare("SELECT id, run_id, step_seq, at, kind, data FROM events ORDER BY id")
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
