@@ -122,11 +122,11 @@ impl JournalError {
                     .into(),
             ),
             JournalError::NeedsRollback { path, read_only_dir: true } => Some(format!(
-                "copy the directory with `{}` to writable storage and run `nemoclaw --home <copy> recover` there",
+                "copy the whole directory, `{}` included, to writable storage and run `nemoclaw --home <copy> recover` there",
                 side(path, "-journal")
             )),
             JournalError::UnreadableWal { path } => Some(format!(
-                "copy the directory with `{}` to writable storage and run the command with `--home <copy>`",
+                "copy the whole directory, `{}` included, to writable storage and run the command there with `--home <copy>`",
                 side(path, "-wal")
             )),
             _ => None,

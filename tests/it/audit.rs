@@ -62,7 +62,7 @@ impl Step for FakeStep {
     }
 }
 
-fn plan(home: &Path, stale: bool) -> Plan {
+pub(crate) fn plan(home: &Path, stale: bool) -> Plan {
     let names = if stale { STALE } else { NORMAL };
     Plan {
         name: "rebuild".into(),

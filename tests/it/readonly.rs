@@ -7,7 +7,10 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::audit::{fail, json_out, rebuild};
+use nemoclaw::engine::{self, LockDir, RunSpec};
+use nemoclaw::journal::Journal;
+
+use crate::audit::{fail, json_out, plan, rebuild};
 use crate::common::{stderr, stdout, Home};
 
 /// Every file in `dir` with its size and digest: "untouched" means this is equal before and
@@ -262,4 +265,46 @@ fn a_write_command_recovers_a_journal_killed_while_being_created() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&tables.stdout).trim(), "0", "the torn write was kept");
+}
+
+/// A copy taken while a writer had commits only in the `-wal` (not yet checkpointed into the
+/// main file), without the `-shm`: on writable storage SQLite rebuilds the index and reads them;
+/// on read-only storage an immutable read would silently miss them, so it is refused.
+#[test]
+fn a_copy_with_commits_only_in_its_wal_is_read_where_writable_and_refused_where_not() {
+    let h = Home::new();
+    rebuild(h.path(), "alpha", false, json!({}));
+    let copy = Home::new();
+    {
+        let mut j = Journal::open_home(h.path()).unwrap();
+        j.conn().pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        let spec = RunSpec {
+            lock_key: "local/beta".into(),
+            sandbox: Some("beta".into()),
+            gateway: Some("local".into()),
+            mode: Some("stale".into()),
+            params: json!({}),
+            argv: vec!["nemoclaw".into()],
+        };
+        let p = plan(h.path(), true);
+        engine::start(&mut j, &LockDir::new(h.path()), &p, spec, &engine::Quiet).unwrap();
+        // Copied while the writer is still open: the new run is only in the `-wal`.
+        for f in ["journal.sqlite3", "journal.sqlite3-wal"] {
+            std::fs::copy(h.path().join(f), copy.path().join(f)).unwrap();
+        }
+    }
+    assert!(std::fs::metadata(copy.path().join("journal.sqlite3-wal")).unwrap().len() > 0);
+    let before = snapshot(copy.path());
+    {
+        let ro = ReadOnly::new(copy.path());
+        let view = home_at(&ro.view);
+        let o = view.run(&["journal", "list"]);
+        assert_eq!(o.status.code(), Some(74), "{}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains("journal.sqlite3-wal") && e.contains("cannot be read there"), "{e}");
+        assert!(e.contains("hint: copy the whole directory"), "{e}");
+    }
+    assert_eq!(snapshot(copy.path()), before);
+    let v = json_out(&copy, &["journal", "list"]);
+    assert_eq!(v["data"]["runs"].as_array().unwrap().len(), 2, "the -wal's run is read: {v}");
 }
