@@ -334,3 +334,38 @@ fn a_journal_from_before_row_images_opens_verifies_and_says_what_is_covered() {
     assert_eq!(event, 25);
     assert_caught(&h, &new, "runs.user", event);
 }
+
+/// Prune removes a prefix of the chain on purpose: a head recorded at the point where the prune
+/// cut is still confirmed (it is the prune anchor), one recorded earlier cannot be, and verify
+/// says why.
+#[test]
+fn an_anchor_survives_a_prune_only_at_the_prune_point() {
+    let h = Home::new();
+    rebuild(h.path(), "alpha", false, json!({}));
+    let early =
+        json_out(&h, &["journal", "verify"])["data"]["head"]["hash"].as_str().unwrap().to_owned();
+    rebuild(h.path(), "beta", true, json!({}));
+    let v = json_out(&h, &["journal", "verify"]);
+    let (cut_id, cut) = (
+        v["data"]["head"]["id"].as_i64().unwrap(),
+        v["data"]["head"]["hash"].as_str().unwrap().to_owned(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let o = h.run(&["journal", "prune", "--older-than", "1ms"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        query(h.path(), "SELECT value FROM meta WHERE key = 'pruned_head_id'"),
+        cut_id.to_string()
+    );
+
+    let v = json_out(&h, &["journal", "verify", "--expect-head", &cut]);
+    assert_eq!(v["data"]["expect_head"]["found_at"], cut_id, "{v}");
+    assert_eq!(v["data"]["expect_head"]["events_since"], 1, "the prune checkpoint");
+    let o =
+        h.cmd().args(["--json", "journal", "verify", "--expect-head", &early]).output().unwrap();
+    assert_eq!(o.status.code(), Some(65));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["data"]["problems"][0]["check"], "anchor");
+    let d = v["data"]["problems"][0]["detail"].as_str().unwrap();
+    assert!(d.contains(&format!("events up to {cut_id} were")), "{d}");
+}
