@@ -103,7 +103,7 @@ fn needs_rollback(path: &Path, read_only_dir: bool) -> String {
         if read_only_dir {
             "its directory is read-only, so the unfinished write cannot be rolled back there"
         } else {
-            "a read-only command does not roll it back"
+            "it must be rolled back before it can be read, which this command does not do"
         }
     )
 }
