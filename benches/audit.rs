@@ -21,7 +21,7 @@ use rusqlite::params;
 use serde_json::json;
 
 /// Bump when the generated shape changes, so cached journals are rebuilt.
-const GEN_VERSION: u32 = 1;
+const GEN_VERSION: u32 = 2;
 const EVENTS_PER_RUN: usize = 10;
 const T0: i64 = 1_780_308_000_000; // 2026-06-01T10:00:00Z
 const STEPS: [&str; 4] = ["snapshot", "backup", "remove", "onboard"];
@@ -98,14 +98,34 @@ fn generate(home: &Path, runs: usize) -> Result<(), Box<dyn std::error::Error>> 
                 (!failed).then_some(end),
                 failed.then_some("boom"),
             ])?;
+            // Row images as the engine records them (schema 2): the whole run and its pending
+            // steps at creation, then each change's changeable columns.
+            let pid = 1000 + (i % 30000) as i64;
+            let step_rows: Vec<_> = STEPS
+                .iter()
+                .map(|name| {
+                    json!({"name": name, "version": 1, "destructive": (*name == "remove") as i64,
+                           "state": "pending", "attempt": 0, "input": null, "output": null,
+                           "error": null, "started_at": null, "finished_at": null,
+                           "compensated_at": null})
+                })
+                .collect();
             ev(
                 &run_id,
                 None,
                 created,
                 "run_created",
-                json!({"lock_key": format!("local/{sandbox}"), "plan": "rebuild",
+                json!({"lock": format!("local/{sandbox}"), "plan": "rebuild",
                        "plan_fingerprint": fp, "sandbox": sandbox, "gateway": "local",
-                       "mode": mode, "steps": STEPS, "pid": 1000, "host": "bench-host"})
+                       "mode": mode, "steps": STEPS, "pid": pid, "host": "bench-host",
+                       "row": {"lock_key": format!("local/{sandbox}"), "plan": "rebuild",
+                               "plan_fingerprint": fp, "sandbox": sandbox, "gateway": "local",
+                               "mode": mode, "state": "running", "params": {},
+                               "binary_version": "0.1.0", "host": "bench-host", "user": "bench",
+                               "pid": pid, "argv": ["nemoclaw", sandbox, "rebuild", "--yes"],
+                               "created_at": created, "updated_at": created,
+                               "finished_at": null, "error": null},
+                       "step_rows": step_rows})
                 .to_string(),
             )?;
             for (seq, name) in STEPS.iter().enumerate() {
@@ -128,12 +148,21 @@ fn generate(home: &Path, runs: usize) -> Result<(), Box<dyn std::error::Error>> 
                     t,
                     t + 1_500,
                 ])?;
+                let image = |state: &str, output: Option<&str>, error: Option<&str>, fin| {
+                    let output: serde_json::Value =
+                        output.map(|o| serde_json::from_str(o).unwrap()).unwrap_or_default();
+                    json!({"state": state, "attempt": 1, "input": null, "output": output,
+                           "error": error, "started_at": t, "finished_at": fin,
+                           "compensated_at": null})
+                };
                 ev(
                     &run_id,
                     Some(seq as i64),
                     t,
                     "step_started",
-                    json!({"name": name, "from": "pending", "attempt": 1}).to_string(),
+                    json!({"name": name, "from": "pending", "attempt": 1,
+                           "row": image("started", None, None, None)})
+                    .to_string(),
                 )?;
                 if last_failed {
                     ev(
@@ -141,15 +170,20 @@ fn generate(home: &Path, runs: usize) -> Result<(), Box<dyn std::error::Error>> 
                         Some(seq as i64),
                         t + 1_500,
                         "step_failed",
-                        json!({"name": name, "from": "started", "error": "boom"}).to_string(),
+                        json!({"name": name, "from": "started", "error": "boom",
+                               "row": image("failed", None, Some("boom"), Some(t + 1_500))})
+                        .to_string(),
                     )?;
                 } else {
+                    let out = output.clone().unwrap_or_else(|| "{}".to_owned());
                     ev(
                         &run_id,
                         Some(seq as i64),
                         t + 1_500,
                         "step_done",
-                        json!({"name": name, "from": "started"}).to_string(),
+                        json!({"name": name, "from": "started",
+                               "row": image("done", Some(&out), None, Some(t + 1_500))})
+                        .to_string(),
                     )?;
                 }
             }
@@ -157,6 +191,9 @@ fn generate(home: &Path, runs: usize) -> Result<(), Box<dyn std::error::Error>> 
             if failed {
                 d["error"] = json!("boom");
             }
+            d["row"] = json!({"state": state, "updated_at": end,
+                              "finished_at": (!failed).then_some(end),
+                              "error": failed.then_some("boom")});
             ev(&run_id, None, end, &format!("run_{state}"), d.to_string())?;
         }
         assert_eq!(id as usize, runs * EVENTS_PER_RUN);

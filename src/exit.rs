@@ -33,4 +33,9 @@ impl Exit {
 pub trait ExitCoded {
     /// The exit code this error maps to.
     fn exit(&self) -> Exit;
+
+    /// The next command to suggest (a `hint:` line), when the error has one obvious answer.
+    fn hint(&self) -> Option<String> {
+        None
+    }
 }

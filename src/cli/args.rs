@@ -200,8 +200,13 @@ pub enum JournalCmd {
         #[arg(long)]
         sandbox: Option<String>,
     },
-    /// Check integrity, the hash chain and consistency.
-    Verify,
+    /// Check integrity, the hash chain, consistency and that every row matches its events.
+    Verify {
+        /// Fail unless the chain contains this head (the hash `journal verify` printed earlier,
+        /// kept outside the journal): detects a journal rewritten as a whole.
+        #[arg(long, value_name = "HASH")]
+        expect_head: Option<String>,
+    },
     /// Remove finished runs older than a duration.
     Prune {
         /// e.g. `30d`, `12h`.

@@ -25,7 +25,7 @@ pub fn dispatch(ctx: &Ctx, j: JournalCmd) -> CmdResult {
         JournalCmd::List(a) => list(ctx, a),
         JournalCmd::Show { run } => show(ctx, &run),
         JournalCmd::Export { since, sandbox } => export(ctx, since, sandbox),
-        JournalCmd::Verify => verify(ctx),
+        JournalCmd::Verify { expect_head } => verify(ctx, expect_head.as_deref()),
         JournalCmd::Prune { older_than, dry_run, keep_backups } => {
             prune(ctx, &older_than, dry_run, keep_backups)
         }
@@ -226,8 +226,13 @@ fn event_detail(kind: &str, data: &Value) -> String {
             parts.push(format!("attempt {a}"));
         }
     } else if kind != "run_created" {
-        // Unknown kinds are shown generically: their data, compact and bounded.
-        let mut t = data.to_string();
+        // Unknown kinds are shown generically: their data, compact and bounded, without the
+        // row image (the step table above shows the rows).
+        let mut shown = data.clone();
+        if let Some(m) = shown.as_object_mut() {
+            m.remove("row");
+        }
+        let mut t = shown.to_string();
         if t.len() > 120 {
             let mut cut = 117;
             while !t.is_char_boundary(cut) {
@@ -437,20 +442,34 @@ fn export(ctx: &Ctx, since: Option<String>, sandbox: Option<String>) -> CmdResul
 
 // ---------------------------------------------------------------------------------------------
 
-fn verify(ctx: &Ctx) -> CmdResult {
+fn verify(ctx: &Ctx, expect_head: Option<&str>) -> CmdResult {
+    let expect = expect_head.map(audit::parse_head).transpose()?;
     let Some(j) = open(ctx)? else {
+        if let Some(h) = &expect {
+            // An anchor names a chain that existed; a missing journal cannot contain it.
+            return Err(CliError::new(
+                Exit::Corrupt,
+                format!(
+                    "there is no journal at {}, so it cannot contain the expected head {h}",
+                    ctx.home.join(FILE_NAME).display()
+                ),
+            )
+            .hint("check `--home`; the journal may have been removed"));
+        }
         if ctx.printer.json {
             ctx.printer.json_doc(
                 "journal.verify",
                 json!({"ok": true, "events_checked": 0, "runs_checked": 0, "steps_checked": 0,
-                       "pruned_head_id": null, "problems": []}),
+                       "pruned_head_id": null, "legacy_runs": 0,
+                       "head": {"id": 0, "hash": crate::journal::chain::GENESIS},
+                       "expect_head": null, "problems": []}),
             );
         } else {
             ctx.printer.info("No journal yet: nothing to verify.");
         }
         return Ok(Exit::Ok);
     };
-    let rep = audit::verify(&j)?;
+    let rep = audit::verify(&j, expect.as_deref())?;
     if ctx.printer.json {
         ctx.printer.json_doc("journal.verify", serde_json::to_value(&rep).unwrap_or(Value::Null));
     } else {
@@ -484,15 +503,51 @@ fn verify(ctx: &Ctx) -> CmdResult {
                 format!("ok ({} runs, {} steps)", rep.runs_checked, rep.steps_checked),
             ),
         ]);
-        table_no_header(ctx, &rows);
-        for p in rep.problems.iter().filter(|p| p.check == Check::Consistency).skip(1) {
-            ctx.printer.data(format!(
-                "             also{}{}: {}",
-                p.event_id.map(|e| format!(" at event {e}")).unwrap_or_default(),
-                p.run_id.as_ref().map(|r| format!(" (run {r})")).unwrap_or_default(),
-                p.detail
-            ));
+        let legacy = match rep.legacy_runs {
+            0 => String::new(),
+            n => {
+                format!("; {n} run(s) from before schema 2: only their creation facts are covered")
+            }
+        };
+        rows.push(vec![
+            ("rows".into(), ""),
+            line(Check::Rows, format!("ok (every column matches its events{legacy})")),
+        ]);
+        // Further consistency and row problems, under the first ones.
+        let firsts: Vec<&audit::Problem> =
+            [Check::Consistency, Check::Rows].into_iter().filter_map(first).collect();
+        for p in rep.problems.iter().filter(|p| {
+            matches!(p.check, Check::Consistency | Check::Rows)
+                && !firsts.iter().any(|f| std::ptr::eq(*f, *p))
+        }) {
+            rows.push(vec![
+                (String::new(), ""),
+                (
+                    format!(
+                        "also{}{}: {}",
+                        p.event_id.map(|e| format!(" at event {e}")).unwrap_or_default(),
+                        p.run_id.as_ref().map(|r| format!(" (run {r})")).unwrap_or_default(),
+                        p.detail
+                    ),
+                    "",
+                ),
+            ]);
         }
+        if let Some(x) = &rep.expect_head {
+            let okmsg = match (x.found_at, x.events_since) {
+                (Some(at), Some(n)) => {
+                    format!("ok (the expected head is event {at}; {n} event(s) appended since)")
+                }
+                _ => "ok".to_owned(),
+            };
+            rows.push(vec![("anchor".into(), ""), line(Check::Anchor, okmsg)]);
+        }
+        // The head goes last: it is what an auditor copies and keeps outside the journal.
+        rows.push(vec![
+            ("head".into(), ""),
+            (format!("event {} {}", rep.head.id, rep.head.hash), ""),
+        ]);
+        table_no_header(ctx, &rows);
     }
     if rep.ok {
         ctx.printer.success("✓ Journal verified");

@@ -57,7 +57,11 @@ impl<E: std::error::Error + ExitCoded> From<E> for CliError {
             }
             src = s.source();
         }
-        CliError::new(e.exit(), message)
+        let err = CliError::new(e.exit(), message);
+        match e.hint() {
+            Some(h) => err.hint(h),
+            None => err,
+        }
     }
 }
 

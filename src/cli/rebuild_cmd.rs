@@ -184,7 +184,9 @@ pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
 /// the host as the journal left it).
 pub fn refuse_if_unfinished(ctx: &Ctx, name: &SandboxName, what: &str) -> Result<(), CliError> {
     let path = ctx.home.join(crate::journal::store::FILE_NAME);
-    let Some(j) = Journal::open_readonly(&path)? else { return Ok(()) };
+    // A mutating command is about to write anyway: a journal left mid-write by a killed
+    // process is rolled back first (as the next writer would), not reported as an I/O error.
+    let Some(j) = Journal::open_recovering(&path)? else { return Ok(()) };
     let Some(r) = unfinished_for(&j, name)?.into_iter().next() else { return Ok(()) };
     if let Some(h) = live_holder(ctx, &j, &r) {
         return Err(CliError::new(
@@ -547,7 +549,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     let p = &ctx.printer;
     let journal_path = ctx.home.join(crate::journal::store::FILE_NAME);
     if !a.resume && !a.rollback {
-        let Some(j) = Journal::open_readonly(&journal_path)? else {
+        let Some(j) = Journal::open_recovering(&journal_path)? else {
             if p.json {
                 p.json_doc("recover", json!({"unfinished": []}));
             } else {

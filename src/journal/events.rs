@@ -27,7 +27,30 @@ pub fn append(
     kind: &str,
     data: &Value,
 ) -> Result<i64, JournalError> {
-    let data = redact(data).to_string();
+    append_recording(tx, run_id, step_seq, at, kind, data, Vec::new())
+}
+
+/// Append an event that also records the rows it creates or changes: each `(key, image)` is
+/// added to the redacted `data` as is. Images are read back from the rows, whose JSON columns
+/// were redacted when written, so they hold nothing the rows do not; redacting them again would
+/// only hide columns whose names look like secrets (`lock_key`) and break the comparison
+/// `journal verify` makes.
+pub fn append_recording(
+    tx: &Transaction<'_>,
+    run_id: Option<&str>,
+    step_seq: Option<i64>,
+    at: i64,
+    kind: &str,
+    data: &Value,
+    rows: Vec<(&str, Value)>,
+) -> Result<i64, JournalError> {
+    let mut data = redact(data);
+    if let Some(m) = data.as_object_mut() {
+        for (k, v) in rows {
+            m.insert(k.to_owned(), v);
+        }
+    }
+    let data = data.to_string();
     let last: Option<(i64, String)> = tx
         .prepare_cached("SELECT id, hash FROM events ORDER BY id DESC LIMIT 1")
         .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
@@ -81,6 +104,39 @@ pub struct ChainBreak {
 /// after a prune, at the checkpoint recorded in meta (`pruned_head_hash`, `pruned_head_id`).
 /// Returns the number of events verified.
 pub fn verify_chain(conn: &Connection) -> Result<u64, ChainBreak> {
+    match walk_chain(conn, None) {
+        (walk, None) => Ok(walk.events),
+        (_, Some(brk)) => Err(brk),
+    }
+}
+
+/// How far a chain walk got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainWalk {
+    /// Events verified.
+    pub events: u64,
+    /// Id of the last verified event (the prune anchor's id, or 0, when there is none).
+    pub head_id: i64,
+    /// Hash of the last verified event (the prune anchor, or [`GENESIS`], when there is none):
+    /// the value an auditor records outside the file and later passes to `--expect-head`.
+    pub head_hash: String,
+    /// Where `find` was met on the verified chain (the anchor counts, as its id), if it was.
+    pub found: Option<i64>,
+}
+
+/// [`verify_chain`], also returning the head it reached and where the hash `find` (lowercase
+/// hex) occurs on the verified part of the chain. The walk stops at the first break.
+pub fn walk_chain(conn: &Connection, find: Option<&str>) -> (ChainWalk, Option<ChainBreak>) {
+    let mut walk = ChainWalk { events: 0, head_id: 0, head_hash: GENESIS.to_owned(), found: None };
+    let brk = walk_into(conn, find, &mut walk).err();
+    (walk, brk)
+}
+
+fn walk_into(
+    conn: &Connection,
+    find: Option<&str>,
+    walk: &mut ChainWalk,
+) -> Result<(), ChainBreak> {
     let read_err =
         |e: rusqlite::Error| ChainBreak { event_id: 0, reason: format!("cannot read events: {e}") };
     let meta = |key: &str| -> Result<Option<String>, ChainBreak> {
@@ -98,13 +154,17 @@ pub fn verify_chain(conn: &Connection) -> Result<u64, ChainBreak> {
         }
         None => 1,
     };
+    walk.head_id = expect_id - 1;
+    walk.head_hash = prev.clone();
+    if find == Some(prev.as_str()) {
+        walk.found = Some(walk.head_id);
+    }
     let mut stmt = conn
         .prepare(
             "SELECT id, run_id, step_seq, at, kind, data, prev_hash, hash FROM events ORDER BY id",
         )
         .map_err(read_err)?;
     let mut rows = stmt.query([]).map_err(read_err)?;
-    let mut n = 0u64;
     while let Some(r) = rows.next().map_err(read_err)? {
         let id: i64 = r.get(0).map_err(read_err)?;
         let run_id: Option<String> = r.get(1).map_err(read_err)?;
@@ -133,11 +193,16 @@ pub fn verify_chain(conn: &Connection) -> Result<u64, ChainBreak> {
                 "stored hash {hash} does not match the recomputed {want} (the row was edited)"
             )));
         }
+        if find == Some(hash.as_str()) {
+            walk.found = Some(id);
+        }
+        walk.events += 1;
+        walk.head_id = id;
+        walk.head_hash.clone_from(&hash);
         prev = hash;
         expect_id += 1;
-        n += 1;
     }
-    Ok(n)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -45,6 +45,23 @@ pub enum JournalError {
         /// What was being done.
         context: String,
     },
+    /// A process that stopped while writing left a hot rollback journal (`-journal`) beside
+    /// the file: the last committed state can only be read after SQLite rolls it back, which a
+    /// read-only open does not do.
+    #[error("{}", needs_rollback(path, *read_only_dir))]
+    NeedsRollback {
+        /// Database file.
+        path: PathBuf,
+        /// The directory cannot be written (read-only storage).
+        read_only_dir: bool,
+    },
+    /// On read-only storage, a `-wal` holds commits the main file does not have, and without
+    /// a `-shm` SQLite cannot read them.
+    #[error("journal {path} is on read-only storage with a non-empty `{}` and no usable `-shm`: its latest commits cannot be read there (nothing was changed)", side(path, "-wal"))]
+    UnreadableWal {
+        /// Database file.
+        path: PathBuf,
+    },
     /// Other I/O or SQLite failure.
     #[error("journal {path}: {context}: {source}")]
     Io {
@@ -77,7 +94,45 @@ pub enum JournalError {
     NotFound(String),
 }
 
+fn needs_rollback(path: &Path, read_only_dir: bool) -> String {
+    format!(
+        "journal {} was left mid-write by a process that stopped (a hot rollback journal `{}` is \
+         beside it); {} (nothing was changed)",
+        path.display(),
+        side(path, "-journal"),
+        if read_only_dir {
+            "its directory is read-only, so the unfinished write cannot be rolled back there"
+        } else {
+            "it must be rolled back before it can be read, which this command does not do"
+        }
+    )
+}
+
+fn side(path: &Path, suffix: &str) -> String {
+    format!("{}{suffix}", path.display())
+}
+
 impl JournalError {
+    /// What the operator does next, for the variants that have one obvious next command.
+    pub fn next_command(&self) -> Option<String> {
+        match self {
+            JournalError::NeedsRollback { read_only_dir: false, .. } => Some(
+                "`nemoclaw recover` rolls the unfinished write back (restoring the last committed \
+                 state) and lists unfinished runs"
+                    .into(),
+            ),
+            JournalError::NeedsRollback { path, read_only_dir: true } => Some(format!(
+                "copy the whole directory, `{}` included, to writable storage and run `nemoclaw --home <copy> recover` there",
+                side(path, "-journal")
+            )),
+            JournalError::UnreadableWal { path } => Some(format!(
+                "copy the whole directory, `{}` included, to writable storage and run the command there with `--home <copy>`",
+                side(path, "-wal")
+            )),
+            _ => None,
+        }
+    }
+
     /// Classify a SQLite error that happened on `path` while doing `context`.
     pub fn sql(path: &Path, context: &str, e: rusqlite::Error) -> Self {
         use rusqlite::ErrorCode as C;
@@ -112,7 +167,10 @@ impl ExitCoded for JournalError {
     fn exit(&self) -> Exit {
         match self {
             JournalError::TooNew { .. } | JournalError::Corrupt { .. } => Exit::Corrupt,
-            JournalError::Full { .. } | JournalError::Io { .. } => Exit::Io,
+            JournalError::Full { .. }
+            | JournalError::Io { .. }
+            | JournalError::NeedsRollback { .. }
+            | JournalError::UnreadableWal { .. } => Exit::Io,
             JournalError::Sql { source, .. } | JournalError::Raw(source) => {
                 match source.sqlite_error_code() {
                     Some(rusqlite::ErrorCode::DatabaseBusy)
@@ -126,6 +184,10 @@ impl ExitCoded for JournalError {
             JournalError::Transition(_) => Exit::Corrupt,
             JournalError::NotFound(_) => Exit::Usage,
         }
+    }
+
+    fn hint(&self) -> Option<String> {
+        self.next_command()
     }
 }
 

@@ -330,6 +330,139 @@ fn json_col(s: Option<String>) -> rusqlite::Result<Option<Value>> {
     s.map(|t| serde_json::from_str(&t).map_err(|_| bad_row("invalid JSON"))).transpose()
 }
 
+// ---------------------------------------------------------------------------------------------
+// Row images: what the events record about the rows, so that the hash chain covers them
+
+/// Every column of `runs` except `id` (the event's `run_id`), in schema order. `run_created`
+/// records all of them under `row`.
+pub const RUN_IMAGE_COLUMNS: &[&str] = &[
+    "lock_key",
+    "plan",
+    "plan_fingerprint",
+    "sandbox",
+    "gateway",
+    "mode",
+    "state",
+    "params",
+    "binary_version",
+    "host",
+    "user",
+    "pid",
+    "argv",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "error",
+];
+
+/// The `runs` columns that change after creation: every later run-level event that changes
+/// the row records them under `row`.
+pub const RUN_MUTABLE_COLUMNS: &[&str] = &["state", "updated_at", "finished_at", "error"];
+
+/// Every column of `steps` except `run_id` and `seq` (the event's `run_id` and `step_seq`).
+/// `run_created` records all of them for each step under `step_rows`.
+pub const STEP_IMAGE_COLUMNS: &[&str] = &[
+    "name",
+    "version",
+    "destructive",
+    "state",
+    "attempt",
+    "input",
+    "output",
+    "error",
+    "started_at",
+    "finished_at",
+    "compensated_at",
+];
+
+/// The `steps` columns that change after creation: every `step_*` event records them under
+/// `row`.
+pub const STEP_MUTABLE_COLUMNS: &[&str] = &[
+    "state",
+    "attempt",
+    "input",
+    "output",
+    "error",
+    "started_at",
+    "finished_at",
+    "compensated_at",
+];
+
+/// Columns holding JSON text. Their image is the JSON value itself (not a string of it), so
+/// an auditor reads it as it is and a re-serialisation cannot pass for an edit.
+pub const JSON_COLUMNS: &[&str] = &["params", "argv", "input", "output"];
+
+/// A stored column value as it appears in a row image: NULL → `null`, integers → numbers,
+/// text → string, and JSON columns → their parsed JSON (text that is not JSON stays a string,
+/// so it can never equal the image of valid JSON).
+pub fn column_json(column: &str, v: rusqlite::types::ValueRef<'_>) -> Value {
+    use rusqlite::types::ValueRef as V;
+    match v {
+        V::Null => Value::Null,
+        V::Integer(i) => Value::from(i),
+        V::Real(f) => Value::from(f),
+        V::Text(t) => {
+            let t = String::from_utf8_lossy(t);
+            if JSON_COLUMNS.contains(&column) {
+                serde_json::from_str(&t).unwrap_or(Value::String(t.into_owned()))
+            } else {
+                Value::String(t.into_owned())
+            }
+        }
+        V::Blob(b) => Value::String(hex::encode(b)),
+    }
+}
+
+/// [`column_json`] as JSON text, without building a value: what `journal verify` compares with
+/// the recorded text. JSON columns are their stored text (written compact by the same
+/// serialiser that writes the events).
+pub fn column_text(column: &str, v: rusqlite::types::ValueRef<'_>) -> String {
+    use rusqlite::types::ValueRef as V;
+    match v {
+        V::Text(t) if JSON_COLUMNS.contains(&column) => String::from_utf8_lossy(t).into_owned(),
+        V::Null => "null".to_owned(),
+        V::Integer(i) => i.to_string(),
+        other => column_json(column, other).to_string(),
+    }
+}
+
+/// The image of `columns` of one row, read back from the row itself inside the writer's
+/// transaction: the event then records exactly what was written, whatever SQL wrote it.
+fn image(
+    tx: &Transaction<'_>,
+    sql: &str,
+    columns: &[&str],
+    params: impl rusqlite::Params,
+) -> Result<Value, JournalError> {
+    let mut st = tx.prepare_cached(sql).map_err(raw)?;
+    st.query_row(params, |r| {
+        let mut m = serde_json::Map::new();
+        for (i, c) in columns.iter().enumerate() {
+            m.insert((*c).to_owned(), column_json(c, r.get_ref(i)?));
+        }
+        Ok(Value::Object(m))
+    })
+    .map_err(raw)
+}
+
+fn run_image(tx: &Transaction<'_>, run_id: &str, columns: &[&str]) -> Result<Value, JournalError> {
+    image(tx, &format!("SELECT {} FROM runs WHERE id = ?1", columns.join(", ")), columns, [run_id])
+}
+
+fn step_image(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    seq: usize,
+    columns: &[&str],
+) -> Result<Value, JournalError> {
+    image(
+        tx,
+        &format!("SELECT {} FROM steps WHERE run_id = ?1 AND seq = ?2", columns.join(", ")),
+        columns,
+        params![run_id, seq as i64],
+    )
+}
+
 const RUN_COLS: &str = "id, lock_key, plan, plan_fingerprint, sandbox, gateway, mode, state, \
      params, binary_version, host, user, pid, argv, created_at, updated_at, finished_at, error";
 
@@ -420,7 +553,11 @@ pub fn create_run(tx: &Transaction<'_>, run: &NewRun, at: i64) -> Result<(), Jou
         .map_err(raw)?;
     }
     let steps: Vec<&str> = run.steps.iter().map(|s| s.name.as_str()).collect();
-    events::append(
+    let row = run_image(tx, &run.id, RUN_IMAGE_COLUMNS)?;
+    let step_rows = (0..run.steps.len())
+        .map(|seq| step_image(tx, &run.id, seq, STEP_IMAGE_COLUMNS))
+        .collect::<Result<Vec<_>, _>>()?;
+    events::append_recording(
         tx,
         Some(&run.id),
         None,
@@ -431,6 +568,7 @@ pub fn create_run(tx: &Transaction<'_>, run: &NewRun, at: i64) -> Result<(), Jou
             "sandbox": run.sandbox, "gateway": run.gateway, "mode": run.mode,
             "steps": steps, "pid": std::process::id(), "host": crate::util::hostname(),
         }),
+        vec![("row", row), ("step_rows", Value::Array(step_rows))],
     )?;
     Ok(())
 }
@@ -474,12 +612,22 @@ pub fn set_run_state(
         d["error"] = Value::String(e.to_owned());
     }
     merge(&mut d, data);
-    events::append(tx, Some(run_id), None, at, &format!("run_{}", to.as_str()), &d)?;
+    let row = run_image(tx, run_id, RUN_MUTABLE_COLUMNS)?;
+    events::append_recording(
+        tx,
+        Some(run_id),
+        None,
+        at,
+        &format!("run_{}", to.as_str()),
+        &d,
+        vec![("row", row)],
+    )?;
     Ok(from)
 }
 
 /// Append a run-level event that changes no state (`takeover`, `rollback_interrupted`, ...)
-/// and touch `updated_at`.
+/// and touch `updated_at`. The event records the run's changeable columns as they are after
+/// the change, including any the caller changed earlier in the same transaction (an `error`).
 pub fn run_event(
     tx: &Transaction<'_>,
     run_id: &str,
@@ -488,7 +636,8 @@ pub fn run_event(
     data: Value,
 ) -> Result<(), JournalError> {
     exec(tx, "UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run_id, at]).map_err(raw)?;
-    events::append(tx, Some(run_id), None, at, kind, &data)?;
+    let row = run_image(tx, run_id, RUN_MUTABLE_COLUMNS)?;
+    events::append_recording(tx, Some(run_id), None, at, kind, &data, vec![("row", row)])?;
     Ok(())
 }
 
@@ -577,13 +726,15 @@ pub fn set_step_state(
     if let Some(e) = change.error {
         data["error"] = Value::String(e.to_owned());
     }
-    events::append(
+    let row = step_image(tx, run_id, seq, STEP_MUTABLE_COLUMNS)?;
+    events::append_recording(
         tx,
         Some(run_id),
         Some(seq as i64),
         at,
         &format!("step_{}", to.as_str()),
         &data,
+        vec![("row", row)],
     )?;
     // `runs.updated_at` is left alone: it tracks run-level changes, and not touching the runs
     // row keeps a step transition to the pages it must write (steps, events).
@@ -772,6 +923,133 @@ mod tests {
             assert_eq!(StepState::parse(s.as_str()), Some(s));
             assert!(sql.contains(&format!("'{}'", s.as_str())), "{s} missing from CHECK");
         }
+    }
+
+    /// The images cover every column: a column added to `runs` or `steps` without being added
+    /// to the image lists would escape `journal verify`.
+    #[test]
+    fn row_images_cover_every_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = crate::journal::Journal::open_home(dir.path()).unwrap();
+        let cols = |t: &str| -> Vec<String> {
+            j.conn()
+                .prepare(&format!("SELECT name FROM pragma_table_info('{t}') ORDER BY cid"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let mut want = vec!["id".to_owned()];
+        want.extend(RUN_IMAGE_COLUMNS.iter().map(|c| c.to_string()));
+        assert_eq!(cols("runs"), want);
+        let mut want = vec!["run_id".to_owned(), "seq".to_owned()];
+        want.extend(STEP_IMAGE_COLUMNS.iter().map(|c| c.to_string()));
+        assert_eq!(cols("steps"), want);
+        for c in RUN_MUTABLE_COLUMNS {
+            assert!(RUN_IMAGE_COLUMNS.contains(c), "{c}");
+        }
+        for c in STEP_MUTABLE_COLUMNS {
+            assert!(STEP_IMAGE_COLUMNS.contains(c), "{c}");
+        }
+    }
+
+    /// Every write records what it wrote: after each kind of change, the latest image of each
+    /// column equals the stored row (the engine's raw `UPDATE runs SET error` before a note
+    /// included).
+    #[test]
+    fn every_change_records_the_row_it_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = crate::journal::Journal::open_home(dir.path()).unwrap();
+        let id = "0190-cccc";
+        j.write("create", |tx| create_run(tx, &new_run(id), 1)).unwrap();
+        j.write("s", |tx| {
+            let out = json!({"backup_path": "/b", "apiKey": "sk"});
+            set_step_state(
+                tx,
+                id,
+                0,
+                S::Started,
+                StepChange { input: Some(&json!({"pid": 1})), ..Default::default() },
+                2,
+            )?;
+            set_step_state(
+                tx,
+                id,
+                0,
+                S::Done,
+                StepChange { output: Some(&out), ..Default::default() },
+                3,
+            )?;
+            set_step_state(tx, id, 1, S::Started, StepChange::default(), 4)?;
+            set_step_state(
+                tx,
+                id,
+                1,
+                S::Failed,
+                StepChange { error: Some("boom"), ..Default::default() },
+                5,
+            )?;
+            set_run_state(tx, id, R::Failed, Some("boom"), 6, json!({}))?;
+            set_run_state(tx, id, R::RollingBack, None, 7, json!({}))?;
+            tx.execute("UPDATE runs SET error = 'comp failed' WHERE id = ?1", [id])
+                .map_err(JournalError::from_sqlite)?;
+            run_event(tx, id, "compensation_failed", 8, json!({}))
+        })
+        .unwrap();
+        let conn = j.conn();
+        let stored = |sql: &str, cols: &[&str]| -> Value {
+            conn.query_row(sql, [id], |r| {
+                let mut m = serde_json::Map::new();
+                for (i, c) in cols.iter().enumerate() {
+                    m.insert(c.to_string(), column_json(c, r.get_ref(i)?));
+                }
+                Ok(Value::Object(m))
+            })
+            .unwrap()
+        };
+        let mut run = serde_json::Map::new();
+        let mut steps = vec![serde_json::Map::new(), serde_json::Map::new()];
+        let mut st = conn.prepare("SELECT step_seq, kind, data FROM events ORDER BY id").unwrap();
+        let mut rows = st.query([]).unwrap();
+        while let Some(r) = rows.next().unwrap() {
+            let seq: Option<i64> = r.get(0).unwrap();
+            let kind: String = r.get(1).unwrap();
+            let d: Value = serde_json::from_str(&r.get::<_, String>(2).unwrap()).unwrap();
+            let row = d["row"].as_object().unwrap_or_else(|| panic!("{kind} has no row")).clone();
+            let into = match seq {
+                Some(q) => &mut steps[q as usize],
+                None => &mut run,
+            };
+            into.extend(row);
+            if kind == "run_created" {
+                for (q, s) in d["step_rows"].as_array().unwrap().iter().enumerate() {
+                    steps[q].extend(s.as_object().unwrap().clone());
+                }
+            }
+        }
+        let cols = RUN_IMAGE_COLUMNS.join(", ");
+        assert_eq!(
+            Value::Object(run),
+            stored(&format!("SELECT {cols} FROM runs WHERE id = ?1"), RUN_IMAGE_COLUMNS)
+        );
+        let cols = STEP_IMAGE_COLUMNS.join(", ");
+        for (q, s) in steps.into_iter().enumerate() {
+            let got = stored(
+                &format!("SELECT {cols} FROM steps WHERE run_id = ?1 AND seq = {q}"),
+                STEP_IMAGE_COLUMNS,
+            );
+            assert_eq!(Value::Object(s), got, "step {q}");
+        }
+        let out: String = conn
+            .query_row("SELECT data FROM events WHERE kind = 'step_done'", [], |r| r.get(0))
+            .unwrap();
+        assert!(out.contains(r#""apiKey":"[redacted]""#) && !out.contains("sk"), "{out}");
+        // Image columns are not mistaken for secrets by their names.
+        let created: String = conn
+            .query_row("SELECT data FROM events WHERE kind = 'run_created'", [], |r| r.get(0))
+            .unwrap();
+        assert!(created.contains(r#""lock_key":"k""#), "{created}");
     }
 
     fn new_run(id: &str) -> NewRun {

@@ -10,8 +10,10 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use super::JournalError;
 
 /// Forward-only migrations, in order. `PRAGMA user_version` = how many are applied.
-pub const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../../journal-schema/0001_init.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../../journal-schema/0001_init.sql")),
+    ("0002_row_images", include_str!("../../journal-schema/0002_row_images.sql")),
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -84,6 +86,83 @@ fn set_private(path: &Path) {
     }
 }
 
+/// The `file:` URI of `path` for a read-only open: `mode=ro`, plus `immutable=1` for storage
+/// nothing can write. Every byte outside the unreserved set is percent-encoded, so `?`, `#`
+/// and `%` in a directory name stay part of the path.
+fn readonly_uri(path: &Path, immutable: bool) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut uri = String::from("file://");
+    for &b in abs.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str(if immutable { "?mode=ro&immutable=1" } else { "?mode=ro" });
+    uri
+}
+
+/// A read-only connection, with the first read done (SQLite opens lazily: the errors that
+/// decide between `mode=ro` and `immutable=1` only appear on the first statement).
+fn connect_readonly(path: &Path, immutable: bool) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        readonly_uri(path, immutable),
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?;
+    Ok(conn)
+}
+
+fn extended_code(e: &rusqlite::Error) -> Option<i32> {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => Some(f.extended_code),
+        _ => None,
+    }
+}
+
+/// Whether this process may create files in the journal's directory (false on a read-only
+/// mount or an immutable directory, even for root).
+fn dir_writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Size of `<path><suffix>` (0 when missing). Metadata only: the file is not opened.
+fn side_file_len(path: &Path, suffix: &str) -> u64 {
+    let mut side = path.as_os_str().to_owned();
+    side.push(suffix);
+    std::fs::metadata(Path::new(&side)).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Let SQLite roll back a hot journal: a read-write connection that creates nothing, switches
+/// no mode and migrates nothing; its first read performs the rollback. Closed without a
+/// checkpoint, so nothing else is written.
+fn roll_back_hot_journal(path: &Path) -> Result<(), JournalError> {
+    let err = |e| JournalError::sql(path, "cannot roll back the unfinished write", e);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .map_err(err)?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
+        .map_err(err)?;
+    conn.close().map_err(|(_, e)| err(e))
+}
+
 impl Journal {
     /// The journal of a NemoClaw home: `<home>/journal.sqlite3`, created (and migrated) if needed.
     pub fn open_home(home: &Path) -> Result<Self, JournalError> {
@@ -103,6 +182,15 @@ impl Journal {
     /// WAL, `synchronous=FULL`, foreign keys on, a busy timeout. Refuses a journal written by a
     /// newer schema and a file that is not a SQLite database.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
+        // A writer needs the directory (for `-wal` and `-shm`); say so plainly instead of
+        // SQLite's "unable to open database file".
+        if path.parent().is_some_and(Path::is_dir) && !dir_writable(path) {
+            return Err(JournalError::Io {
+                path: path.to_path_buf(),
+                context: "cannot open the journal for writing".into(),
+                source: std::io::Error::other("the journal's directory is read-only"),
+            });
+        }
         create_private_file(path)?;
         let conn = Connection::open_with_flags(
             path,
@@ -124,18 +212,59 @@ impl Journal {
         Ok(j)
     }
 
-    /// Open an existing journal for reading only (audit commands). Never creates or migrates;
-    /// a missing file is `Ok(None)`.
+    /// Open an existing journal for reading only (audit commands). Never creates, migrates or
+    /// writes anything; a missing file is `Ok(None)`.
+    ///
+    /// The file is opened with SQLite's `mode=ro`. Where that cannot work because the
+    /// directory is not writable (a read-only mount, a forensic copy: SQLite cannot create the
+    /// `-shm` a WAL reader needs), it is opened `immutable=1`, which reads the file as it is
+    /// and takes no locks — safe because nothing can write there, and only done when no
+    /// `-journal` or `-wal` beside it holds changes that an immutable read would not see. A
+    /// journal left mid-write by a killed process (a hot `-journal`) is reported as such
+    /// ([`JournalError::NeedsRollback`]): rolling it back is a write, left to a writer.
     pub fn open_readonly(path: &Path) -> Result<Option<Self>, JournalError> {
         if !path.exists() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| JournalError::sql(path, "cannot open the journal", e))?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| JournalError::sql(path, "busy_timeout", e))?;
+        let conn = match connect_readonly(path, false) {
+            Ok(c) => c,
+            Err(e) => {
+                let code = extended_code(&e);
+                if code == Some(rusqlite::ffi::SQLITE_READONLY_ROLLBACK) {
+                    return Err(JournalError::NeedsRollback {
+                        path: path.to_path_buf(),
+                        read_only_dir: !dir_writable(path),
+                    });
+                }
+                let cannot_share = matches!(
+                    code,
+                    Some(
+                        rusqlite::ffi::SQLITE_CANTOPEN
+                            | rusqlite::ffi::SQLITE_READONLY_CANTINIT
+                            | rusqlite::ffi::SQLITE_READONLY_RECOVERY
+                            | rusqlite::ffi::SQLITE_READONLY_CANTLOCK
+                            | rusqlite::ffi::SQLITE_READONLY_DIRECTORY
+                    )
+                );
+                if !cannot_share || dir_writable(path) {
+                    return Err(JournalError::sql(path, "cannot read the schema version", e));
+                }
+                // Read-only storage. An immutable open ignores the side files, so it is only
+                // right when they hold nothing: a hot `-journal` means the file itself is
+                // mid-write, a non-empty `-wal` holds commits the main file does not have.
+                if side_file_len(path, "-journal") > 0 {
+                    return Err(JournalError::NeedsRollback {
+                        path: path.to_path_buf(),
+                        read_only_dir: true,
+                    });
+                }
+                if side_file_len(path, "-wal") > 0 {
+                    return Err(JournalError::UnreadableWal { path: path.to_path_buf() });
+                }
+                connect_readonly(path, true)
+                    .map_err(|e| JournalError::sql(path, "cannot read the schema version", e))?
+            }
+        };
         let j = Self { conn, path: path.to_path_buf(), commits: 0 };
         let v = j.user_version()?;
         if v > SCHEMA_VERSION {
@@ -148,6 +277,21 @@ impl Journal {
             return Ok(None);
         }
         Ok(Some(j))
+    }
+
+    /// [`Journal::open_readonly`] for `nemoclaw recover`'s listing, the command operators are
+    /// sent to after an interruption: a journal left mid-write (hot `-journal`) in a writable
+    /// directory is first rolled back — SQLite restores the last committed state, exactly as
+    /// the next writer would — and then opened read-only. On read-only storage it is reported
+    /// like [`Journal::open_readonly`] does.
+    pub fn open_recovering(path: &Path) -> Result<Option<Self>, JournalError> {
+        match Self::open_readonly(path) {
+            Err(JournalError::NeedsRollback { read_only_dir: false, .. }) => {
+                roll_back_hot_journal(path)?;
+                Self::open_readonly(path)
+            }
+            other => other,
+        }
     }
 
     fn configure(&mut self) -> Result<(), JournalError> {

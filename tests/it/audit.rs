@@ -62,7 +62,7 @@ impl Step for FakeStep {
     }
 }
 
-fn plan(home: &Path, stale: bool) -> Plan {
+pub(crate) fn plan(home: &Path, stale: bool) -> Plan {
     let names = if stale { STALE } else { NORMAL };
     Plan {
         name: "rebuild".into(),
@@ -81,7 +81,7 @@ impl PlanResolver for Resolver {
 }
 
 /// Start a rebuild-shaped run through the real engine; returns the run id.
-fn rebuild(home: &Path, sandbox: &str, stale: bool, params: Value) -> String {
+pub(crate) fn rebuild(home: &Path, sandbox: &str, stale: bool, params: Value) -> String {
     let mut j = Journal::open_home(home).unwrap();
     let spec = RunSpec {
         lock_key: format!("local/{sandbox}"),
@@ -96,19 +96,19 @@ fn rebuild(home: &Path, sandbox: &str, stale: bool, params: Value) -> String {
     r.run_id
 }
 
-fn resume(home: &Path, run: &str) {
+pub(crate) fn resume(home: &Path, run: &str) {
     let mut j = Journal::open_home(home).unwrap();
     engine::resume(&mut j, &LockDir::new(home), run, &Resolver(home.into()), &engine::Quiet)
         .unwrap();
 }
 
-fn rollback(home: &Path, run: &str) {
+pub(crate) fn rollback(home: &Path, run: &str) {
     let mut j = Journal::open_home(home).unwrap();
     engine::rollback(&mut j, &LockDir::new(home), run, &Resolver(home.into()), &engine::Quiet)
         .unwrap();
 }
 
-fn fail(home: &Path, step: &str, on: bool) {
+pub(crate) fn fail(home: &Path, step: &str, on: bool) {
     let f = home.join(format!("fail-{step}"));
     if on {
         std::fs::write(f, b"").unwrap();
@@ -117,7 +117,7 @@ fn fail(home: &Path, step: &str, on: bool) {
     }
 }
 
-fn json_out(home: &Home, args: &[&str]) -> Value {
+pub(crate) fn json_out(home: &Home, args: &[&str]) -> Value {
     let o = home.cmd().arg("--json").args(args).output().unwrap();
     assert!(o.status.success(), "{args:?}: {}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).expect("valid JSON");
@@ -130,7 +130,7 @@ fn run_state(home: &Path, run: &str) -> String {
     j.conn().query_row("SELECT state FROM runs WHERE id = ?1", [run], |r| r.get(0)).unwrap()
 }
 
-fn sqlite(home: &Path, sql: &str) {
+pub(crate) fn sqlite(home: &Path, sql: &str) {
     let o = Command::new("/usr/bin/sqlite3")
         .arg(home.join("journal.sqlite3"))
         .arg(sql)
@@ -139,7 +139,7 @@ fn sqlite(home: &Path, sql: &str) {
     assert!(o.status.success(), "sqlite3: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-fn count(home: &Path, sql: &str) -> i64 {
+pub(crate) fn count(home: &Path, sql: &str) -> i64 {
     let j = Journal::open_readonly(&home.join("journal.sqlite3")).unwrap().unwrap();
     j.conn().query_row(sql, [], |r| r.get(0)).unwrap()
 }
@@ -739,10 +739,20 @@ fn output_is_aligned_coloured_only_when_asked_and_json_is_stable() {
         v,
         json!({"schema_version": 1, "type": "journal.verify", "data": {"ok": true,
             "events_checked": 12, "runs_checked": 1, "steps_checked": 5, "pruned_head_id": null,
+            "legacy_runs": 0, "head": {"id": "<v>", "hash": "<v>"}, "expect_head": null,
             "problems": []}})
     );
     let mut v = json_out(&h, &["journal", "show", &run]);
     normalise(&mut v);
+    // Every event records the row it creates or changes (compared column by column in
+    // `tests/it/evidence.rs`); the rest of the data is the stable format below.
+    for e in v["data"]["events"].as_array_mut().unwrap() {
+        let d = e["data"].as_object_mut().unwrap();
+        assert!(d.remove("row").is_some(), "{e}");
+        if e["kind"] == "run_created" {
+            assert!(e["data"].as_object_mut().unwrap().remove("step_rows").is_some(), "{e}");
+        }
+    }
     let step = |seq: i64, name: &str| {
         json!({"seq": seq, "name": name, "version": 1, "destructive": name == "remove",
                "state": "done", "attempt": 1, "started_at": "<v>", "finished_at": "<v>",

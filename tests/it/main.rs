@@ -5,9 +5,11 @@ mod common;
 
 mod audit;
 mod engine;
+mod evidence;
 mod fakegw;
 mod gateway;
 mod host;
+mod readonly;
 mod rebuild;
 mod surface;
 mod transcripts;
