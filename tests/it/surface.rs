@@ -2,7 +2,15 @@
 //! that nothing but `nemoclaw` gets installed. A change to any of them shows up as a snapshot
 //! diff (`tests/it/snapshots/`) to be reviewed, not as a silent drift.
 
+use std::process::Output;
+
 use crate::common::{stderr, stdout, Home};
+
+/// Run with no `NEMOCLAW_HOME` in the environment (clap would print its value in the help):
+/// the home is `$HOME/.nemoclaw`, inside the test's directory.
+fn run(h: &Home, args: &[&str]) -> Output {
+    h.cmd().env_remove("NEMOCLAW_HOME").args(args).output().unwrap()
+}
 
 /// Every command path whose `--help` is pinned.
 const HELP: &[&[&str]] = &[
@@ -33,7 +41,7 @@ fn every_help_is_pinned() {
     for path in HELP {
         let mut args: Vec<&str> = path.to_vec();
         args.push("--help");
-        let o = h.run(&args);
+        let o = run(&h, &args);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
         let name =
             if path.is_empty() { "help".to_owned() } else { format!("help-{}", path.join("-")) };
@@ -55,7 +63,7 @@ fn usage_errors_are_pinned() {
         ("usage-recover-both", &["recover", "--resume", "--rollback"]),
         ("usage-unknown-flag", &["list", "--frobnicate"]),
     ] {
-        let o = h.run(args);
+        let o = run(&h, args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         insta::assert_snapshot!(name, stderr(&o));
     }
