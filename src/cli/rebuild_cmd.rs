@@ -126,10 +126,16 @@ fn unfinished_for(journal: &Journal, name: &SandboxName) -> Result<Vec<RunRecord
 /// holds the run's kernel lock, `None` when nobody does (the run was interrupted). The lock is
 /// the truth (the OS drops it when its holder dies); the row only names the holder.
 fn live_holder(ctx: &Ctx, journal: &Journal, r: &RunRecord) -> Option<runs::HolderRecord> {
-    match LockDir::new(&ctx.home).try_lock(&r.lock_key) {
-        // Free: nobody is running it. Dropping the lock at once leaves it as we found it.
-        Ok(Some(_free)) => None,
-        Ok(None) => Some(runs::holder(journal.conn(), &r.lock_key).ok().flatten().unwrap_or(
+    let locks = LockDir::new(&ctx.home);
+    // Asked without taking the lock (a runner starting now must not find it busy because of
+    // us); where the kernel's table cannot be read, a try-and-drop is the fallback.
+    let held = match locks.is_held(&r.lock_key) {
+        Some(h) => Ok(h),
+        None => locks.try_lock(&r.lock_key).map(|l| l.is_none()),
+    };
+    match held {
+        Ok(false) => None,
+        Ok(true) => Some(runs::holder(journal.conn(), &r.lock_key).ok().flatten().unwrap_or(
             runs::HolderRecord {
                 lock_key: r.lock_key.clone(),
                 run_id: Some(r.id.clone()),

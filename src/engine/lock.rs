@@ -80,6 +80,31 @@ impl LockDir {
     }
 }
 
+impl LockDir {
+    /// Whether some process holds the lock for `key`, **without taking it**: a reader (the
+    /// unfinished-run notice of `status`) must never make a runner starting at that moment
+    /// fail as busy. Read from the kernel's lock table (`/proc/locks`, the flock entries for the
+    /// lock file's device and inode); `None` when that table cannot be read.
+    pub fn is_held(&self, key: &str) -> Option<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(self.path_for(key)) {
+            Ok(m) => m,
+            // No lock file: nobody ever locked it here.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(false),
+            Err(_) => return None,
+        };
+        let table = std::fs::read_to_string("/proc/locks").ok()?;
+        let dev = meta.dev();
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+        Some(table.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 1234 00:2d:56789 0 EOF" ("->" marks a waiter).
+            f.get(1) == Some(&"FLOCK") && f.contains(&id.as_str()) && !f.contains(&"->")
+        }))
+    }
+}
+
 /// When this process started, in ms since the epoch (from `/proc`; now if unavailable).
 /// Recorded with the holder so a recycled pid cannot pass for the holder.
 pub fn process_start_ms() -> i64 {
@@ -100,6 +125,20 @@ mod tests {
         assert!(locks.try_lock("local/demo").unwrap().is_none());
         assert!(locks.try_lock("local/other").unwrap().is_some());
         drop(a);
+        assert!(locks.try_lock("local/demo").unwrap().is_some());
+    }
+
+    #[test]
+    fn is_held_reads_the_kernel_table_without_taking_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = LockDir::new(dir.path());
+        assert_eq!(locks.is_held("local/demo"), Some(false), "no lock file yet");
+        let a = locks.try_lock("local/demo").unwrap().expect("free");
+        assert_eq!(locks.is_held("local/demo"), Some(true));
+        assert_eq!(locks.is_held("local/other"), Some(false));
+        drop(a);
+        assert_eq!(locks.is_held("local/demo"), Some(false));
+        // Asking never took it: a runner gets it at once.
         assert!(locks.try_lock("local/demo").unwrap().is_some());
     }
 

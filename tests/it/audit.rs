@@ -96,16 +96,35 @@ pub(crate) fn rebuild(home: &Path, sandbox: &str, stale: bool, params: Value) ->
     r.run_id
 }
 
+/// Run `f` again while it is busy, for a moment. These helpers run the engine inside the test
+/// process while other tests spawn children: a child forked just as the previous run released
+/// its lock holds a copy of the lock's descriptor until it execs (close-on-exec), so the lock
+/// can look held for that instant. Not a product path: nemoclaw itself never forks mid-release.
+fn busy_retry<T>(mut f: impl FnMut() -> Result<T, engine::EngineError>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match f() {
+            Err(engine::EngineError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                // Deliberate: the forked child execs within milliseconds.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 pub(crate) fn resume(home: &Path, run: &str) {
     let mut j = Journal::open_home(home).unwrap();
-    engine::resume(&mut j, &LockDir::new(home), run, &Resolver(home.into()), &engine::Quiet)
-        .unwrap();
+    busy_retry(|| {
+        engine::resume(&mut j, &LockDir::new(home), run, &Resolver(home.into()), &engine::Quiet)
+    });
 }
 
 pub(crate) fn rollback(home: &Path, run: &str) {
     let mut j = Journal::open_home(home).unwrap();
-    engine::rollback(&mut j, &LockDir::new(home), run, &Resolver(home.into()), &engine::Quiet)
-        .unwrap();
+    busy_retry(|| {
+        engine::rollback(&mut j, &LockDir::new(home), run, &Resolver(home.into()), &engine::Quiet)
+    });
 }
 
 pub(crate) fn fail(home: &Path, step: &str, on: bool) {
