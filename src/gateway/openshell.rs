@@ -266,9 +266,8 @@ impl OpenShellGateway {
         }
         let out = run_command(&self.program, &["status".into()], self.timeout);
         if out.ok()
-            && classify::classify_status(&out, "").map_or(true, |l| {
-                matches!(l, Liveness::Unhealthy { reason: Unhealthy::Foreign, .. })
-            })
+            && classify::classify_status(&out, "")
+                .is_none_or(|l| matches!(l, Liveness::Unhealthy { reason: Unhealthy::Foreign, .. }))
         {
             return classify::parse_active_gateway(&out.stdout);
         }

@@ -606,7 +606,7 @@ fn symlink_swap_during_backup_never_copies_the_host_file() {
             while !stop.load(Ordering::Relaxed) {
                 let tmp = ws.join(".swap");
                 let _ = fs::remove_file(&tmp);
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     std::os::unix::fs::symlink(&secret, &tmp).unwrap();
                 } else {
                     fs::write(&tmp, b"in-tree\n").unwrap();
