@@ -107,12 +107,10 @@ pub fn main() -> ExitCode {
             }
         }
     }
+    let json = argv.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse_from(sandbox_named_like_a_command(argv)) {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { Exit::Usage.code() } else { 0 });
-        }
+        Err(e) => return usage_error(json, e),
     };
     let (global, command) = (cli.global, cli.command);
     let outcome = match command {
@@ -134,14 +132,11 @@ pub fn main() -> ExitCode {
                     let words: Vec<String> =
                         argv.iter().map(|w| w.to_string_lossy().into_owned()).collect();
                     let hint = if marked { None } else { suggest::explain(&words) };
-                    match hint {
-                        Some(msg) => eprintln!("{msg}"),
-                        None => {
-                            let _ = e.print();
-                            if !e.use_stderr() {
-                                return ExitCode::from(0);
-                            }
-                        }
+                    let Some(msg) = hint else { return usage_error(json, e) };
+                    eprintln!("{msg}");
+                    if json {
+                        let first = msg.lines().next().unwrap_or("").trim_start_matches("error: ");
+                        Printer::plain().json_doc("error", error_doc(Exit::Usage, first, &[]));
                     }
                     return ExitCode::from(Exit::Usage.code());
                 }
@@ -162,7 +157,7 @@ pub fn main() -> ExitCode {
 fn sandbox_named_like_a_command(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     const COMMANDS: [&str; 6] = ["onboard", "list", "recover", "journal", "demo", "internal"];
     const ACTIONS: [&str; 4] = ["status", "rebuild", "shields", "destroy"];
-    const VALUED: [&str; 3] = ["--home", "--color", "--openshell"];
+    const VALUED: [&str; 4] = ["--home", "--color", "--openshell", "--policy-presets"];
     let mut i = 1;
     while i < argv.len() {
         let a = argv[i].to_string_lossy();
@@ -208,9 +203,39 @@ fn run_with(global: Global, f: impl FnOnce(&Ctx) -> CmdResult) -> Exit {
             for h in &e.hints {
                 printer.hint(h);
             }
+            if printer.json {
+                // Scripts get the failure as data too: the same envelope as every document.
+                printer.json_doc("error", error_doc(e.exit, &e.message, &e.hints));
+            }
             e.exit
         }
     }
+}
+
+/// The `error` document: exit code, its name, the message and the hints (the last names the
+/// next command).
+fn error_doc(exit: Exit, message: &str, hints: &[String]) -> serde_json::Value {
+    serde_json::json!({
+        "exit": exit.code(),
+        "kind": format!("{exit:?}").to_lowercase(),
+        "message": message,
+        "hints": hints,
+    })
+}
+
+/// A usage error from clap: printed as clap prints it, plus the `error` document on stdout
+/// when `--json` was asked for.
+fn usage_error(argv_has_json: bool, e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    if !e.use_stderr() {
+        return ExitCode::from(0);
+    }
+    if argv_has_json {
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or("").trim_start_matches("error: ").to_owned();
+        Printer::plain().json_doc("error", error_doc(Exit::Usage, &first, &[]));
+    }
+    ExitCode::from(Exit::Usage.code())
 }
 
 /// Flags given after `<name> <action>` count as much as those before it.

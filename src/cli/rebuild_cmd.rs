@@ -631,6 +631,13 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
                 1 => list.into_iter().next().expect("one"),
                 0 => {
                     p.info("No unfinished runs: nothing to recover.");
+                    if p.json {
+                        // Nothing to do is still an answer a script can read.
+                        p.json_doc(
+                            "recover",
+                            json!({"run_id": null, "action": if a.resume { "resume" } else { "rollback" }, "state": null, "nothing_to_do": true}),
+                        );
+                    }
                     return Ok(Exit::Ok);
                 }
                 n => {

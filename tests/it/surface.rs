@@ -84,3 +84,42 @@ fn only_nemoclaw_is_installed() {
         .collect();
     assert_eq!(bins, ["\"nemoclaw\""]);
 }
+
+/// With `--json`, a failure is a document too (`type: error`: exit code, kind, message,
+/// hints), for usage errors, refusals and corrupt files alike; "nothing to do" is a document.
+#[test]
+fn json_errors_and_nothing_to_do_are_documents() {
+    let h = Home::new();
+    let home = h.path().join(".nemoclaw");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("sandboxes.json"), "{ not json").unwrap();
+    for (args, exit, kind) in [
+        (&["--json", "lst"][..], 2, "usage"),
+        (&["--json", "list", "--frobnicate"], 2, "usage"),
+        (&["--json", "alpha", "status"], 65, "corrupt"),
+    ] {
+        let o = run(&h, args);
+        assert_eq!(o.status.code(), Some(exit), "{args:?}: {}", stderr(&o));
+        let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| {
+            panic!("{args:?}: stdout is not one JSON document ({e}): {}", stdout(&o))
+        });
+        assert_eq!(doc["type"], "error", "{args:?}");
+        assert_eq!(
+            (doc["data"]["exit"].as_i64(), doc["data"]["kind"].as_str()),
+            (Some(i64::from(exit)), Some(kind)),
+            "{args:?}"
+        );
+        assert!(!doc["data"]["message"].as_str().unwrap_or("").is_empty(), "{args:?}");
+    }
+    std::fs::remove_file(home.join("sandboxes.json")).unwrap();
+    let o = run(&h, &["--json", "alpha", "status"]);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (doc["data"]["kind"].as_str(), doc["data"]["hints"][0].is_string()),
+        (Some("refused"), true)
+    );
+    let o = run(&h, &["--json", "recover", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(doc["data"]["nothing_to_do"], true);
+}
