@@ -203,8 +203,9 @@ fn run_with(global: Global, f: impl FnOnce(&Ctx) -> CmdResult) -> Exit {
             for h in &e.hints {
                 printer.hint(h);
             }
-            if printer.json {
-                // Scripts get the failure as data too: the same envelope as every document.
+            if printer.json && !printer::doc_printed() {
+                // Scripts get the failure as data too: the same envelope as every document
+                // (unless the command's own document already says what failed).
                 printer.json_doc("error", error_doc(e.exit, &e.message, &e.hints));
             }
             e.exit

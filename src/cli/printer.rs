@@ -59,6 +59,15 @@ fn clean_keeping<'a>(s: &'a str, keep: &[&str]) -> std::borrow::Cow<'a, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Whether this process has printed its JSON document: a command that reports a failure in its
+/// own document (`journal verify` finding tampering) gets no second, `error`, document.
+static DOC_PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a JSON document went to stdout already.
+pub fn doc_printed() -> bool {
+    DOC_PRINTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Owns quiet / verbose / JSON / colour decisions.
 #[derive(Debug, Clone)]
 pub struct Printer {
@@ -191,6 +200,7 @@ impl Printer {
 
     /// The JSON document of a command: `{"schema_version":1,"type":kind,"data":data}` on stdout.
     pub fn json_doc(&self, kind: &str, data: serde_json::Value) {
+        DOC_PRINTED.store(true, std::sync::atomic::Ordering::Relaxed);
         let doc = serde_json::json!({
             "schema_version": JSON_SCHEMA_VERSION,
             "type": kind,

@@ -7,15 +7,14 @@ use serde_json::{json, Value};
 
 use super::args::{RebuildArgs, RecoverArgs};
 use super::{CliError, CmdResult, Ctx, Printer};
-use crate::engine::lock::LockDir;
-use crate::engine::runner::{self, Observer, RunReport, RunSpec, StepOutcome};
+use crate::engine::runner::{Observer, RunReport, StepOutcome};
 use crate::engine::signals::{self, Stop};
-use crate::engine::StepCtx;
 use crate::exit::Exit;
-use crate::journal::runs::{self, RunRecord, RunState, StepState, UnfinishedFilter};
-use crate::journal::Journal;
 use crate::names::SandboxName;
-use crate::rebuild::{self, messages, Decision, Mode, Resolver};
+use crate::rebuild::saga::{
+    self, AutoRollback, Blocker, HolderRecord, Outcome, RunRecord, RunState, SagaObserver, Selected,
+};
+use crate::rebuild::{self, messages, Decision, Mode};
 
 /// Prints NemoClaw's step messages, and a progress line per step on a terminal.
 struct Progress<'a> {
@@ -96,6 +95,21 @@ impl Observer for Progress<'_> {
     }
 }
 
+impl SagaObserver for Progress<'_> {
+    /// Said before the rollback's own progress lines.
+    fn auto_rollback(&self, why: AutoRollback, failed: &RunReport) {
+        match why {
+            AutoRollback::StaleRecreateFailed => {
+                self.p.error(messages::RECREATE_FAILED);
+                if let Some(e) = &failed.error {
+                    self.p.say(format!("  {}", e.message));
+                }
+            }
+            AutoRollback::BeforePointOfNoReturn => explain(self.p, failed),
+        }
+    }
+}
+
 impl Progress<'_> {
     fn p_dim(&self, s: &str) -> String {
         if self.p.color {
@@ -114,50 +128,14 @@ fn argv() -> Vec<String> {
     std::env::args().collect()
 }
 
-/// The dpkg-style notice: an unfinished run blocks this sandbox until it is finished.
-fn unfinished_for(journal: &Journal, name: &SandboxName) -> Result<Vec<RunRecord>, CliError> {
-    Ok(runs::unfinished_runs(
-        journal.conn(),
-        &UnfinishedFilter { lock_key: None, sandbox: Some(name.as_str()) },
-    )?)
-}
-
-/// Who is working on run `r` right now: the journal's holder row when another live process
-/// holds the run's kernel lock, `None` when nobody does (the run was interrupted). The lock is
-/// the truth (the OS drops it when its holder dies); the row only names the holder.
-fn live_holder(ctx: &Ctx, journal: &Journal, r: &RunRecord) -> Option<runs::HolderRecord> {
-    let locks = LockDir::new(&ctx.home);
-    // Asked without taking the lock (a runner starting now must not find it busy because of
-    // us); where the kernel's table cannot be read, a try-and-drop is the fallback.
-    let held = match locks.is_held(&r.lock_key) {
-        Some(h) => Ok(h),
-        None => locks.try_lock(&r.lock_key).map(|l| l.is_none()),
-    };
-    match held {
-        Ok(false) => None,
-        Ok(true) => Some(runs::holder(journal.conn(), &r.lock_key).ok().flatten().unwrap_or(
-            runs::HolderRecord {
-                lock_key: r.lock_key.clone(),
-                run_id: Some(r.id.clone()),
-                pid: r.pid,
-                host: r.host.clone(),
-                started_at: r.created_at,
-                acquired_at: r.updated_at,
-            },
-        )),
-        // Cannot even open the lock file (read-only home): say nothing we cannot prove.
-        Err(_) => None,
-    }
-}
-
 /// "pid 42 on host h since 2026-…, running `nemoclaw alpha rebuild --yes`".
-fn holder_line(h: &runs::HolderRecord, r: &RunRecord) -> String {
+fn holder_line(run: &RunRecord, h: &HolderRecord) -> String {
     format!(
         "pid {} on host {} since {}, running `{}`",
         h.pid,
         h.host,
         crate::util::iso_ms(h.acquired_at),
-        r.argv.join(" ")
+        run.argv.join(" ")
     )
 }
 
@@ -165,18 +143,16 @@ fn holder_line(h: &runs::HolderRecord, r: &RunRecord) -> String {
 /// live process holds it, "was interrupted" (with the recover commands) when nobody does.
 /// Used by every command that touches a sandbox. Returns whether one was found.
 pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
-    let path = ctx.home.join(crate::journal::store::FILE_NAME);
-    let Ok(Some(j)) = Journal::open_readonly(&path) else { return false };
-    let Ok(list) = unfinished_for(&j, name) else { return false };
-    for r in &list {
-        match live_holder(ctx, &j, r) {
-            Some(h) => ctx.printer.warn(format!(
+    let Ok(list) = saga::blockers(&ctx.home, name, false) else { return false };
+    for b in &list {
+        match b {
+            Blocker::InProgress { run: r, holder } => ctx.printer.warn(format!(
                 "⚠ A rebuild of '{name}' is in progress (run {}, {}): {}.",
                 short(&r.id),
                 r.state.as_str(),
-                holder_line(&h, r)
+                holder_line(r, holder)
             )),
-            None => ctx.printer.warn(format!(
+            Blocker::Unfinished { run: r } => ctx.printer.warn(format!(
                 "⚠ A rebuild of '{name}' was interrupted (run {}, {}); you must run `nemoclaw recover --resume {}` or `nemoclaw recover --rollback {}`.",
                 short(&r.id), r.state.as_str(), r.id, r.id
             )),
@@ -189,47 +165,42 @@ pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
 /// holder while a live process runs it, else exit 3 with the recover commands (recovery needs
 /// the host as the journal left it).
 pub fn refuse_if_unfinished(ctx: &Ctx, name: &SandboxName, what: &str) -> Result<(), CliError> {
-    let path = ctx.home.join(crate::journal::store::FILE_NAME);
-    // A mutating command is about to write anyway: a journal left mid-write by a killed
-    // process is rolled back first (as the next writer would), not reported as an I/O error.
-    let Some(j) = Journal::open_recovering(&path)? else { return Ok(()) };
-    let Some(r) = unfinished_for(&j, name)?.into_iter().next() else { return Ok(()) };
-    if let Some(h) = live_holder(ctx, &j, &r) {
-        return Err(CliError::new(
+    match saga::blocker(&ctx.home, name)? {
+        None => Ok(()),
+        Some(Blocker::InProgress { run: r, holder }) => Err(CliError::new(
             Exit::Busy,
             format!(
                 "a rebuild of '{name}' is in progress (run {}, {}): {}; `{what}` is refused while it runs (nothing was changed)",
                 r.id,
                 r.state.as_str(),
-                holder_line(&h, &r)
+                holder_line(&r, &holder)
             ),
         )
-        .hint(format!("wait for it to finish (`nemoclaw journal show {}` follows it), then retry", r.id)));
+        .hint(format!("wait for it to finish (`nemoclaw journal show {}` follows it), then retry", r.id))),
+        Some(Blocker::Unfinished { run: r }) => Err(CliError::new(
+            Exit::Refused,
+            format!(
+                "a rebuild of '{name}' is unfinished (run {}, {}); `{what}` is refused until it is resumed or rolled back (nothing was changed)",
+                r.id,
+                r.state.as_str()
+            ),
+        )
+        .hint(format!("resume it: `nemoclaw recover --resume {}`", r.id))
+        .hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.id))),
     }
-    Err(CliError::new(
-        Exit::Refused,
-        format!(
-            "a rebuild of '{name}' is unfinished (run {}, {}); `{what}` is refused until it is resumed or rolled back (nothing was changed)",
-            r.id,
-            r.state.as_str()
-        ),
-    )
-    .hint(format!("resume it: `nemoclaw recover --resume {}`", r.id))
-    .hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.id)))
 }
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(13)]
 }
 
-/// `nemoclaw <name> rebuild`.
+/// `nemoclaw <name> rebuild`: refuse if unfinished → preflight → plan → (dry run | confirm →
+/// run) → print.
 pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
     let name = &super::parse_name(name)?;
     let p = &ctx.printer;
-    // Unfinished runs first: a second rebuild of the same sandbox is refused until the first
-    // is resumed or rolled back.
+    // A second rebuild of the same sandbox is refused until the first is finished.
     refuse_if_unfinished(ctx, name, "rebuild")?;
-
     let pf = match rebuild::preflight(&ctx.home, name, ctx.global.openshell.as_deref()) {
         Ok(pf) => pf,
         // No driver for the recorded gateway (e.g. `openshell` is not installed): the live
@@ -248,216 +219,151 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
         Err(e) => return Err(e.into()),
     };
     let mode = match &pf.decision {
-        Decision::Refuse(lines) => {
-            if p.json {
-                p.json_doc(
-                    "rebuild",
-                    json!({"sandbox": name, "state": "refused", "reason": lines, "changed": false}),
-                );
-            }
-            let mut it = lines.iter();
-            if let Some(first) = it.next() {
-                p.error(first);
-            }
-            for l in it {
-                p.say(l);
-            }
-            return Ok(Exit::Refused);
-        }
+        Decision::Refuse(lines) => return Ok(refused(p, name, lines)),
         Decision::Proceed(m) => *m,
     };
-
     p.info(messages::header(name.as_str()));
     if mode == Mode::Stale {
         p.warn(messages::stale_absent(name.as_str()));
         p.info(messages::STALE_NO_BACKUP);
     }
-    let now = crate::util::now_ms();
-    let mut params = rebuild::params(&pf, mode, now);
-    if mode == Mode::Stale {
-        if let Some(prior) = rebuild::prior_policy(&ctx.home, name) {
-            params["prior_policy"] = prior;
-        }
-    }
-    let env = rebuild::env_from_params(&ctx.home, &params, pf.gateway.clone(), false)
-        .ok_or_else(|| CliError::new(Exit::Failed, "internal error: rebuild params incomplete"))?;
-    let plan = rebuild::plan(std::sync::Arc::new(env), pf.shields_locked);
-    let step_names: Vec<&str> = plan.steps.iter().map(|s| s.name()).collect();
-
+    let prepared = saga::prepare(&ctx.home, pf, mode)?;
     if a.dry_run {
-        let empty = Default::default();
-        let probes: Vec<Value> = plan
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(seq, s)| {
-                let sc = StepCtx { run_id: "dry-run", seq, params: &params, outputs: &empty, attempt: 0 };
-                let probe = match s.probe(&sc) {
-                    Ok(crate::engine::Probe::Done(_)) => "done".to_owned(),
-                    Ok(crate::engine::Probe::NotDone) => "to do".to_owned(),
-                    Ok(crate::engine::Probe::Unknown(t)) => format!("unknown: {t}"),
-                    Err(_) => "to do (depends on earlier steps)".to_owned(),
-                };
-                json!({"seq": seq + 1, "step": s.name(), "destructive": s.destructive(), "probe": probe})
-            })
-            .collect();
-        if p.json {
-            p.json_doc(
-                "rebuild_plan",
-                json!({"sandbox": name, "gateway": pf.binding.name(), "mode": mode.as_str(), "steps": probes, "changed": false}),
-            );
-        } else {
-            p.data(format!(
-                "Plan for '{name}' on gateway '{}' ({} mode):",
-                pf.binding,
-                mode.as_str()
-            ));
-            for s in &probes {
-                p.data(format!(
-                    "  {}. {:<13} {}{}",
-                    s["seq"],
-                    s["step"].as_str().unwrap_or(""),
-                    s["probe"].as_str().unwrap_or(""),
-                    if s["destructive"] == true { "  (point of no return)" } else { "" }
-                ));
-            }
-            p.info("Dry run: nothing was changed.");
-        }
+        print_dry_run(p, name, &prepared);
         return Ok(Exit::Ok);
     }
-
-    if !a.yes {
-        if !std::io::stdin().is_terminal() {
-            return Err(CliError::new(
-                Exit::Refused,
-                format!("rebuild of '{name}' needs confirmation, and there is no terminal to ask on (nothing was changed)"),
-            )
-            .hint(format!("run `nemoclaw {name} rebuild --yes` to proceed without asking")));
-        }
-        let what = match mode {
-            Mode::Normal => format!(
-                "This will back up '{name}', delete it, recreate it with the current image and restore its state ({}).",
-                step_names.join(" → ")
-            ),
-            Mode::Stale => format!(
-                "'{name}' is gone from its gateway: there is nothing to back up. This will recreate it from the registry metadata ({}).",
-                step_names.join(" → ")
-            ),
-        };
-        eprintln!("{}", super::printer::clean(&what));
-        eprint!("Proceed? [y/N] ");
-        let _ = std::io::stderr().flush();
-        let mut line = String::new();
-        let _ = std::io::stdin().lock().read_line(&mut line);
-        if !matches!(line.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
-            p.info("Aborted: nothing was changed.");
-            return Ok(Exit::Refused);
-        }
+    if !a.yes && !confirm(p, name, &prepared)? {
+        return Ok(Exit::Refused);
     }
-
-    let mut journal = Journal::open_home(&ctx.home)?;
-    let locks = LockDir::new(&ctx.home);
-    let spec = RunSpec {
-        lock_key: rebuild::lock_key(pf.binding.name(), name),
-        sandbox: Some(name.to_string()),
-        gateway: Some(pf.binding.name().to_owned()),
-        mode: Some(mode.as_str().to_owned()),
-        params,
-        argv: argv(),
-    };
     let obs = Progress::new(p);
-    let report = runner::start(&mut journal, &locks, &plan, spec, &obs)?;
-    finish(ctx, &mut journal, &locks, name, mode, report, pf.shields_locked)
+    let out = saga::run(&ctx.home, ctx.global.openshell.as_deref(), &prepared, argv(), &obs)?;
+    Ok(print_outcome(p, name, mode, &out, prepared.pf.shields_locked))
 }
 
-/// Turn a report into messages, the stale auto-rollback, and the exit code.
-fn finish(
-    ctx: &Ctx,
-    journal: &mut Journal,
-    locks: &LockDir,
+/// Preflight refused: the lines in order, nothing changed.
+fn refused(p: &Printer, name: &SandboxName, lines: &[String]) -> Exit {
+    if p.json {
+        p.json_doc(
+            "rebuild",
+            json!({"sandbox": name, "state": "refused", "reason": lines, "changed": false}),
+        );
+    }
+    let mut it = lines.iter();
+    if let Some(first) = it.next() {
+        p.error(first);
+    }
+    for l in it {
+        p.say(l);
+    }
+    Exit::Refused
+}
+
+fn print_dry_run(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) {
+    let probes = saga::dry_run(prepared);
+    if p.json {
+        p.json_doc(
+            "rebuild_plan",
+            json!({"sandbox": name, "gateway": prepared.pf.binding.name(), "mode": prepared.mode.as_str(), "steps": probes, "changed": false}),
+        );
+        return;
+    }
+    p.data(format!(
+        "Plan for '{name}' on gateway '{}' ({} mode):",
+        prepared.pf.binding,
+        prepared.mode.as_str()
+    ));
+    for s in &probes {
+        p.data(format!(
+            "  {}. {:<13} {}{}",
+            s.seq,
+            s.step,
+            s.probe,
+            if s.destructive { "  (point of no return)" } else { "" }
+        ));
+    }
+    p.info("Dry run: nothing was changed.");
+}
+
+/// Ask on the terminal; no terminal is a refusal (with the `--yes` command).
+fn confirm(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) -> Result<bool, CliError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::new(
+            Exit::Refused,
+            format!("rebuild of '{name}' needs confirmation, and there is no terminal to ask on (nothing was changed)"),
+        )
+        .hint(format!("run `nemoclaw {name} rebuild --yes` to proceed without asking")));
+    }
+    let steps = prepared.step_names().join(" → ");
+    let what = match prepared.mode {
+        Mode::Normal => format!(
+            "This will back up '{name}', delete it, recreate it with the current image and restore its state ({steps})."
+        ),
+        Mode::Stale => format!(
+            "'{name}' is gone from its gateway: there is nothing to back up. This will recreate it from the registry metadata ({steps})."
+        ),
+    };
+    p.say(what);
+    eprint!("Proceed? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    let yes = matches!(line.trim(), "y" | "Y" | "yes" | "YES" | "Yes");
+    if !yes {
+        p.info("Aborted: nothing was changed.");
+    }
+    Ok(yes)
+}
+
+/// Messages, JSON and the exit code for a finished `rebuild`.
+fn print_outcome(
+    p: &Printer,
     name: &SandboxName,
     mode: Mode,
-    report: RunReport,
+    out: &Outcome,
     shields_locked: bool,
-) -> CmdResult {
-    let p = &ctx.printer;
-    let id = report.run_id.clone();
-    match report.state {
-        RunState::Succeeded => {
-            step_warnings(p, journal, &id);
-            p.success(messages::rebuilt(name.as_str()));
-            if mode == Mode::Stale {
-                p.info(messages::STALE_RECOVERED);
-                if shields_locked {
-                    p.warn(messages::shields_unlocked_warning(name.as_str()));
+) -> Exit {
+    let report = &out.report;
+    match &out.auto_rollback {
+        None if report.state == RunState::Succeeded => {
+            succeeded(p, name, mode, out, shields_locked);
+            json_report(p, name, mode, report, None);
+            Exit::Ok
+        }
+        None => {
+            json_report(p, name, mode, report, None);
+            explain(p, report);
+            next_commands(p, report);
+            report.exit()
+        }
+        Some((why, rb)) => {
+            json_report(p, name, mode, report, Some(rb));
+            if rb.state != RunState::RolledBack {
+                next_commands(p, rb);
+                return rb.exit().max_failed();
+            }
+            match why {
+                AutoRollback::StaleRecreateFailed => p.say(messages::ENTRY_PRESERVED_RETRY),
+                AutoRollback::BeforePointOfNoReturn => {
+                    p.notice(messages::nothing_changed(name.as_str(), shields_locked))
                 }
             }
-            json_report(p, name, mode, &report, None);
-            Ok(Exit::Ok)
-        }
-        RunState::Failed
-            if mode == Mode::Stale && report.failed_step.as_deref() == Some("onboard") =>
-        {
-            // Stale recreate failure rolls back automatically (registry row preserved, as
-            // NemoClaw does), and the rollback is journaled like any other.
-            p.error(messages::RECREATE_FAILED);
-            if let Some(e) = &report.error {
-                p.say(format!("  {}", e.message));
-            }
-            let resolver = resolver(ctx, journal, &id)?;
-            let rb = runner::rollback(journal, locks, &id, &resolver, &Progress::new(p))?;
-            if rb.state == RunState::RolledBack {
-                p.say(messages::ENTRY_PRESERVED_RETRY);
-                json_report(p, name, mode, &report, Some(&rb));
-                Ok(Exit::Failed)
-            } else {
-                json_report(p, name, mode, &report, Some(&rb));
-                next_commands(p, &rb);
-                Ok(rb.exit().max_failed())
-            }
-        }
-        // Failed before the point of no return (nothing deleted, no row removed): undo at
-        // once, in this command, so a run that changed nothing an operator cares about never
-        // blocks the sandbox, and shields lowered for the backup are raised again.
-        RunState::Failed if failed_before_remove(&report) => {
-            explain(p, &report);
-            let resolver = resolver(ctx, journal, &id)?;
-            let rb = runner::rollback(journal, locks, &id, &resolver, &Progress::new(p))?;
-            json_report(p, name, mode, &report, Some(&rb));
-            if rb.state == RunState::RolledBack {
-                p.notice(messages::nothing_changed(name.as_str(), shields_locked));
-                Ok(Exit::Failed)
-            } else {
-                next_commands(p, &rb);
-                Ok(rb.exit().max_failed())
-            }
-        }
-        _ => {
-            json_report(p, name, mode, &report, None);
-            explain(p, &report);
-            next_commands(p, &report);
-            Ok(report.exit())
+            Exit::Failed
         }
     }
 }
 
-/// The warnings steps journaled in their output (e.g. a preset that could not be re-applied):
-/// the run succeeded, but the operator has something to do.
-fn step_warnings(p: &Printer, journal: &Journal, run_id: &str) {
-    for step in runs::steps(journal.conn(), run_id).unwrap_or_default() {
-        let list = step.output.as_ref().and_then(|o| o.get("warnings")).and_then(Value::as_array);
-        for w in list.into_iter().flatten().filter_map(Value::as_str) {
-            p.warn(w);
+/// Warnings first (something is left to do), then NemoClaw's success lines.
+fn succeeded(p: &Printer, name: &SandboxName, mode: Mode, out: &Outcome, shields_locked: bool) {
+    for w in &out.warnings {
+        p.warn(w);
+    }
+    p.success(messages::rebuilt(name.as_str()));
+    if mode == Mode::Stale {
+        p.info(messages::STALE_RECOVERED);
+        if shields_locked {
+            p.warn(messages::shields_unlocked_warning(name.as_str()));
         }
     }
-}
-
-/// Whether a failed run stopped before its first destructive step (`remove`): the steps
-/// before it only read, lower shields (undone by the rollback) and write a backup.
-fn failed_before_remove(r: &RunReport) -> bool {
-    matches!(r.failed_step.as_deref(), Some("snapshot" | "shields_down" | "backup"))
-        && r.needs_operator.is_none()
-        && !r.interrupted
 }
 
 trait MaxFailed {
@@ -525,172 +431,58 @@ fn json_report(p: &Printer, name: &SandboxName, mode: Mode, r: &RunReport, rb: O
     );
 }
 
-/// A resolver for `run_id`, knowing whether its onboard step was attempted.
-fn resolver(ctx: &Ctx, journal: &Journal, run_id: &str) -> Result<Resolver, CliError> {
-    let onboard_attempted = runs::steps(journal.conn(), run_id)?
-        .iter()
-        .any(|s| s.name == "onboard" && s.state != StepState::Pending);
-    Ok(Resolver {
-        home: ctx.home.clone(),
-        openshell: ctx.global.openshell.clone(),
-        onboard_attempted,
-    })
-}
-
-fn last_step(j: &Journal, run_id: &str) -> String {
-    runs::steps(j.conn(), run_id)
-        .ok()
-        .and_then(|steps| {
-            steps
-                .iter()
-                .rev()
-                .find(|s| s.state != StepState::Pending)
-                .map(|s| format!("{} {}", s.name, s.state.as_str()))
-        })
-        .unwrap_or_else(|| "none started".to_owned())
-}
-
-/// `nemoclaw recover`.
+/// `nemoclaw recover`: the listing, or `--resume` / `--rollback` of one run.
 pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
-    let p = &ctx.printer;
-    let journal_path = ctx.home.join(crate::journal::store::FILE_NAME);
     if !a.resume && !a.rollback {
-        let Some(j) = Journal::open_recovering(&journal_path)? else {
+        return list_unfinished(ctx, a.sandbox.as_deref());
+    }
+    let p = &ctx.printer;
+    let action = if a.resume { "resume" } else { "rollback" };
+    let sandbox = a.sandbox.as_deref().map(super::parse_name).transpose()?;
+    let run = match saga::select_run(&ctx.home, a.run.as_deref(), sandbox.as_ref())? {
+        Selected::Run(r) => r,
+        Selected::Nothing => {
+            p.info("No unfinished runs: nothing to recover.");
             if p.json {
-                p.json_doc("recover", json!({"unfinished": []}));
-            } else {
-                p.info("No unfinished runs.");
+                // Nothing to do is still an answer a script can read.
+                p.json_doc(
+                    "recover",
+                    json!({"run_id": null, "action": action, "state": null, "nothing_to_do": true}),
+                );
             }
             return Ok(Exit::Ok);
-        };
-        let list = runs::unfinished_runs(
-            j.conn(),
-            &UnfinishedFilter { lock_key: None, sandbox: a.sandbox.as_deref() },
-        )?;
-        let now = crate::util::now_ms();
-        let rows: Vec<Value> = list
-            .iter()
-            .map(|r| {
-                let holder = runs::holder(j.conn(), &r.lock_key).ok().flatten();
-                json!({
-                    "run_id": r.id,
-                    "sandbox": r.sandbox,
-                    "gateway": r.gateway,
-                    "mode": r.mode,
-                    "state": r.state.as_str(),
-                    "step": last_step(&j, &r.id),
-                    "age_ms": now - r.created_at,
-                    "holder": holder.map(|h| json!({"pid": h.pid, "host": h.host, "alive": holder_alive(h.pid, &h.host)})),
-                    "resume": format!("nemoclaw recover --resume {}", r.id),
-                    "rollback": format!("nemoclaw recover --rollback {}", r.id),
-                })
-            })
-            .collect();
-        if p.json {
-            p.json_doc("recover", json!({ "unfinished": rows }));
-        } else if rows.is_empty() {
-            p.info("No unfinished runs.");
-        } else {
-            p.data(format!(
-                "{:<36}  {:<16} {:<7} {:<14} {:<22} {:>8}  HOLDER",
-                "RUN", "SANDBOX", "MODE", "STATE", "STEP", "AGE"
-            ));
-            for r in &rows {
-                p.data(format!(
-                    "{:<36}  {:<16} {:<7} {:<14} {:<22} {:>8}  {}",
-                    r["run_id"].as_str().unwrap_or(""),
-                    r["sandbox"].as_str().unwrap_or("-"),
-                    r["mode"].as_str().unwrap_or("-"),
-                    r["state"].as_str().unwrap_or(""),
-                    r["step"].as_str().unwrap_or(""),
-                    age(r["age_ms"].as_i64().unwrap_or(0)),
-                    holder_text(&r["holder"]),
-                ));
-            }
-            for r in &rows {
-                p.hint(format!(
-                    "`{}` or `{}`",
-                    r["resume"].as_str().unwrap_or(""),
-                    r["rollback"].as_str().unwrap_or("")
-                ));
-            }
         }
-        return Ok(Exit::Ok);
-    }
-
-    let mut journal = Journal::open_home(&ctx.home)?;
-    let run = match (&a.run, &a.sandbox) {
-        (Some(r), _) => runs::find_run(journal.conn(), r)?,
-        (None, s) => {
-            let name = s.as_deref().map(super::parse_name).transpose()?;
-            let list = runs::unfinished_runs(
-                journal.conn(),
-                &UnfinishedFilter { lock_key: None, sandbox: name.as_ref().map(|n| n.as_str()) },
-            )?;
-            match list.len() {
-                1 => list.into_iter().next().expect("one"),
-                0 => {
-                    p.info("No unfinished runs: nothing to recover.");
-                    if p.json {
-                        // Nothing to do is still an answer a script can read.
-                        p.json_doc(
-                            "recover",
-                            json!({"run_id": null, "action": if a.resume { "resume" } else { "rollback" }, "state": null, "nothing_to_do": true}),
-                        );
-                    }
-                    return Ok(Exit::Ok);
-                }
-                n => {
-                    return Err(CliError::new(
-                        Exit::Usage,
-                        format!("{n} unfinished runs; say which one to recover"),
-                    )
-                    .hint(
-                        "list them with `nemoclaw recover`, then `nemoclaw recover --resume RUN`",
-                    ))
-                }
-            }
+        Selected::Ambiguous(n) => {
+            return Err(CliError::new(
+                Exit::Usage,
+                format!("{n} unfinished runs; say which one to recover"),
+            )
+            .hint("list them with `nemoclaw recover`, then `nemoclaw recover --resume RUN`"))
         }
     };
-    let name = run.sandbox.as_deref().and_then(|s| SandboxName::parse(s).ok());
     let mode = run.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Normal);
-    let resolver = resolver(ctx, &journal, &run.id)?;
-    let locks = LockDir::new(&ctx.home);
-    let obs = Progress::new(p);
-    let verb = if a.resume { "Resuming" } else { "Rolling back" };
     p.info(format!(
-        "{verb} run {} of '{}' ({} mode, {})",
+        "{} run {} of '{}' ({} mode, {})",
+        if a.resume { "Resuming" } else { "Rolling back" },
         run.id,
         run.sandbox.as_deref().unwrap_or("-"),
         mode.as_str(),
         run.state.as_str()
     ));
-    let report = if a.resume {
-        runner::resume(&mut journal, &locks, &run.id, &resolver, &obs)?
-    } else {
-        runner::rollback(&mut journal, &locks, &run.id, &resolver, &obs)?
-    };
+    let obs = Progress::new(p);
+    let out = saga::recover(&ctx.home, ctx.global.openshell.as_deref(), &run, a.resume, &obs)?;
+    let report = &out.report;
+    let name = run.sandbox.as_deref().and_then(|s| SandboxName::parse(s).ok());
     let shields_locked = run.params["shields_locked"].as_bool().unwrap_or(false);
     match (report.state, name) {
-        (RunState::Succeeded, Some(n)) => {
-            step_warnings(p, &journal, &run.id);
-            p.success(messages::rebuilt(n.as_str()));
-            if mode == Mode::Stale {
-                p.info(messages::STALE_RECOVERED);
-                if shields_locked {
-                    p.warn(messages::shields_unlocked_warning(n.as_str()));
-                }
-            }
-        }
-        (RunState::RolledBack, Some(n)) => {
-            p.success(format!(
-                "✓ Run {} rolled back: '{n}' is as it was before the rebuild",
-                run.id
-            ));
-        }
+        (RunState::Succeeded, Some(n)) => succeeded(p, &n, mode, &out, shields_locked),
+        (RunState::RolledBack, Some(n)) => p.success(format!(
+            "✓ Run {} rolled back: '{n}' is as it was before the rebuild",
+            run.id
+        )),
         _ => {
-            explain(p, &report);
-            next_commands(p, &report);
+            explain(p, report);
+            next_commands(p, report);
         }
     }
     if p.json {
@@ -698,7 +490,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
             "recover",
             json!({
                 "run_id": report.run_id,
-                "action": if a.resume { "resume" } else { "rollback" },
+                "action": action,
                 "state": report.state.as_str(),
                 "failed_step": report.failed_step,
                 "error": report.error.as_ref().map(|e| e.message.clone()),
@@ -710,12 +502,61 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     Ok(report.exit())
 }
 
-/// Whether a recorded holder is still running (same host and its pid exists).
-fn holder_alive(pid: i64, host: &str) -> bool {
-    host == crate::util::hostname()
-        && pid > 0
-        // SAFETY: signal 0 only checks that the process exists.
-        && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+/// `nemoclaw recover` without an action: the unfinished runs and the commands for each.
+fn list_unfinished(ctx: &Ctx, sandbox: Option<&str>) -> CmdResult {
+    let p = &ctx.printer;
+    let list = saga::unfinished(&ctx.home, sandbox)?.unwrap_or_default();
+    let now = crate::util::now_ms();
+    let rows: Vec<Value> = list
+        .iter()
+        .map(|l| {
+            let r = &l.run;
+            json!({
+                "run_id": r.id,
+                "sandbox": r.sandbox,
+                "gateway": r.gateway,
+                "mode": r.mode,
+                "state": r.state.as_str(),
+                "step": l.last_step,
+                "age_ms": now - r.created_at,
+                "holder": l.holder.as_ref().map(|h| json!({"pid": h.pid, "host": h.host, "alive": l.live})),
+                "resume": format!("nemoclaw recover --resume {}", r.id),
+                "rollback": format!("nemoclaw recover --rollback {}", r.id),
+            })
+        })
+        .collect();
+    if p.json {
+        p.json_doc("recover", json!({ "unfinished": rows }));
+        return Ok(Exit::Ok);
+    }
+    if rows.is_empty() {
+        p.info("No unfinished runs.");
+        return Ok(Exit::Ok);
+    }
+    p.data(format!(
+        "{:<36}  {:<16} {:<7} {:<14} {:<22} {:>8}  HOLDER",
+        "RUN", "SANDBOX", "MODE", "STATE", "STEP", "AGE"
+    ));
+    for r in &rows {
+        p.data(format!(
+            "{:<36}  {:<16} {:<7} {:<14} {:<22} {:>8}  {}",
+            r["run_id"].as_str().unwrap_or(""),
+            r["sandbox"].as_str().unwrap_or("-"),
+            r["mode"].as_str().unwrap_or("-"),
+            r["state"].as_str().unwrap_or(""),
+            r["step"].as_str().unwrap_or(""),
+            age(r["age_ms"].as_i64().unwrap_or(0)),
+            holder_text(&r["holder"]),
+        ));
+    }
+    for r in &rows {
+        p.hint(format!(
+            "`{}` or `{}`",
+            r["resume"].as_str().unwrap_or(""),
+            r["rollback"].as_str().unwrap_or("")
+        ));
+    }
+    Ok(Exit::Ok)
 }
 
 fn holder_text(h: &Value) -> String {
