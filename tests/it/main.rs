@@ -8,5 +8,6 @@ mod engine;
 mod fakegw;
 mod gateway;
 mod host;
+mod power_loss;
 mod rebuild;
 mod transcripts;
