@@ -19,8 +19,9 @@
 //! journaling file system that commits the two directories separately could.
 //!
 //! The power cut happens *before* mutating operation number `cut_at`: from then on every
-//! operation fails with `EIO`, and the process that asked is killed. [`Mounted::durable_image`]
-//! then writes the durable state into a fresh directory; in torn mode every file with
+//! operation fails with `EIO`, and the process that asked is killed. [`Mounted::power_cut`]
+//! then unmounts and writes the durable state where the mount was (the disk comes back at the
+//! same path, so absolute paths in the journal stay right); in torn mode every file with
 //! unsynced bytes gets them up to a random 4 KiB block (writeback reached part of the file).
 
 use std::collections::{BTreeMap, HashMap};
@@ -150,6 +151,9 @@ impl State {
             at = n.at.0;
         }
         parts.reverse();
+        if parts.is_empty() {
+            return "<home>".into();
+        }
         parts.join("/")
     }
 
@@ -233,7 +237,7 @@ impl State {
 }
 
 fn join(dir: &str, name: &OsStr) -> String {
-    if dir.is_empty() {
+    if dir == "<home>" {
         name.to_string_lossy().into_owned()
     } else {
         format!("{dir}/{}", name.to_string_lossy())
@@ -675,7 +679,7 @@ impl Filesystem for PowerFs {
 pub struct Mounted {
     state: Arc<Mutex<State>>,
     session: Option<fuser::BackgroundSession>,
-    mountpoint: tempfile::TempDir,
+    mountpoint: PathBuf,
 }
 
 /// Why the file system cannot be used on this machine (the tests then skip, saying so).
@@ -693,10 +697,11 @@ pub fn unavailable() -> Option<String> {
 }
 
 impl Mounted {
-    /// Mount a file system whose live and durable state are both a copy of `src` (a real
-    /// directory: everything in it counts as synced). The power is cut before mutating
+    /// Mount at `mountpoint` (an existing directory, hidden while mounted) a file system whose
+    /// live and durable state are both a copy of the real directory `src` (everything in it
+    /// counts as synced; `src` may be `mountpoint` itself). The power is cut before mutating
     /// operation `cut_at`, if given. `Err` says why mounting failed.
-    pub fn new(src: &Path, cut_at: Option<u64>) -> Result<Mounted, String> {
+    pub fn new(src: &Path, mountpoint: &Path, cut_at: Option<u64>) -> Result<Mounted, String> {
         let mut st = State { next_ino: ROOT + 1, cut_at, ..State::default() };
         let root = Node {
             body: Body::Dir(BTreeMap::new()),
@@ -709,20 +714,13 @@ impl Mounted {
         st.nodes.insert(ROOT, root);
         load(&mut st, ROOT, src).map_err(|e| format!("cannot load {}: {e}", src.display()))?;
         let state = Arc::new(Mutex::new(st));
-        let mountpoint = tempfile::Builder::new()
-            .prefix("nemoclaw-power-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
         let mut cfg = Config::default();
-        cfg.mount_options = vec![
-            MountOption::FSName("nemoclaw-power".into()),
-            MountOption::AutoUnmount,
-            MountOption::NoAtime,
-        ];
+        cfg.mount_options =
+            vec![MountOption::FSName("nemoclaw-power".into()), MountOption::NoAtime];
         cfg.acl = SessionACL::All;
-        let session = fuser::spawn_mount(PowerFs(state.clone()), mountpoint.path(), &cfg)
-            .map_err(|e| format!("cannot mount FUSE at {}: {e}", mountpoint.path().display()))?;
-        Ok(Mounted { state, session: Some(session), mountpoint })
+        let session = fuser::spawn_mount(PowerFs(state.clone()), mountpoint, &cfg)
+            .map_err(|e| format!("cannot mount FUSE at {}: {e}", mountpoint.display()))?;
+        Ok(Mounted { state, session: Some(session), mountpoint: mountpoint.to_owned() })
     }
 
     fn st(&self) -> MutexGuard<'_, State> {
@@ -731,7 +729,7 @@ impl Mounted {
 
     /// Where it is mounted.
     pub fn path(&self) -> &Path {
-        self.mountpoint.path()
+        &self.mountpoint
     }
 
     /// Mutating operations served so far.
@@ -749,35 +747,60 @@ impl Mounted {
         self.st().syncs.clone()
     }
 
-    /// Cut the power now (if it was not cut yet): nothing after this point becomes durable.
-    pub fn cut_now(&self) {
-        let mut st = self.st();
-        if st.cut.is_none() {
-            st.cut = Some("(after the last operation)".into());
+    /// Cut the power now (if it was not cut yet), unmount, and put the durable state in the
+    /// mountpoint directory instead of whatever it held. `torn`: a seed for tearing unsynced
+    /// file bytes at a random block.
+    pub fn power_cut(mut self, torn: Option<u64>) -> std::io::Result<()> {
+        {
+            let mut st = self.st();
+            if st.cut.is_none() {
+                st.cut = Some("(after the last operation)".into());
+            }
         }
-    }
-
-    /// Unmount (cutting the power first), then write the durable state into `dest`, which
-    /// must be empty or missing. `torn`: a seed for tearing unsynced file bytes at a random block.
-    pub fn durable_image(mut self, dest: &Path, torn: Option<u64>) -> std::io::Result<()> {
-        self.cut_now();
-        if let Some(s) = self.session.take() {
-            drop(s);
+        self.unmount();
+        let dest = self.mountpoint.clone();
+        for e in std::fs::read_dir(&dest)? {
+            let p = e?.path();
+            if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)?;
+            } else {
+                std::fs::remove_file(&p)?;
+            }
         }
         let st = self.st();
         let mut rng = torn.map(|s| XorShift(s | 1));
-        std::fs::create_dir_all(dest)?;
         let mut linked = HashMap::new();
         let mut path = vec![ROOT];
-        write_dir(&st, ROOT, dest, &mut rng, &mut linked, &mut path)
+        write_dir(&st, ROOT, &dest, &mut rng, &mut linked, &mut path)
+    }
+}
+
+impl Mounted {
+    /// Unmount (synchronously) and stop the serving thread.
+    fn unmount(&mut self) {
+        let Some(s) = self.session.take() else { return };
+        if let Err(e) = s.umount_and_join() {
+            // A lazy unmount as the fallback: the directory underneath must come back.
+            let c = std::ffi::CString::new(self.mountpoint.as_os_str().as_bytes()).unwrap();
+            // SAFETY: `c` is NUL-terminated.
+            let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            assert!(
+                rc == 0 || !self.mounted(),
+                "cannot unmount {}: {e}",
+                self.mountpoint.display()
+            );
+        }
+        assert!(!self.mounted(), "{} is still mounted", self.mountpoint.display());
+    }
+
+    fn mounted(&self) -> bool {
+        !nemoclaw::util::syncfs_is_trusted(&self.mountpoint)
     }
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            drop(s);
-        }
+        self.unmount();
     }
 }
 

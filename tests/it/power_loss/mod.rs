@@ -13,14 +13,14 @@
 mod memfs;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nemoclaw::host::backup::Backup;
 use nemoclaw::names::SandboxName;
 
-use crate::common::{cmd_in, nanos, stderr, Home, XorShift};
+use crate::common::{cmd_in, nanos, stderr, XorShift};
 use crate::rebuild::{
     assert_ok, check_recovered_from, killed, recover_args, runs, Before, Mode, Opts, World,
 };
@@ -38,8 +38,8 @@ fn fuse_available(test: &str) -> bool {
 }
 
 /// Mount, or print why not and return `None` (the caller then skips).
-fn mount(test: &str, src: &Path, cut_at: Option<u64>) -> Option<Mounted> {
-    match Mounted::new(src, cut_at) {
+fn mount(test: &str, src: &Path, at: &Path, cut_at: Option<u64>) -> Option<Mounted> {
+    match Mounted::new(src, at, cut_at) {
         Ok(m) => Some(m),
         Err(why) => {
             eprintln!("{test}: SKIPPED: {why}; the power-loss tests need FUSE");
@@ -48,10 +48,13 @@ fn mount(test: &str, src: &Path, cut_at: Option<u64>) -> Option<Mounted> {
     }
 }
 
-/// The host every cut starts from: a world on a real directory (copied into the file system
-/// for each run), what it looked like before the rebuild, and how many runs it had.
+/// The host every cut starts from: a world whose home is where every run happens (the file
+/// system is mounted there, and the durable image is put there after the cut, as a disk comes
+/// back at the same path), a pristine copy of that home, what it looked like before the
+/// rebuild, and how many runs its journal had.
 struct Template {
     w: World,
+    pristine: tempfile::TempDir,
     b: Before,
     mode: Mode,
     runs_before: usize,
@@ -70,11 +73,19 @@ impl Template {
             w.reap();
         }
         let runs_before = journal_runs(w.path());
-        Template { w, b, mode, runs_before }
+        let pristine = tempfile::Builder::new().prefix("nemoclaw-pristine-").tempdir().unwrap();
+        copy_dir(w.path(), pristine.path());
+        Template { w, pristine, b, mode, runs_before }
     }
 
-    fn path(&self) -> &Path {
+    fn home(&self) -> &Path {
         self.w.path()
+    }
+
+    fn recover(&self, resume: bool) -> Output {
+        let mut c = cmd_in(self.home());
+        c.args(recover_args(resume));
+        run_bounded(c)
     }
 }
 
@@ -87,75 +98,60 @@ fn journal_runs(home: &Path) -> usize {
     }
 }
 
-/// Run the binary with NemoClaw home `home`, killing it if it outlives a generous bound (a
-/// hang is a failure, not a reason to block the suite).
-fn run_bounded(mut cmd: Command) -> (ExitStatus, Output) {
+/// Run a command, killing it if it outlives a generous bound (a hang is a failure, not a
+/// reason to block the suite).
+fn run_bounded(mut cmd: Command) -> Output {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            break;
+    // Drain the pipes while waiting, so a chatty child cannot block on a full pipe.
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            break;
+            break child.wait().expect("wait");
         }
         // Deliberate, bounded: polling for the child's exit.
         std::thread::sleep(Duration::from_millis(5));
-    }
-    let out = child.wait_with_output().expect("wait");
-    (out.status, out)
+    };
+    Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
 }
 
-/// One process on a fresh file system loaded from `src`, the power cut before operation
-/// `cut_at` (if given). Returns the mount (for its durable image) and the process's output.
+/// One process on the home of `t`, on a fresh power-loss file system loaded from `src`, the
+/// power cut before operation `cut_at` (if given). Returns the mount and the output.
 fn run_on_power_fs(
+    t: &Template,
     src: &Path,
     cut_at: Option<u64>,
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (Mounted, Output) {
-    let m = mount("power_loss", src, cut_at).expect("FUSE mounted a moment ago");
+    let m = mount("power_loss", src, t.home(), cut_at).expect("FUSE mounted a moment ago");
     let mut cmd = cmd_in(m.path());
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let (_, out) = run_bounded(cmd);
+    let out = run_bounded(cmd);
     (m, out)
 }
 
-/// A world on a durable image (a plain directory).
-struct Image {
-    w: World,
-}
-
-impl Image {
-    /// Cut the power of `m` (if it was not cut yet) and write its durable image.
-    fn of(m: Mounted, torn: Option<u64>) -> Image {
-        let dir = tempfile::Builder::new().prefix("nemoclaw-image-").tempdir().unwrap();
-        m.durable_image(dir.path(), torn).expect("write the durable image");
-        Image { w: World { home: Home { dir }, name: SandboxName::parse("alpha").unwrap() } }
-    }
-
-    fn path(&self) -> &Path {
-        self.w.path()
-    }
-
-    fn recover(&self, resume: bool) -> Output {
-        run_bounded({
-            let mut c = cmd_in(self.path());
-            c.args(recover_args(resume));
-            c
-        })
-        .1
-    }
-}
-
 /// The exactness invariants after a recovery, as a difference instead of a panic.
-fn differences(t: &Template, img: &Image, resume: bool, ctx: &str) -> Result<(), String> {
+fn differences(t: &Template, resume: bool, ctx: &str) -> Result<(), String> {
     catch_unwind(AssertUnwindSafe(|| {
-        check_recovered_from(&img.w, &t.b, t.mode, resume, t.runs_before, ctx)
+        check_recovered_from(&t.w, &t.b, t.mode, resume, t.runs_before, ctx)
     }))
     .map_err(|p| {
         p.downcast_ref::<String>()
@@ -165,34 +161,89 @@ fn differences(t: &Template, img: &Image, resume: bool, ctx: &str) -> Result<(),
     })
 }
 
-/// The operation the power was cut at, with numbers (timestamps, pids, ids) blanked: the
-/// window the cut landed in.
+/// The operation the power was cut at, with the parts that differ between runs (timestamps,
+/// pids, ids) blanked: the file-system window the cut landed in.
 fn window_of(op: &str) -> String {
     let mut out = String::new();
-    let mut prev_digit = false;
-    for c in op.chars() {
-        if c.is_ascii_digit() {
-            if !prev_digit {
-                out.push('#');
-            }
-            prev_digit = true;
+    let mut seg = String::new();
+    let flush = |seg: &mut String, out: &mut String| {
+        let hexish = seg.len() >= 8
+            && seg.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+            && seg.chars().any(|c| c.is_ascii_digit());
+        if hexish {
+            out.push_str("<id>");
+        } else if seg == "sqlite3-wal" || seg == "sqlite3-shm" || seg == "sqlite3" {
+            out.push_str(seg);
         } else {
+            let mut prev = false;
+            for c in seg.chars() {
+                if c.is_ascii_digit() {
+                    if !prev {
+                        out.push('#');
+                    }
+                    prev = true;
+                } else {
+                    out.push(c);
+                    prev = false;
+                }
+            }
+        }
+        seg.clear();
+    };
+    for c in op.chars() {
+        if matches!(c, '/' | '.' | ' ') {
+            flush(&mut seg, &mut out);
             out.push(c);
-            prev_digit = false;
+        } else {
+            seg.push(c);
         }
     }
-    // uuids: collapse runs of hex-and-#
-    out.split('.')
-        .map(|part| {
-            if part.len() >= 20 && part.chars().all(|c| c.is_ascii_hexdigit() || c == '#' || c == '-')
-            {
-                "<id>"
-            } else {
-                part
+    flush(&mut seg, &mut out);
+    out
+}
+
+/// Where the durable journal of `t`'s home says the run was when the power went: the run's
+/// state and its last step that was not pending. Read from a copy, so that opening it (which
+/// replays the WAL) cannot change what the recovery will find.
+fn journal_window(t: &Template) -> String {
+    let scratch = tempfile::Builder::new().prefix("nemoclaw-peek-").tempdir().unwrap();
+    for f in ["journal.sqlite3", "journal.sqlite3-wal"] {
+        if t.home().join(f).exists() {
+            std::fs::copy(t.home().join(f), scratch.path().join(f)).unwrap();
+        }
+    }
+    let Ok(Some(j)) =
+        nemoclaw::journal::Journal::open_readonly(&scratch.path().join("journal.sqlite3"))
+    else {
+        return "no journal".into();
+    };
+    let row: Option<(String, String)> = j
+        .conn()
+        .query_row(
+            "SELECT id, state FROM runs ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET 0",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok();
+    let n: i64 = j.conn().query_row("SELECT count(*) FROM runs", [], |r| r.get(0)).unwrap_or(0);
+    match row {
+        Some((id, state)) if n as usize > t.runs_before => {
+            let step: Option<(String, String)> = j
+                .conn()
+                .query_row(
+                    "SELECT name, state FROM steps WHERE run_id = ?1 AND state != 'pending'
+                     ORDER BY seq DESC LIMIT 1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .ok();
+            match step {
+                Some((name, st)) => format!("run {state}, {name} {st}"),
+                None => format!("run {state}, no step started"),
             }
-        })
-        .collect::<Vec<_>>()
-        .join(".")
+        }
+        _ => "no run yet".into(),
+    }
 }
 
 /// Where in a rebuild the power is cut.
@@ -206,7 +257,10 @@ enum Phase {
 
 /// What one cut did, for the report.
 struct CutReport {
+    /// The file-system operation the (last) cut landed on.
     window: String,
+    /// Where the durable journal said the run was.
+    step: String,
     result: Result<(), String>,
 }
 
@@ -222,50 +276,55 @@ fn one_cut(
     env: &[(&str, &str)],
 ) -> CutReport {
     let rebuild = ["alpha", "rebuild", "--yes"];
-    let (m, _out) = run_on_power_fs(t.path(), Some(at), &rebuild, env);
+    let (m, _out) = run_on_power_fs(t, t.pristine.path(), Some(at), &rebuild, env);
     let mut window = m.cut().map(|op| window_of(&op)).unwrap_or_else(|| "(after the end)".into());
-    let mut img = Image::of(m, torn);
+    m.power_cut(torn).expect("write the durable image");
     let ctx0 = format!("{:?} cut at {at} ({window}) resume={resume} torn={torn:?}", t.mode);
     if phase == Phase::Recover {
+        let image = tempfile::Builder::new().prefix("nemoclaw-image-").tempdir().unwrap();
+        copy_dir(t.home(), image.path());
         // How many operations an uninterrupted recovery of this image makes, and that its own
         // final durable state is exact.
-        let (m, out) = run_on_power_fs(img.path(), None, &recover_args(resume), env);
+        let (m, out) = run_on_power_fs(t, image.path(), None, &recover_args(resume), env);
         let total = m.ops().max(1);
-        let done = Image::of(m, None);
+        m.power_cut(None).expect("write the durable image");
+        let fail = |e| CutReport {
+            window: format!("recover: {window}"),
+            step: String::new(),
+            result: Err(e),
+        };
         if !out.status.success() {
-            return CutReport {
-                window: format!("recover: {window}"),
-                result: Err(format!("{ctx0}: recover failed\n{}", stderr(&out))),
-            };
+            return fail(format!("{ctx0}: recover failed\n{}", stderr(&out)));
         }
-        if let Err(e) = differences(t, &done, resume, &format!("{ctx0}, recover uncut")) {
-            return CutReport { window: format!("recover: {window}"), result: Err(e) };
+        if let Err(e) = differences(t, resume, &format!("{ctx0}, recover uncut")) {
+            return fail(e);
         }
         let at2 = rng.range(1, total);
-        let (m, _out) = run_on_power_fs(img.path(), Some(at2), &recover_args(resume), env);
+        let (m, _out) = run_on_power_fs(t, image.path(), Some(at2), &recover_args(resume), env);
         let w2 = m.cut().map(|op| window_of(&op)).unwrap_or_else(|| "(after the end)".into());
         window = format!("recover: {w2}");
-        img = Image::of(m, torn);
+        m.power_cut(torn).expect("write the durable image");
     }
-    let ctx = format!("{ctx0} phase={phase:?} window={window}");
-    let r = img.recover(resume);
+    let step = journal_window(t);
+    let ctx = format!("{ctx0} phase={phase:?} window={window} journal={step}");
+    let r = t.recover(resume);
     let result = if r.status.success() {
-        differences(t, &img, resume, &ctx)
+        differences(t, resume, &ctx)
     } else {
         Err(format!("{ctx}: recover failed (exit {:?})\n{}", r.status.code(), stderr(&r)))
     };
-    CutReport { window, result }
+    CutReport { window, step, result }
 }
 
 /// Mutating operations of an uninterrupted rebuild of `t`, and a check that its final durable
 /// state (the power cut right after it exits) is exact.
 fn count_rebuild(t: &Template, env: &[(&str, &str)]) -> u64 {
-    let (m, out) = run_on_power_fs(t.path(), None, &["alpha", "rebuild", "--yes"], env);
+    let (m, out) = run_on_power_fs(t, t.pristine.path(), None, &["alpha", "rebuild", "--yes"], env);
     assert_ok(&out);
     let ops = m.ops();
     let syncs = m.syncs();
-    let img = Image::of(m, None);
-    if let Err(e) = differences(t, &img, true, &format!("{:?} uncut rebuild", t.mode)) {
+    m.power_cut(None).expect("write the durable image");
+    if let Err(e) = differences(t, true, &format!("{:?} uncut rebuild", t.mode)) {
         panic!("the durable state right after an uninterrupted rebuild is not exact: {e}");
     }
     eprintln!("power_loss: {:?} rebuild: {ops} mutating operations, syncs {syncs:?}", t.mode);
@@ -290,24 +349,21 @@ fn power_loss_soak() {
     eprintln!("power_loss_soak: seed {seed} (replay with NEMOCLAW_POWER_SEED={seed}), {cuts} cuts");
     let started = Instant::now();
     let mut rng = XorShift(seed | 1);
-    let templates: Vec<(Template, u64)> = [
-        (Mode::Normal, false),
-        (Mode::Stale, false),
-        (Mode::Normal, true),
-        (Mode::Stale, true),
-    ]
-    .into_iter()
-    .map_while(|(mode, history)| {
-        let t = Template::new(mode, history);
-        mount("power_loss_soak", t.path(), None)?;
-        let n = count_rebuild(&t, &[]);
-        Some((t, n))
-    })
-    .collect();
+    let templates: Vec<(Template, u64)> =
+        [(Mode::Normal, false), (Mode::Stale, false), (Mode::Normal, true), (Mode::Stale, true)]
+            .into_iter()
+            .map_while(|(mode, history)| {
+                let t = Template::new(mode, history);
+                mount("power_loss_soak", t.pristine.path(), t.home(), None)?;
+                let n = count_rebuild(&t, &[]);
+                Some((t, n))
+            })
+            .collect();
     if templates.len() < 4 {
         return;
     }
     let mut windows = std::collections::BTreeMap::<String, u32>::new();
+    let mut steps = std::collections::BTreeMap::<String, u32>::new();
     let mut failures = Vec::new();
     for i in 0..cuts {
         let (t, total) = &templates[(i % 4) as usize];
@@ -317,21 +373,32 @@ fn power_loss_soak() {
         let at = rng.range(1, *total);
         let r = one_cut(t, phase, at, resume, torn, &mut rng, &[]);
         *windows.entry(r.window.clone()).or_default() += 1;
+        *steps.entry(format!("{:?} {:?} {}", t.mode, phase, r.step)).or_default() += 1;
         if let Err(e) = r.result {
             eprintln!("power_loss_soak: seed {seed} cut {i}: {e}");
             failures.push(format!("cut {i}: {e}"));
         }
     }
     eprintln!(
-        "power_loss_soak: seed {seed}: {cuts} cuts, {} distinct windows, {} differences, {:?}",
+        "power_loss_soak: seed {seed}: {cuts} cuts, {} distinct operations cut at, {} journal \
+         windows, {} differences, {:?}",
         windows.len(),
+        steps.len(),
         failures.len(),
         started.elapsed()
     );
+    for (w, n) in &steps {
+        eprintln!("  {n:4}  {w}");
+    }
     for (w, n) in &windows {
         eprintln!("  {n:4}  {w}");
     }
-    assert!(failures.is_empty(), "seed {seed}: {} differences:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "seed {seed}: {} differences:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// The local gateway's copies and the backups are made durable per file and directory on a
@@ -343,9 +410,8 @@ fn power_loss_backup_on_fuse_survives_without_syncfs() {
         return;
     }
     let t = Template::new(Mode::Normal, false);
-    let Some(m) = mount("power_loss_backup_on_fuse_survives_without_syncfs", t.path(), None) else {
-        return;
-    };
+    let test = "power_loss_backup_on_fuse_survives_without_syncfs";
+    let Some(m) = mount(test, t.pristine.path(), t.home(), None) else { return };
     let home = m.path().to_owned();
     let gw = nemoclaw::gateway::local::LocalGateway::open(&home).unwrap();
     let name = SandboxName::parse("alpha").unwrap();
@@ -357,9 +423,8 @@ fn power_loss_backup_on_fuse_survives_without_syncfs() {
         custom_policies: serde_json::json!([]),
     };
     let b = Backup::create(&home, &meta, "2026-06-09T10-02-11-399Z", &gw.state_dir(&name)).unwrap();
-    let rel: PathBuf = b.path.strip_prefix(&home).unwrap().to_owned();
-    let img = Image::of(m, None);
-    let back = Backup::open(&img.path().join(&rel)).expect("the backup's manifest survived");
+    m.power_cut(None).unwrap();
+    let back = Backup::open(&b.path).expect("the backup's manifest survived");
     back.verify().expect("every backed-up file survived with its bytes");
     assert_eq!(back.manifest.files, b.manifest.files, "the same files");
 }
@@ -374,29 +439,44 @@ fn power_loss_harness_reports_a_lost_backup_when_the_manifest_rename_is_not_sync
         return;
     }
     let t = Template::new(Mode::Normal, false);
-    if mount(test, t.path(), None).is_none() {
+    if mount(test, t.pristine.path(), t.home(), None).is_none() {
         return;
     }
     // after_outcome hits: snapshot 1, shields_down 2, backup 3.
-    let env = [("NEMOCLAW_TEST_SKIP_SYNC", "manifest_dir"), ("NEMOCLAW_CRASHPOINT", "after_outcome:3")];
-    let (m, out) = run_on_power_fs(t.path(), None, &["alpha", "rebuild", "--yes"], &env);
+    let env =
+        [("NEMOCLAW_TEST_SKIP_SYNC", "manifest_dir"), ("NEMOCLAW_CRASHPOINT", "after_outcome:3")];
+    let rebuild = ["alpha", "rebuild", "--yes"];
+    let (m, out) = run_on_power_fs(&t, t.pristine.path(), None, &rebuild, &env);
     assert!(killed(&out), "not killed at the crash point: {}", stderr(&out));
-    // kill -9 alone: the page cache keeps the manifest, and recovery is exact.
     let live = tempfile::Builder::new().prefix("nemoclaw-live-").tempdir().unwrap();
     copy_dir(m.path(), live.path());
-    let live = Image { w: World { home: Home { dir: live }, name: SandboxName::parse("alpha").unwrap() } };
-    let r = live.recover(true);
-    assert!(r.status.success(), "{}", stderr(&r));
-    differences(&t, &live, true, "kill -9 only").expect("kill -9 cannot see a missing sync");
-    // The power cut at the same moment loses the manifest: the harness reports it.
-    let img = Image::of(m, None);
-    let r = img.recover(true);
+    // The power cut at that moment loses the manifest: the harness reports it.
+    m.power_cut(None).unwrap();
+    let r = t.recover(true);
     let report = if r.status.success() {
-        differences(&t, &img, true, "power cut").err().unwrap_or_default()
+        differences(&t, true, "power cut").err().unwrap_or_default()
     } else {
         stderr(&r)
     };
     assert!(report.contains("manifest"), "the harness did not report the lost backup: {report}");
+    // kill -9 alone: the page cache keeps the manifest, and recovery is exact.
+    clear_dir(t.home());
+    copy_dir(live.path(), t.home());
+    let r = t.recover(true);
+    assert!(r.status.success(), "{}", stderr(&r));
+    differences(&t, true, "kill -9 only").expect("kill -9 cannot see a missing sync");
+}
+
+/// Remove everything inside `dir`.
+fn clear_dir(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
 }
 
 /// Copy a directory tree (files, directories, symlinks).
@@ -425,7 +505,8 @@ fn power_loss_syncfs_on_fuse_reaches_no_daemon() {
         return;
     }
     let empty = tempfile::tempdir().unwrap();
-    let Some(m) = mount(test, empty.path(), None) else { return };
+    let at = tempfile::tempdir().unwrap();
+    let Some(m) = mount(test, empty.path(), at.path(), None) else { return };
     assert!(!nemoclaw::util::syncfs_is_trusted(m.path()), "a FUSE mount is recognised");
     assert!(nemoclaw::util::syncfs_is_trusted(empty.path()), "a local file system is trusted");
     for d in ["synced", "unsynced"] {
@@ -436,8 +517,8 @@ fn power_loss_syncfs_on_fuse_reaches_no_daemon() {
     assert!(m.syncs().is_empty(), "syncfs reached the daemon: {:?}", m.syncs());
     nemoclaw::util::sync_tree(&m.path().join("synced")).unwrap();
     assert!(m.syncs().get("fsync").copied().unwrap_or(0) >= 1, "{:?}", m.syncs());
-    let img = Image::of(m, None);
-    assert_eq!(std::fs::read(img.path().join("synced/sub/f")).unwrap(), b"bytes");
+    m.power_cut(None).unwrap();
+    assert_eq!(std::fs::read(at.path().join("synced/sub/f")).unwrap(), b"bytes");
     // (The root was fsynced by the other tree's sync, so the name `unsynced` itself survives.)
-    assert!(!img.path().join("unsynced/sub").exists(), "syncfs made something durable");
+    assert!(!at.path().join("unsynced/sub").exists(), "syncfs made something durable");
 }
