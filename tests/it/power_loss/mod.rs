@@ -551,3 +551,95 @@ fn power_loss_syncfs_on_fuse_reaches_no_daemon() {
     // (The root was fsynced by the other tree's sync, so the name `unsynced` itself survives.)
     assert!(!at.path().join("unsynced/sub").exists(), "syncfs made something durable");
 }
+
+/// A rebuild on the file system, killed at crash point `point` (`name:hit`), then the power
+/// cut at that moment, then `recover` in direction `resume`: the differences found, if any.
+fn power_cut_at_crash_point(
+    t: &Template,
+    point: &str,
+    resume: bool,
+    env: &[(&str, &str)],
+) -> Result<(), String> {
+    let mut env = env.to_vec();
+    env.push(("NEMOCLAW_CRASHPOINT", point));
+    let (m, out) =
+        run_on_power_fs(t, t.pristine.path(), None, &["alpha", "rebuild", "--yes"], &env);
+    assert!(killed(&out), "{point}: not killed: {}", stderr(&out));
+    m.power_cut(None).unwrap();
+    let r = t.recover(resume);
+    if !r.status.success() {
+        return Err(format!("{point}: recover failed\n{}", stderr(&r)));
+    }
+    differences(t, resume, point)
+}
+
+/// Window: the backup step's outcome is journaled, and the power goes. The journal says the
+/// backup is committed, so the first backup of a sandbox must be reachable after the cut —
+/// `rebuild-backups/` and `rebuild-backups/<name>/` included — for resume to restore it and
+/// for rollback to leave the old sandbox.
+#[test]
+fn power_loss_after_the_backup_outcome_keeps_the_first_backup() {
+    let test = "power_loss_after_the_backup_outcome_keeps_the_first_backup";
+    if !fuse_available(test) {
+        return;
+    }
+    for resume in [true, false] {
+        let t = Template::new(Mode::Normal, false);
+        if mount(test, t.pristine.path(), t.home(), None).is_none() {
+            return;
+        }
+        // after_outcome hits: snapshot 1, shields_down 2, backup 3.
+        power_cut_at_crash_point(&t, "after_outcome:3", resume, &[]).unwrap();
+    }
+}
+
+/// Window: the restore step's outcome is journaled, and the power goes: the restored files
+/// in the new sandbox must be on disk (the local gateway's upload is a durable copy).
+#[test]
+fn power_loss_after_the_restore_outcome_keeps_the_restored_workspace() {
+    let test = "power_loss_after_the_restore_outcome_keeps_the_restored_workspace";
+    if !fuse_available(test) {
+        return;
+    }
+    let t = Template::new(Mode::Normal, true);
+    if mount(test, t.pristine.path(), t.home(), None).is_none() {
+        return;
+    }
+    // after_outcome hits: snapshot 1, shields_down 2, backup 3, remove 4, onboard 5, restore 6.
+    power_cut_at_crash_point(&t, "after_outcome:6", true, &[]).unwrap();
+}
+
+/// Window: the rebuild has exited successfully and the power goes: everything it reported
+/// done is on disk.
+#[test]
+fn power_loss_right_after_a_successful_rebuild_loses_nothing() {
+    let test = "power_loss_right_after_a_successful_rebuild_loses_nothing";
+    if !fuse_available(test) {
+        return;
+    }
+    for (mode, history) in [(Mode::Normal, false), (Mode::Stale, false)] {
+        let t = Template::new(mode, history);
+        if mount(test, t.pristine.path(), t.home(), None).is_none() {
+            return;
+        }
+        count_rebuild(&t, &[]).1.unwrap();
+    }
+}
+
+/// Window: the snapshot step's outcome is journaled on a home that never had a run, and the
+/// power goes: `rebuild-runs/<run>.json` must survive with its directory, or rollback cannot
+/// put the registry row back and resume cannot finish.
+#[test]
+fn power_loss_after_the_snapshot_outcome_keeps_the_run_snapshot() {
+    let test = "power_loss_after_the_snapshot_outcome_keeps_the_run_snapshot";
+    if !fuse_available(test) {
+        return;
+    }
+    for (mode, resume) in [(Mode::Normal, false), (Mode::Stale, true), (Mode::Stale, false)] {
+        let t = Template::new(mode, false);
+        if mount(test, t.pristine.path(), t.home(), None).is_none() {
+            return;
+        }
+        power_cut_at_crash_point(&t, "after_outcome:1", resume, &[]).unwrap();
+    }
+}
