@@ -95,6 +95,8 @@ struct State {
     cut: Option<String>,
     /// Syncs served, by kind, for the report (`fsync`, `fsyncdir`).
     syncs: BTreeMap<&'static str, u64>,
+    /// Every mutating operation served, described, in order.
+    log: Vec<String>,
 }
 
 impl State {
@@ -163,8 +165,9 @@ impl State {
             return Err(Errno::EIO);
         }
         self.ops += 1;
+        let op = what(self);
         if self.cut_at.is_some_and(|c| self.ops >= c) {
-            self.cut = Some(what(self));
+            self.cut = Some(op);
             // The machine is off: the process that was writing does not live on either (the
             // test process itself, and the kernel's own writeback, are left alone).
             let pid = req.pid() as i32;
@@ -174,6 +177,7 @@ impl State {
             }
             return Err(Errno::EIO);
         }
+        self.log.push(op);
         Ok(())
     }
 
@@ -747,10 +751,16 @@ impl Mounted {
         self.st().syncs.clone()
     }
 
+    /// Every mutating operation served so far, described (`fsyncdir <home>`, `write a/b`).
+    pub fn log(&self) -> Vec<String> {
+        self.st().log.clone()
+    }
+
     /// Cut the power now (if it was not cut yet), unmount, and put the durable state in the
     /// mountpoint directory instead of whatever it held. `torn`: a seed for tearing unsynced
-    /// file bytes at a random block.
-    pub fn power_cut(mut self, torn: Option<u64>) -> std::io::Result<()> {
+    /// file bytes at a random block. Returns how many files came back torn (neither their
+    /// durable nor their live bytes).
+    pub fn power_cut(mut self, torn: Option<u64>) -> std::io::Result<usize> {
         {
             let mut st = self.st();
             if st.cut.is_none() {
@@ -771,7 +781,9 @@ impl Mounted {
         let mut rng = torn.map(|s| XorShift(s | 1));
         let mut linked = HashMap::new();
         let mut path = vec![ROOT];
-        write_dir(&st, ROOT, &dest, &mut rng, &mut linked, &mut path)
+        let mut torn_files = 0;
+        write_dir(&st, ROOT, &dest, &mut rng, &mut linked, &mut path, &mut torn_files)?;
+        Ok(torn_files)
     }
 }
 
@@ -824,14 +836,14 @@ fn load(st: &mut State, parent: u64, dir: &Path) -> std::io::Result<()> {
         if let Some(n) = st.nodes.get_mut(&ino) {
             n.mtime = meta.modified()?;
         }
-        st.nodes.get_mut(&parent).map(|p| {
+        if let Some(p) = st.nodes.get_mut(&parent) {
             if let Body::Dir(en) = &mut p.body {
                 en.insert(name.clone(), ino);
             }
             if is_dir {
                 p.nlink += 1;
             }
-        });
+        }
         if is_dir {
             load(st, ino, &e.path())?;
         }
@@ -870,6 +882,7 @@ fn write_dir(
     rng: &mut Option<XorShift>,
     linked: &mut HashMap<u64, PathBuf>,
     path: &mut Vec<u64>,
+    torn_files: &mut usize,
 ) -> std::io::Result<()> {
     let Some(Body::Dir(entries)) = st.nodes.get(&ino).and_then(|n| n.durable.as_ref()) else {
         return Ok(()); // never synced: empty
@@ -886,7 +899,7 @@ fn write_dir(
                 }
                 std::fs::create_dir(&to)?;
                 path.push(child);
-                write_dir(st, child, &to, rng, linked, path)?;
+                write_dir(st, child, &to, rng, linked, path, torn_files)?;
                 path.pop();
                 std::fs::set_permissions(&to, std::fs::Permissions::from_mode(n.perm as u32))?;
             }
@@ -896,7 +909,17 @@ fn write_dir(
                     std::fs::hard_link(first, &to)?;
                     continue;
                 }
-                std::fs::write(&to, file_after_cut(n, rng))?;
+                let bytes = file_after_cut(n, rng);
+                let durable = match &n.durable {
+                    Some(Body::File(d)) => d.as_slice(),
+                    _ => &[],
+                };
+                if let Body::File(live) = &n.body {
+                    if bytes != durable && bytes != *live {
+                        *torn_files += 1;
+                    }
+                }
+                std::fs::write(&to, bytes)?;
                 std::fs::set_permissions(&to, std::fs::Permissions::from_mode(n.perm as u32))?;
                 linked.insert(child, to.clone());
             }
