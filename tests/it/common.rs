@@ -49,6 +49,23 @@ pub fn cmd_in(home: &Path) -> Command {
     c
 }
 
+/// Wait for a child with a timeout (killing it, and failing, on timeout), capturing its output.
+pub fn wait_output(mut child: std::process::Child, timeout: std::time::Duration) -> Output {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait().expect("wait for nemoclaw") {
+            Some(_) => return child.wait_with_output().expect("collect output"),
+            None if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("collect output");
+                panic!("nemoclaw timed out; stderr: {}", stderr(&out));
+            }
+            // Deliberate: polling a child for exit.
+            None => std::thread::sleep(std::time::Duration::from_millis(2)),
+        }
+    }
+}
+
 /// stdout as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
