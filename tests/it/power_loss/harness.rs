@@ -325,10 +325,11 @@ pub(super) struct Soak {
 
 /// Seeded cuts over `kinds` of templates (mode, history), in turn: each cut lands at a
 /// uniformly chosen operation of the rebuild or (every third) of the first recovery;
-/// directions alternate per template; torn images at random. `None` if FUSE cannot mount.
+/// directions alternate per template; torn images at random. `cuts: None` cuts each template's
+/// rebuild at every one of its operations instead. `None` if FUSE cannot mount.
 pub(super) fn soak(
     seed: u64,
-    cuts: u64,
+    cuts: Option<u64>,
     kinds: &[(Mode, bool)],
     env: &[(&str, &str)],
 ) -> Option<Soak> {
@@ -345,19 +346,30 @@ pub(super) fn soak(
         templates.push((t, n));
     }
     let k = templates.len() as u64;
+    // Every operation of every template once, in both directions by turns; else `cuts`
+    // uniformly chosen ones.
+    let plan: Vec<(usize, Phase, u64, bool)> = match cuts {
+        Some(cuts) => (0..cuts)
+            .map(|i| {
+                let phase = if i % 3 == 2 { Phase::Recover } else { Phase::Rebuild };
+                let at = rng.range(1, templates[(i % k) as usize].1);
+                ((i % k) as usize, phase, at, (i / k) % 2 == 0)
+            })
+            .collect(),
+        None => (0..templates.len())
+            .flat_map(|t| (1..=templates[t].1).map(move |at| (t, Phase::Rebuild, at, at % 2 == 0)))
+            .collect(),
+    };
     let mut out = Soak {
-        cuts,
+        cuts: plan.len() as u64,
         windows: Default::default(),
         steps: Default::default(),
         failures,
         torn_files: 0,
     };
-    for i in 0..cuts {
-        let (t, total) = &templates[(i % k) as usize];
-        let resume = (i / k) % 2 == 0;
-        let phase = if i % 3 == 2 { Phase::Recover } else { Phase::Rebuild };
+    for (i, (t, phase, at, resume)) in plan.into_iter().enumerate() {
+        let t = &templates[t].0;
         let torn = (rng.next() % 2 == 1).then(|| rng.next());
-        let at = rng.range(1, *total);
         let r = one_cut(t, phase, at, resume, torn, &mut rng, env);
         out.torn_files += r.torn_files;
         *out.windows.entry(r.window.clone()).or_default() += 1;

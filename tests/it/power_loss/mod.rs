@@ -36,8 +36,14 @@ fn power_loss_soak() {
         return;
     }
     let seed = env_u64("NEMOCLAW_POWER_SEED").unwrap_or_else(nanos);
-    let cuts = env_u64("NEMOCLAW_POWER_CUTS").unwrap_or(100);
-    eprintln!("power_loss_soak: seed {seed} (replay with NEMOCLAW_POWER_SEED={seed}), {cuts} cuts");
+    // `NEMOCLAW_POWER_CUTS=every`: every operation of each rebuild once.
+    let cuts = match std::env::var("NEMOCLAW_POWER_CUTS").as_deref() {
+        Ok("every") => None,
+        _ => Some(env_u64("NEMOCLAW_POWER_CUTS").unwrap_or(100)),
+    };
+    eprintln!(
+        "power_loss_soak: seed {seed} (replay with NEMOCLAW_POWER_SEED={seed}), cuts {cuts:?}"
+    );
     let started = Instant::now();
     let kinds =
         [(Mode::Normal, false), (Mode::Stale, false), (Mode::Normal, true), (Mode::Stale, true)];
@@ -74,7 +80,7 @@ fn power_loss_soak_finds_backups_synced_only_by_syncfs() {
     let seed = env_u64("NEMOCLAW_POWER_SEED").unwrap_or_else(nanos);
     eprintln!("power_loss_soak_finds_backups_synced_only_by_syncfs: seed {seed}");
     let env = [("NEMOCLAW_SYNC_TREE", "syncfs")];
-    let Some(r) = soak(seed, 12, &[(Mode::Normal, false)], &env) else { return };
+    let Some(r) = soak(seed, Some(12), &[(Mode::Normal, false)], &env) else { return };
     let lost =
         r.failures.iter().filter(|f| f.contains("workspace") || f.contains("backup")).count();
     assert!(lost >= 1, "seed {seed}: no lost workspace or backup found: {:?}", r.failures);
