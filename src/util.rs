@@ -134,9 +134,10 @@ fn fsync_tree(dir: &Path) -> io::Result<()> {
     fsync_dir(dir)
 }
 
-/// Create `dir` and any missing parents (mode 0700) durably: each directory created is
-/// fsynced into its parent, so the path exists after a power cut once this returns.
+/// Create `dir` and any missing parents, each with mode 0700, durably: each directory created
+/// is fsynced into its parent, so the path exists after a power cut once this returns.
 pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     let mut missing = Vec::new();
     let mut at = dir;
     while !at.is_dir() {
@@ -146,6 +147,7 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
             _ => break,
         }
     }
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     create_private_dir(dir)?;
     for d in missing.iter().rev() {
         if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -246,6 +248,18 @@ mod tests {
             fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "temp file left behind: {names:?}");
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn create_dir_durable_makes_every_missing_level_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = dir.path().join("a/b/c");
+        create_dir_durable(&leaf).unwrap();
+        for d in ["a", "a/b", "a/b/c"] {
+            let mode = fs::metadata(dir.path().join(d)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{d}");
+        }
+        create_dir_durable(&leaf).expect("an existing directory is fine");
     }
 
     #[test]
