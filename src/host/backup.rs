@@ -125,8 +125,7 @@ fn new_backup_dir(
     check_timestamp(timestamp)?;
     let parent = backups_dir(home, &meta.sandbox);
     // Durably: the backup is found through these names after a power cut.
-    crate::util::create_dir_durable(&parent)
-        .map_err(|e| HostError::io("cannot create directory", &parent, e))?;
+    super::private_dir_durable(&parent)?;
     let dir = parent.join(timestamp);
     fs::DirBuilder::new()
         .mode(0o700)

@@ -250,3 +250,20 @@ fn power_loss_right_after_the_journal_is_created_keeps_it() {
         .unwrap();
     assert_eq!(tables, 3);
 }
+
+/// Window: `shields up` on a home that never had a `state/` directory, then the power goes:
+/// the seal must still be there (its directory was created durably).
+#[test]
+fn power_loss_right_after_shields_up_on_a_fresh_home_keeps_them_up() {
+    let test = "power_loss_right_after_shields_up_on_a_fresh_home_keeps_them_up";
+    if !fuse_available(test) {
+        return;
+    }
+    let (empty, at) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let Some(m) = mount(test, empty.path(), at.path(), None) else { return };
+    let name = SandboxName::parse("alpha").unwrap();
+    nemoclaw::host::shields::raise(m.path(), &name).unwrap();
+    m.power_cut(None).unwrap();
+    let s = nemoclaw::host::ShieldsState::load(at.path(), &name).unwrap();
+    assert!(s.locked(), "shields came back down after the power cut");
+}
