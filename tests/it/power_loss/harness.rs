@@ -52,6 +52,8 @@ impl Template {
     /// rebuild creates the journal, so cuts land in its creation too.
     pub(super) fn new(mode: Mode, history: bool) -> Template {
         let w = World::new(Opts { locked: true, files: 6 });
+        // An in-tree symlink too: its durability is its directory's.
+        std::os::unix::fs::symlink("d0/f0.txt", w.state_dir().join("workspace/latest")).unwrap();
         if history {
             assert_ok(&w.rebuild());
         }
