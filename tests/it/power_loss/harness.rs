@@ -328,7 +328,9 @@ pub(super) struct Soak {
 /// Seeded cuts over `kinds` of templates (mode, history), in turn: each cut lands at a
 /// uniformly chosen operation of the rebuild or (every third) of the first recovery;
 /// directions alternate per template; torn images at random. `cuts: None` cuts each template's
-/// rebuild at every one of its operations instead. `None` if FUSE cannot mount.
+/// rebuild at every one of its operations instead, and then, after a rebuild killed right
+/// after its recreate, the first recovery at every one of its operations, in both directions.
+/// `None` if FUSE cannot mount.
 pub(super) fn soak(
     seed: u64,
     cuts: Option<u64>,
@@ -381,7 +383,67 @@ pub(super) fn soak(
             out.failures.push(format!("cut {i}: {e}"));
         }
     }
+    if cuts.is_none() {
+        for (t, _) in &templates {
+            // Killed right after the recreate's effect, so a rollback has the most to undo.
+            let first = if t.mode == Mode::Normal { "after_effect:5" } else { "after_effect:3" };
+            for resume in [true, false] {
+                recovery_sweep(t, first, resume, &mut rng, env, &mut out);
+            }
+        }
+    }
     Some(out)
+}
+
+/// A rebuild killed at crash point `first` with the power cut at that moment, then its first
+/// recovery (direction `resume`) cut at every one of its operations in turn, each followed by
+/// one more recovery and the checks. Adds to `out`.
+fn recovery_sweep(
+    t: &Template,
+    first: &str,
+    resume: bool,
+    rng: &mut XorShift,
+    env: &[(&str, &str)],
+    out: &mut Soak,
+) {
+    let mut env1 = env.to_vec();
+    env1.push(("NEMOCLAW_CRASHPOINT", first));
+    let (m, o) = run_on_power_fs(t, t.pristine.path(), None, &["alpha", "rebuild", "--yes"], &env1);
+    assert!(killed(&o), "{first}: not killed: {}", stderr(&o));
+    m.power_cut(None).expect("write the durable image");
+    let image = tempfile::Builder::new().prefix("nemoclaw-image-").tempdir().unwrap();
+    copy_dir(t.home(), image.path());
+    let (m, _) = run_on_power_fs(t, image.path(), None, &recover_args(resume), env);
+    let total = m.ops();
+    m.power_cut(None).expect("write the durable image");
+    let ctx0 = format!("{:?} killed at {first}, recover resume={resume}", t.mode);
+    if let Err(e) = differences(t, resume, &format!("{ctx0}, uncut")) {
+        out.failures.push(e);
+    }
+    for at in 1..=total {
+        let torn = (rng.next() % 2 == 1).then(|| rng.next());
+        let (m, _) = run_on_power_fs(t, image.path(), Some(at), &recover_args(resume), env);
+        let window = format!(
+            "recover: {}",
+            m.cut().map(|op| window_of(&op)).unwrap_or_else(|| "(after the end)".into())
+        );
+        out.torn_files += m.power_cut(torn).expect("write the durable image");
+        let step = journal_window(t);
+        let ctx = format!("{ctx0} cut at {at} ({window}) torn={torn:?} journal={step}");
+        let r = t.recover(resume);
+        let result = if r.status.success() {
+            differences(t, resume, &ctx)
+        } else {
+            Err(format!("{ctx}: recover failed (exit {:?})\n{}", r.status.code(), stderr(&r)))
+        };
+        out.cuts += 1;
+        *out.windows.entry(window).or_default() += 1;
+        *out.steps.entry(format!("{:?} Recover {step}", t.mode)).or_default() += 1;
+        if let Err(e) = result {
+            eprintln!("power_loss: {e}");
+            out.failures.push(e);
+        }
+    }
 }
 
 /// Copy a directory tree (files, directories, symlinks).
