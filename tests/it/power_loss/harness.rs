@@ -181,7 +181,7 @@ pub(super) fn window_of(op: &str) -> String {
 }
 
 /// Where the durable journal of `t`'s home says the run was when the power went: the run's
-/// state and its last step that was not pending. Read from a copy, so that opening it (which
+/// state and the step it was at. Read from a copy, so that opening it (which
 /// replays the WAL) cannot change what the recovery will find.
 pub(super) fn journal_window(t: &Template) -> String {
     let scratch = tempfile::Builder::new().prefix("nemoclaw-peek-").tempdir().unwrap();
@@ -209,8 +209,13 @@ pub(super) fn journal_window(t: &Template) -> String {
             let step: Option<(String, String)> = j
                 .conn()
                 .query_row(
+                    // Forward: the furthest step that started. Rolling back (which goes in
+                    // reverse): the step being undone, else the last one undone.
                     "SELECT name, state FROM steps WHERE run_id = ?1 AND state != 'pending'
-                     ORDER BY seq DESC LIMIT 1",
+                     ORDER BY state = 'compensating' DESC, state = 'compensated' DESC,
+                              CASE WHEN state IN ('compensating', 'compensated') THEN seq
+                                   ELSE -seq END
+                     LIMIT 1",
                     [&id],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
