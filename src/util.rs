@@ -11,6 +11,12 @@ use sha2::{Digest, Sha256};
 /// Write `bytes` to `path` atomically and durably: temp file in the same directory (mode 0600),
 /// fsync, rename over `path`, fsync the directory. A crash leaves either the old or the new file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_with(path, bytes, true)
+}
+
+/// [`atomic_write`], with the final directory fsync only when `sync_dir` (false only under the
+/// test hook [`skip_sync`]).
+pub(crate) fn atomic_write_with(path: &Path, bytes: &[u8], sync_dir: bool) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = path
         .file_name()
@@ -23,12 +29,25 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)?;
-        fsync_dir(dir)
+        if sync_dir {
+            fsync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Test hook: `NEMOCLAW_TEST_SKIP_SYNC=<name>` skips one named durability call, so the
+/// power-loss tests can prove they notice a missing sync. Names: `manifest_dir` (the directory
+/// fsync after a backup manifest's rename). Not an operator knob.
+pub const ENV_SKIP_SYNC: &str = "NEMOCLAW_TEST_SKIP_SYNC";
+
+/// Whether the test hook [`ENV_SKIP_SYNC`] asks to skip the durability call `name`.
+pub(crate) fn skip_sync(name: &str) -> bool {
+    std::env::var(ENV_SKIP_SYNC).is_ok_and(|v| v == name)
 }
 
 /// fsync a directory so that renames and creations inside it are durable.
@@ -39,6 +58,7 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// Flush every dirty page and inode of the filesystem holding `path` to stable storage
 /// (`syncfs(2)`). One call makes a whole freshly written tree durable — its files and the
 /// directory entries naming them — which per-file `fsync` does thousands of times more slowly.
+/// Only where [`syncfs_is_trusted`] says so; [`sync_tree`] chooses.
 pub fn syncfs(path: &Path) -> io::Result<()> {
     let f = File::open(path)?;
     // SAFETY: `f` is an open descriptor for the duration of the call.
@@ -48,6 +68,93 @@ pub fn syncfs(path: &Path) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// `statfs(2)` `f_type` of a FUSE file system (sshfs, rclone, s3fs, ...).
+pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Test hook: `NEMOCLAW_SYNC_TREE=fsync` makes [`sync_tree`] take the per-file path on every
+/// file system, `syncfs` forces the `syncfs` path; unset, the file system decides.
+pub const ENV_SYNC_TREE: &str = "NEMOCLAW_SYNC_TREE";
+
+/// Whether one `syncfs(2)` on the file system holding `path` makes what was written there
+/// durable.
+//
+// Not on FUSE: Linux sends `FUSE_SYNCFS` only to servers that ask for it (virtiofs), so on
+// sshfs and every ordinary FUSE daemon `syncfs` flushes the kernel's pages to the daemon and
+// returns success without the daemon ever being asked to make anything durable. Only `fsync`
+// of each file (`FUSE_FSYNC`) and of each directory (`FUSE_FSYNCDIR`) reaches it. A statfs
+// that fails is answered "not trusted": the slow path is always correct.
+pub fn syncfs_is_trusted(path: &Path) -> bool {
+    match std::env::var(ENV_SYNC_TREE).as_deref() {
+        Ok("fsync") => return false,
+        Ok("syncfs") => return true,
+        _ => {}
+    }
+    let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+    else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    st.f_type as i64 != FUSE_SUPER_MAGIC
+}
+
+/// Make the freshly written tree `root` durable: every file and directory under it, and the
+/// entry naming `root` in its parent. One `syncfs` where the file system honours it (the
+/// measured fast path); else `fsync` of every file, then of every directory bottom-up, then
+/// of `root`'s parent.
+pub fn sync_tree(root: &Path) -> io::Result<()> {
+    if syncfs_is_trusted(root) {
+        return syncfs(root);
+    }
+    fsync_tree(root)?;
+    match root.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => fsync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+/// fsync every regular file and directory under `dir` (symlinks are part of their directory),
+/// children before the directory that names them.
+fn fsync_tree(dir: &Path) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            fsync_tree(&e.path())?;
+        } else if ft.is_file() {
+            File::open(e.path())?.sync_all()?;
+        }
+    }
+    fsync_dir(dir)
+}
+
+/// Create `dir` and any missing parents, each with mode 0700, durably: each directory created
+/// is fsynced into its parent, so the path exists after a power cut once this returns.
+pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.is_dir() {
+        missing.push(at.to_owned());
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => break,
+        }
+    }
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    create_private_dir(dir)?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 /// Create `dir` and its parents with mode 0700 (NemoClaw's convention for its home).
@@ -141,6 +248,18 @@ mod tests {
             fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "temp file left behind: {names:?}");
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn create_dir_durable_makes_every_missing_level_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = dir.path().join("a/b/c");
+        create_dir_durable(&leaf).unwrap();
+        for d in ["a", "a/b", "a/b/c"] {
+            let mode = fs::metadata(dir.path().join(d)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{d}");
+        }
+        create_dir_durable(&leaf).expect("an existing directory is fine");
     }
 
     #[test]

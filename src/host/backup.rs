@@ -124,7 +124,8 @@ fn new_backup_dir(
 ) -> Result<(PathBuf, PathBuf), HostError> {
     check_timestamp(timestamp)?;
     let parent = backups_dir(home, &meta.sandbox);
-    private_dir(&parent)?;
+    // Durably: the backup is found through these names after a power cut.
+    super::private_dir_durable(&parent)?;
     let dir = parent.join(timestamp);
     fs::DirBuilder::new()
         .mode(0o700)
@@ -248,7 +249,8 @@ impl Backup {
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         let mpath = dir.join(MANIFEST_FILE);
         // The commit point: written last, atomically (temp, fsync, rename, fsync dir).
-        crate::util::atomic_write(&mpath, &bytes)
+        let sync_dir = !crate::util::skip_sync("manifest_dir");
+        crate::util::atomic_write_with(&mpath, &bytes, sync_dir)
             .map_err(|e| HostError::io("cannot write", &mpath, e))?;
         crate::util::fsync_dir(parent).map_err(|e| HostError::io("cannot sync", parent, e))?;
         Ok(Backup { path: dir, manifest, manifest_digest: crate::util::sha256_hex(&bytes) })
@@ -411,7 +413,7 @@ pub fn tree_digest(dir: &Path) -> Result<String, HostError> {
 
 /// Copy the contents of `src` into `dest` (created if missing), replacing files of the same
 /// path, with the same safety rules as backups (no escaping symlinks, no special files); the
-/// copy is durable (one `syncfs`) when this returns. Used by the local gateway to move state in
+/// copy is durable (see `sync_tree`) when this returns. Used by the local gateway to move state in
 /// and out.
 pub fn copy_tree(src: &Path, dest: &Path) -> Result<(), HostError> {
     let entries = walk(src)?;
@@ -844,15 +846,16 @@ fn copy_file(root: &Path, rel: &str, to: &Path) -> Result<(u64, String), HostErr
     }
     // Copies are private (host files are 0600): keep only the owner's execute bit of the source.
     let _ = dst.set_permissions(fs::Permissions::from_mode((mode & 0o100) | 0o600));
-    // No per-file fsync: callers make the whole tree durable with one `syncfs` (see
-    // `sync_tree`) before anything claims the copy exists.
+    // No fsync here: callers make the whole tree durable at once (see `sync_tree`) before
+    // anything claims the copy exists.
     Ok((size, hex::encode(h.finalize())))
 }
 
-/// Make a freshly written tree durable: one `syncfs` covers every file and directory entry
-/// under `root` (and the entry naming `root` in its parent).
+/// Make a freshly written tree durable: every file and directory entry under `root` and the
+/// entry naming `root` in its parent (one `syncfs`, or per-file fsync where that is not
+/// trusted: see [`crate::util::sync_tree`]).
 fn sync_tree(root: &Path) -> Result<(), HostError> {
-    crate::util::syncfs(root).map_err(|e| HostError::io("cannot sync", root, e))
+    crate::util::sync_tree(root).map_err(|e| HostError::io("cannot sync", root, e))
 }
 
 fn verify_files(root: &Path, files: &[ManifestFile], what_restored: bool) -> Result<(), HostError> {

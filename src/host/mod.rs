@@ -80,6 +80,13 @@ pub(crate) fn private_dir(dir: &Path) -> Result<(), HostError> {
     mkdir_private(dir).map_err(|e| HostError::io("cannot create directory", dir, e))
 }
 
+/// Create a host directory (and parents) with mode 0700, durably: a file the journal or the
+/// operator is told exists must not vanish with its directory after a power cut.
+pub(crate) fn private_dir_durable(dir: &Path) -> Result<(), HostError> {
+    crate::util::create_dir_durable(dir)
+        .map_err(|e| HostError::io("cannot create directory", dir, e))
+}
+
 /// Create `dir` and every missing parent with mode 0700 (not only the leaf, as
 /// `create_dir_all` + chmod would), and make the leaf 0700.
 pub fn mkdir_private(dir: &Path) -> std::io::Result<()> {

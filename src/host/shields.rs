@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::{private_dir, read_optional, HostError};
+use super::{read_optional, HostError};
 use crate::names::SandboxName;
 
 /// Directory of per-sandbox state files inside the NemoClaw home.
@@ -96,7 +96,7 @@ impl ShieldsState {
 
 fn write_doc(home: &Path, name: &SandboxName, doc: &Value) -> Result<(), HostError> {
     let path = shields_path(home, name);
-    private_dir(&home.join(STATE_DIR))?;
+    super::private_dir_durable(&home.join(STATE_DIR))?;
     let bytes = serde_json::to_vec_pretty(doc).expect("a Value always serialises");
     crate::util::atomic_write(&path, &bytes).map_err(|e| HostError::io("cannot write", &path, e))
 }
@@ -145,7 +145,7 @@ pub fn restore_raw(
     let path = shields_path(home, name);
     match bytes {
         Some(b) => {
-            private_dir(&home.join(STATE_DIR))?;
+            super::private_dir_durable(&home.join(STATE_DIR))?;
             crate::util::atomic_write(&path, &b)
                 .map_err(|e| HostError::io("cannot write", &path, e))
         }

@@ -47,7 +47,9 @@ pub fn path(home: &Path, run_id: &str) -> PathBuf {
 /// Write the snapshot durably; returns its sha256.
 pub fn write(home: &Path, run_id: &str, snap: &Snapshot) -> Result<String, StepError> {
     let dir = home.join(RUNS_DIR);
-    crate::util::create_private_dir(&dir)
+    // Durably: the journal will say the snapshot exists, so after a power cut the directory
+    // naming it must exist too, not only the file inside it.
+    crate::util::create_dir_durable(&dir)
         .map_err(|e| StepError::new(format!("cannot create {}: {e}", dir.display())).io())?;
     let bytes = serde_json::to_vec_pretty(snap)
         .map_err(|e| StepError::new(format!("cannot encode the snapshot: {e}")))?;

@@ -27,19 +27,42 @@ impl Home {
     /// A command for the binary with this home, colour off, and no inherited NemoClaw or
     /// OpenShell environment.
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(bin());
-        c.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", self.path())
-            .env("NEMOCLAW_HOME", self.path())
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null());
-        c
+        cmd_in(self.path())
     }
 
     /// Run with arguments and capture everything.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd().args(args).output().expect("spawn nemoclaw")
+    }
+}
+
+/// A command for the binary with NemoClaw home `home`, colour off, and no inherited NemoClaw or
+/// OpenShell environment.
+pub fn cmd_in(home: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("NEMOCLAW_HOME", home)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// Wait for a child with a timeout (killing it, and failing, on timeout), capturing its output.
+pub fn wait_output(mut child: std::process::Child, timeout: std::time::Duration) -> Output {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait().expect("wait for nemoclaw") {
+            Some(_) => return child.wait_with_output().expect("collect output"),
+            None if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("collect output");
+                panic!("nemoclaw timed out; stderr: {}", stderr(&out));
+            }
+            // Deliberate: polling a child for exit.
+            None => std::thread::sleep(std::time::Duration::from_millis(2)),
+        }
     }
 }
 
@@ -51,4 +74,36 @@ pub fn stdout(o: &Output) -> String {
 /// stderr as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Nanoseconds since the epoch: a default seed that differs between runs.
+pub fn nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
+/// A tiny deterministic PRNG: a seeded test must replay from its seed alone.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [lo, hi] (inclusive).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
 }

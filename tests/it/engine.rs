@@ -17,21 +17,9 @@ use crate::common::{stderr, stdout, Home};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Wait for a child with a timeout (killing it on timeout), capturing its output.
-fn wait_output(mut child: Child) -> Output {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match child.try_wait().expect("wait for nemoclaw") {
-            Some(_) => return child.wait_with_output().expect("collect output"),
-            None if Instant::now() > deadline => {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("collect output");
-                panic!("nemoclaw timed out; stderr: {}", stderr(&out));
-            }
-            // Deliberate: polling a child for exit.
-            None => std::thread::sleep(Duration::from_millis(2)),
-        }
-    }
+/// Wait for a child with the suite's timeout, capturing its output.
+fn wait_output(child: Child) -> Output {
+    crate::common::wait_output(child, TIMEOUT)
 }
 
 fn piped(mut c: Command) -> Child {

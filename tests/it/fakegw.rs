@@ -880,13 +880,13 @@ fn real_cli_kill9_soak() {
     let seed: u64 = std::env::var("NEMOCLAW_SOAK_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(crate::rebuild::nanos);
+        .unwrap_or_else(crate::common::nanos);
     let cycles: u32 =
         std::env::var("NEMOCLAW_REAL_SOAK_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     eprintln!(
         "real_cli_kill9_soak: seed {seed} (replay with NEMOCLAW_SOAK_SEED={seed}), {cycles} cycles"
     );
-    let mut rng = crate::rebuild::XorShift(seed | 1);
+    let mut rng = crate::common::XorShift(seed | 1);
     let r = Real::new().unwrap();
     let policy = add_corp_rule(&r.gw);
     let t0 = Instant::now();

@@ -9,6 +9,7 @@ mod evidence;
 mod fakegw;
 mod gateway;
 mod host;
+mod power_loss;
 mod readonly;
 mod rebuild;
 mod surface;

@@ -14,7 +14,7 @@ use nemoclaw::journal::{events, Journal};
 use nemoclaw::names::SandboxName;
 use serde_json::{json, Value};
 
-use crate::common::{stderr, stdout, Home};
+use crate::common::{nanos, stderr, stdout, Home, XorShift};
 
 /// A registered sandbox on the local gateway with a small workspace, next to a second
 /// sandbox whose row must never change.
@@ -210,7 +210,7 @@ pub fn check_journal(home: &Path) {
     assert_eq!(running, 0, "a run was left running");
 }
 
-fn assert_ok(o: &Output) {
+pub(crate) fn assert_ok(o: &Output) {
     assert!(
         o.status.success(),
         "exit {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -499,13 +499,13 @@ const COMP_POINTS: &[&str] = &[
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Mode {
+pub(crate) enum Mode {
     Normal,
     Stale,
 }
 
 impl Mode {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Normal => "normal",
             Mode::Stale => "stale",
@@ -526,7 +526,7 @@ fn run_with_crash(w: &World, args: &[&str], point: &str, hit: u32) -> Output {
     w.home.cmd().env("NEMOCLAW_CRASHPOINT", format!("{point}:{hit}")).args(args).output().unwrap()
 }
 
-fn killed(o: &Output) -> bool {
+pub(crate) fn killed(o: &Output) -> bool {
     o.status.signal() == Some(9)
 }
 
@@ -546,15 +546,40 @@ fn onboard_attempted(home: &Path) -> bool {
 
 /// After recovery: resume ⇒ rebuilt; rollback ⇒ as before; no run at all ⇒ nothing changed.
 fn check_recovered(w: &World, b: &Before, mode: Mode, resume: bool, ctx: &str) {
+    check_recovered_from(w, b, mode, resume, 0, ctx)
+}
+
+/// [`check_recovered`] for a home whose journal held `runs_before` runs before the rebuild
+/// that was interrupted: no new run ⇒ the interruption came before the run was created, and
+/// nothing may have changed.
+pub(crate) fn check_recovered_from(
+    w: &World,
+    b: &Before,
+    mode: Mode,
+    resume: bool,
+    runs_before: usize,
+    ctx: &str,
+) {
     let all = runs(w.path());
-    if all.is_empty() {
-        // Killed before the run was created: nothing may have changed.
+    if all.len() == runs_before {
+        check_journal(w.path());
         assert_eq!(w.registry_bytes(), b.registry, "{ctx}: registry changed without a run");
+        assert_eq!(w.shields_bytes(), b.shields, "{ctx}: shields changed without a run");
+        let (names, leftovers) = w.gateway_listing();
+        assert!(leftovers.is_empty(), "{ctx}: gateway leftovers: {leftovers:?}");
+        match mode {
+            Mode::Normal => {
+                assert_eq!(names, vec!["alpha", "bystander"], "{ctx}");
+                assert_eq!(w.live_id(), b.id, "{ctx}: the sandbox was replaced without a run");
+                assert_eq!(w.digest(), b.digest, "{ctx}: workspace changed without a run");
+            }
+            Mode::Stale => assert_eq!(names, vec!["bystander"], "{ctx}"),
+        }
         return;
     }
+    assert_eq!(all.len(), runs_before + 1, "{ctx}: one new run");
     // A kill after the commit that finished the run leaves nothing to recover: it succeeded.
     if resume || all.last().unwrap().1 == "succeeded" {
-        eprintln!("{ctx}: checking rebuilt");
         check_rebuilt(w, b, mode.as_str());
     } else {
         let mut before = Before {
@@ -571,7 +596,7 @@ fn check_recovered(w: &World, b: &Before, mode: Mode, resume: bool, ctx: &str) {
     }
 }
 
-fn recover_args(resume: bool) -> [&'static str; 4] {
+pub(crate) fn recover_args(resume: bool) -> [&'static str; 4] {
     ["recover", if resume { "--resume" } else { "--rollback" }, "--sandbox", "alpha"]
 }
 
@@ -1054,30 +1079,6 @@ fn check_soak(w: &World, b: &Before, ctx: &str) {
     let (names, leftovers) = w.gateway_listing();
     assert_eq!(names, vec!["alpha", "bystander"], "{ctx}");
     assert!(leftovers.is_empty(), "{ctx}: leftovers {leftovers:?}");
-}
-
-pub fn nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-}
-
-/// A tiny deterministic PRNG: the soak must replay from its seed alone.
-pub struct XorShift(pub u64);
-
-impl XorShift {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// Eight rebuilds of eight sandboxes at once, on a home with no journal yet: the processes race
