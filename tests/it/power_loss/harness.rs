@@ -139,6 +139,15 @@ pub(super) fn differences(t: &Template, resume: bool, ctx: &str) -> Result<(), S
     })
 }
 
+/// `nemoclaw recover` in direction `resume` on the home of `t`, then the invariants.
+fn recover_and_check(t: &Template, resume: bool, ctx: &str) -> Result<(), String> {
+    let r = t.recover(resume);
+    if !r.status.success() {
+        return Err(format!("{ctx}: recover failed (exit {:?})\n{}", r.status.code(), stderr(&r)));
+    }
+    differences(t, resume, ctx)
+}
+
 /// The operation the power was cut at, with the parts that differ between runs (timestamps,
 /// pids, ids) blanked: the file-system window the cut landed in.
 pub(super) fn window_of(op: &str) -> String {
@@ -293,12 +302,7 @@ pub(super) fn one_cut(
     }
     let step = journal_window(t);
     let ctx = format!("{ctx0} phase={phase:?} window={window} journal={step}");
-    let r = t.recover(resume);
-    let result = if r.status.success() {
-        differences(t, resume, &ctx)
-    } else {
-        Err(format!("{ctx}: recover failed (exit {:?})\n{}", r.status.code(), stderr(&r)))
-    };
+    let result = recover_and_check(t, resume, &ctx);
     CutReport { window, step, torn_files, result }
 }
 
@@ -435,12 +439,7 @@ fn recovery_sweep(
         out.torn_files += m.power_cut(torn).expect("write the durable image");
         let step = journal_window(t);
         let ctx = format!("{ctx0} cut at {at} ({window}) torn={torn:?} journal={step}");
-        let r = t.recover(resume);
-        let result = if r.status.success() {
-            differences(t, resume, &ctx)
-        } else {
-            Err(format!("{ctx}: recover failed (exit {:?})\n{}", r.status.code(), stderr(&r)))
-        };
+        let result = recover_and_check(t, resume, &ctx);
         out.cuts += 1;
         *out.windows.entry(window).or_default() += 1;
         *out.steps.entry(format!("{:?} Recover {step}", t.mode)).or_default() += 1;
@@ -482,9 +481,5 @@ pub(super) fn power_cut_at_crash_point(
         run_on_power_fs(t, t.pristine.path(), None, &["alpha", "rebuild", "--yes"], &env);
     assert!(killed(&out), "{point}: not killed: {}", stderr(&out));
     m.power_cut(None).unwrap();
-    let r = t.recover(resume);
-    if !r.status.success() {
-        return Err(format!("{point}: recover failed\n{}", stderr(&r)));
-    }
-    differences(t, resume, point)
+    recover_and_check(t, resume, point)
 }

@@ -7,8 +7,9 @@
 //! disk does not have yet, shows up as a difference in the same invariants the kill -9 soak
 //! checks (registry bytes, workspace digest, shields bytes, no orphans, journal clean).
 //!
-//! `NEMOCLAW_POWER_SEED` replays a run; `NEMOCLAW_POWER_CUTS` changes the number of cuts.
-//! Skips, saying why, where FUSE cannot be mounted.
+//! `NEMOCLAW_POWER_SEED` replays a run; `NEMOCLAW_POWER_CUTS=N` changes the number of cuts,
+//! `NEMOCLAW_POWER_CUTS=every` cuts at every operation instead (minutes, not for CI). Skips,
+//! saying why, where FUSE cannot be mounted.
 
 mod harness;
 mod memfs;
