@@ -322,15 +322,22 @@ impl Step for BackupStep {
         };
         // The gateway writes straight into the backup directory; the manifest is committed
         // only after the files are durable and hashed.
+        // A gateway that reads the sandbox's files itself (local) also lists what it read, so
+        // the manifest describes the source and a copy damaged on its way is refused here,
+        // before anything is deleted.
         let mut gw_failure = None;
-        let b = Backup::create_with(&env.home, &meta, &env.backup_ts, |dir| {
-            if let Err(e) = env.gateway.download_state(&env.name, dir) {
-                let msg = e.to_string();
-                gw_failure = Some(e);
-                return Err(HostError::Invalid(msg));
-            }
+        let keeps = env.gateway.download_keeps();
+        let b = Backup::create_with(&env.home, &meta, &env.backup_ts, keeps, |dir| {
+            let listed = match env.gateway.download_listed(&env.name, dir) {
+                Ok(l) => l,
+                Err(e) => {
+                    let msg = e.to_string();
+                    gw_failure = Some(e);
+                    return Err(HostError::Invalid(msg));
+                }
+            };
             crash::point(MID_EFFECT);
-            Ok(())
+            Ok(listed)
         })
         .map_err(|e| gw_failure.take().map(gw_err).unwrap_or_else(|| host_err(e)))?;
         Ok(Self::output(&b))
@@ -517,13 +524,16 @@ fn restore_backup(env: &Env, ctx: &StepCtx<'_>, out: Option<&Value>) -> Result<(
     verify_restored(env, ctx, &b)
 }
 
+/// The sandbox holds every backed-up file with its bytes and the metadata that can survive the
+/// trip (the upload, and for a check through a download, the download too).
 fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+    let up = env.gateway.upload_keeps();
     if let Some(live) = env.gateway.local_state_path(&env.name) {
-        return b.verify_tree(&live).map_err(host_err);
+        return b.verify_tree(&live, up).map_err(host_err);
     }
     let check = staging_dir(&env.home, ctx.run_id, "verify")?;
     env.gateway.download_state(&env.name, &check).map_err(gw_err)?;
-    let r = b.verify_tree(&check).map_err(host_err);
+    let r = b.verify_tree(&check, up.and(env.gateway.download_keeps())).map_err(host_err);
     let _ = std::fs::remove_dir_all(&check);
     r
 }

@@ -501,7 +501,7 @@ fn sandbox(ctx: &Ctx, key: &str, args: &[String]) -> ExitCode {
             } else {
                 (PathBuf::from(local), mapped)
             };
-            match copy_contents(&from, &to) {
+            match copy_contents(&from, &to, key == "sandbox upload") {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("Error:   × copy failed: {e}")),
             }
@@ -606,20 +606,47 @@ fn hash(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-/// Copy the contents of directory `from` into `to` (created), files replaced, symlinks kept.
-fn copy_contents(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Copy the contents of directory `from` into `to` (created), files replaced, symlinks kept,
+/// with what the real CLI's tar pipeline keeps: permission bits (setuid/setgid/sticky only on
+/// upload), mtimes truncated to whole seconds (directories' only on upload), names of one inode
+/// as separate files.
+fn copy_contents(from: &Path, to: &Path, upload: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     fs::create_dir_all(to)?;
+    let set_mtime = |p: &Path, m: &fs::Metadata, link: bool| -> std::io::Result<()> {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let times = [
+            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            libc::timespec { tv_sec: m.mtime(), tv_nsec: 0 },
+        ];
+        let flags = if link { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+        // SAFETY: c is NUL-terminated; times has two entries.
+        if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let mask = if upload { 0o7777 } else { 0o777 };
     for e in fs::read_dir(from)? {
         let e = e?;
         let (src, dst) = (e.path(), to.join(e.file_name()));
-        let ft = fs::symlink_metadata(&src)?.file_type();
+        let m = fs::symlink_metadata(&src)?;
+        let ft = m.file_type();
         if ft.is_dir() {
-            copy_contents(&src, &dst)?;
+            copy_contents(&src, &dst, upload)?;
+            fs::set_permissions(&dst, fs::Permissions::from_mode(m.mode() & mask))?;
+            if upload {
+                set_mtime(&dst, &m, false)?;
+            }
         } else if ft.is_symlink() {
             let _ = fs::remove_file(&dst);
             std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+            set_mtime(&dst, &m, true)?;
         } else {
+            let _ = fs::remove_file(&dst);
             fs::copy(&src, &dst)?;
+            fs::set_permissions(&dst, fs::Permissions::from_mode(m.mode() & mask))?;
+            set_mtime(&dst, &m, false)?;
         }
     }
     Ok(())
