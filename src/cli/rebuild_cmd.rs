@@ -370,6 +370,10 @@ fn next_commands(p: &Printer, r: &RunReport) {
     if r.state.is_final() {
         return;
     }
+    // The failure already named the command that gets out (e.g. a damaged backup).
+    if r.error.as_ref().is_some_and(|e| e.hints.iter().any(|h| h.contains("nemoclaw recover"))) {
+        return;
+    }
     if r.state != RunState::RollingBack {
         p.hint(format!("continue it: `nemoclaw recover --resume {}`", r.run_id));
     }
@@ -405,6 +409,7 @@ fn resolver(ctx: &Ctx, journal: &Journal, run_id: &str) -> Result<Resolver, CliE
         home: ctx.home.clone(),
         openshell: ctx.global.openshell.clone(),
         onboard_attempted,
+        accept_damaged_backup: false,
     })
 }
 
@@ -425,6 +430,10 @@ fn last_step(j: &Journal, run_id: &str) -> String {
 pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     let p = &ctx.printer;
     let journal_path = ctx.home.join(crate::journal::store::FILE_NAME);
+    if a.accept_damaged_backup && !a.rollback {
+        return Err(CliError::new(Exit::Usage, "--accept-damaged-backup goes with --rollback")
+            .hint("`nemoclaw recover --rollback RUN --accept-damaged-backup`"));
+    }
     if !a.resume && !a.rollback {
         let Some(j) = Journal::open_readonly(&journal_path)? else {
             if p.json {
@@ -518,7 +527,25 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     };
     let name = run.sandbox.as_deref().and_then(|s| SandboxName::parse(s).ok());
     let mode = run.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Normal);
-    let resolver = resolver(ctx, &journal, &run.id)?;
+    let mut resolver = resolver(ctx, &journal, &run.id)?;
+    let mut damaged_at = None;
+    if a.accept_damaged_backup {
+        use crate::rebuild::damaged::{accept_damaged_backup, BackupCheck};
+        match accept_damaged_backup(&mut journal, &run.id)? {
+            BackupCheck::Damaged { path, why } => {
+                p.warn(format!("{why}."));
+                p.warn(format!(
+                    "Rolling back without restoring it: the registry entry comes back, the sandbox stays absent, and the backup stays at {path}."
+                ));
+                resolver.accept_damaged_backup = true;
+                damaged_at = Some(path);
+            }
+            BackupCheck::Intact { path } => {
+                p.info(format!("Backup {path} verifies: it will be restored as usual."))
+            }
+            BackupCheck::NoBackup => p.info("This run made no backup: nothing to accept."),
+        }
+    }
     let locks = LockDir::new(&ctx.home);
     let obs = Progress { p };
     let verb = if a.resume { "Resuming" } else { "Rolling back" };
@@ -544,6 +571,17 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
                     p.warn(messages::shields_unlocked_warning(n.as_str()));
                 }
             }
+        }
+        (RunState::RolledBack, Some(n)) if damaged_at.is_some() => {
+            p.success(format!(
+                "✓ Run {} rolled back without its damaged backup: '{n}' is registered as before, with no sandbox on its gateway",
+                run.id
+            ));
+            p.info(format!(
+                "The backup was kept at {}; files in it that still match can be copied back by hand.",
+                damaged_at.as_deref().unwrap_or("?")
+            ));
+            p.hint(format!("recreate the sandbox (stale recovery): `nemoclaw {n} rebuild`"));
         }
         (RunState::RolledBack, Some(n)) => {
             p.success(format!(

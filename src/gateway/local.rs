@@ -22,7 +22,8 @@
 //! `"corrupt": {"download"|"upload": {"path": "<relative path>", "how": "flip"|"truncate"|"drop"}}`,
 //! which damages that one file of the copy after it was made and still reports success (a
 //! transport that corrupts silently): `flip` inverts the first byte, `truncate` cuts the file to
-//! half its size, `drop` removes it.
+//! half its size, `drop` removes it; and `"silent": ["delete"]`, which makes a delete report
+//! success without deleting anything.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -128,6 +129,7 @@ impl LocalGateway {
                 foreign_active: None,
                 fail: BTreeMap::new(),
                 corrupt: BTreeMap::new(),
+                silent: Vec::new(),
             }),
             Err(_) => Fault::default(),
         }
@@ -201,6 +203,8 @@ struct Fault {
     fail: BTreeMap<String, String>,
     #[serde(default)]
     corrupt: BTreeMap<String, Corruption>,
+    #[serde(default)]
+    silent: Vec<String>,
 }
 
 /// A silent corruption of one file of a copy (test-only).
@@ -360,6 +364,9 @@ impl Gateway for LocalGateway {
 
     fn delete(&self, name: &SandboxName, _timeout: Duration) -> Result<(), GatewayError> {
         self.check("delete")?;
+        if self.fault().silent.iter().any(|op| op == "delete") {
+            return Ok(());
+        }
         let dir = self.sandbox_dir(name);
         if !dir.exists() {
             return Ok(());

@@ -352,3 +352,172 @@ fn restore_verification_checks_metadata_not_only_bytes() {
     let e = b.verify_tree(&out, all).unwrap_err().to_string();
     assert!(e.contains("w/empty: missing"), "{e}");
 }
+
+// --- a backup that no longer verifies ------------------------------------------------------
+
+/// Kill the rebuild right after `remove` is durable (old sandbox and its row gone, backup
+/// committed), then damage the backup: one file flipped, one deleted.
+fn crash_after_remove_then_damage(w: &World) -> std::path::PathBuf {
+    let o = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_CRASHPOINT", "after_outcome:3")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "killed after remove: {}", stderr(&o));
+    assert_eq!(w.row(), None, "the row went with the sandbox");
+    assert_eq!(w.live_id(), None);
+    let bk = backup_dir(w);
+    std::fs::write(bk.join("workspace/d0/f0.txt"), b"bit rot").unwrap();
+    std::fs::remove_file(bk.join("memory/MEMORY.md")).unwrap();
+    bk
+}
+
+fn events_of(w: &World, kind: &str) -> Vec<Value> {
+    let j = nemoclaw::journal::Journal::open_home(w.path()).unwrap();
+    let mut st = j.conn().prepare("SELECT data FROM events WHERE kind = ?1 ORDER BY id").unwrap();
+    st.query_map([kind], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_damaged_backup_stops_rollback_naming_the_files_then_accepting_it_finishes_the_rollback() {
+    let w = World::new(Opts { locked: false, ..Opts::default() });
+    let b = w.snapshot();
+    let bk = crash_after_remove_then_damage(&w);
+    let damaged_bytes = std::fs::read(bk.join("workspace/d0/f0.txt")).unwrap();
+    // A plain rollback refuses to restore from it, every time, and leaves nothing half-made.
+    for _ in 0..2 {
+        let o = w.home.run(&["recover", "--rollback", "--sandbox", "alpha"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let err = stderr(&o);
+        for needle in [
+            "workspace/d0/f0.txt",
+            "memory/MEMORY.md: missing",
+            bk.to_str().unwrap(),
+            "nothing was restored",
+        ] {
+            assert!(err.contains(needle), "`{needle}` missing in:\n{err}");
+        }
+        let last = err.lines().last().unwrap();
+        assert!(
+            last.contains("nemoclaw recover --rollback")
+                && last.contains("--accept-damaged-backup"),
+            "last line: {last}"
+        );
+        assert_eq!(w.row(), None);
+        assert_eq!(w.gateway_listing().0, vec!["bystander"], "no empty replacement left");
+        assert_eq!(runs(w.path()).last().unwrap().1, "rolling_back");
+    }
+    // The explicit way out.
+    let o = w.home.run(&["recover", "--rollback", "--sandbox", "alpha", "--accept-damaged-backup"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("workspace/d0/f0.txt") && err.contains("memory/MEMORY.md"), "{err}");
+    assert!(err.contains(bk.to_str().unwrap()), "names where the backup is:\n{err}");
+    assert!(err.lines().last().unwrap().contains("nemoclaw alpha rebuild"), "{err}");
+    check_journal(w.path());
+    assert_eq!(runs(w.path()).last().unwrap().1, "rolled_back");
+    assert_eq!(w.registry_bytes(), b.registry, "registry byte-equal to before the run");
+    assert_eq!(
+        w.gateway_listing(),
+        (vec!["bystander".to_owned()], vec![]),
+        "no sandbox restored from it"
+    );
+    // The backup is kept as it was found, and the decision is in the journal.
+    assert_eq!(std::fs::read(bk.join("workspace/d0/f0.txt")).unwrap(), damaged_bytes);
+    let ev = events_of(&w, "damaged_backup_accepted");
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0]["backup_path"], bk.to_str().unwrap());
+    let why = ev[0]["error"].as_str().unwrap();
+    assert!(
+        why.contains("workspace/d0/f0.txt") && why.contains("memory/MEMORY.md: missing"),
+        "{why}"
+    );
+    // The sandbox now reads as stale: the next rebuild recreates it from the registry entry.
+    let o = w.rebuild();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Recovered from a stale registry entry"));
+}
+
+#[test]
+fn resume_with_a_damaged_backup_points_at_the_way_out_and_the_way_out_removes_the_replacement() {
+    let w = World::new(Opts { locked: false, ..Opts::default() });
+    let b = w.snapshot();
+    let bk = crash_after_remove_then_damage(&w);
+    let o = w.home.run(&["recover", "--resume", "--sandbox", "alpha"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("step `restore` failed") && err.contains("workspace/d0/f0.txt"), "{err}");
+    assert!(err.lines().last().unwrap().contains("--accept-damaged-backup"), "{err}");
+    // Nothing of the damaged backup went into the replacement.
+    let state = w.state_dir();
+    assert!(!state.join("workspace/d0/f0.txt").exists(), "nothing restored from a failing backup");
+    let o = w.home.run(&["recover", "--rollback", "--sandbox", "alpha", "--accept-damaged-backup"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    check_journal(w.path());
+    assert_eq!(w.registry_bytes(), b.registry);
+    assert_eq!(w.gateway_listing(), (vec!["bystander".to_owned()], vec![]), "replacement removed");
+    assert!(bk.join("rebuild-manifest.json").is_file(), "backup kept");
+}
+
+#[test]
+fn accepting_a_damaged_backup_never_skips_a_good_one() {
+    let w = World::new(Opts { locked: false, ..Opts::default() });
+    let b = w.snapshot();
+    let o = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_CRASHPOINT", "after_outcome:3")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let o = w.home.run(&["recover", "--rollback", "--sandbox", "alpha", "--accept-damaged-backup"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("verifies: it will be restored"), "{}", stderr(&o));
+    assert_eq!(w.digest(), b.digest, "the good backup was restored");
+    assert_eq!(w.registry_bytes(), b.registry);
+    assert!(events_of(&w, "damaged_backup_accepted").is_empty());
+    let o = w.home.run(&["recover", "--resume", "--accept-damaged-backup"]);
+    assert_eq!(o.status.code(), Some(2), "the flag only goes with --rollback");
+}
+
+// --- the registry row goes only after absence is confirmed ---------------------------------
+
+#[test]
+fn a_delete_that_reports_success_without_deleting_keeps_the_registry_row() {
+    let w = World::new(Opts::default());
+    let b = w.snapshot();
+    w.fault(json!({"silent": ["delete"]}));
+    let o = w.rebuild();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("still on gateway 'local' after its delete reported success"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(w.registry_bytes(), b.registry, "the row is still there");
+    assert_eq!(w.live_id(), b.id, "the old sandbox is still there");
+    assert_eq!(w.digest(), b.digest);
+    w.clear_fault();
+    let o = w.home.run(&["recover", "--rollback", "--sandbox", "alpha"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(w.registry_bytes(), b.registry);
+}
+
+#[test]
+fn a_delete_that_fails_keeps_the_registry_row() {
+    let w = World::new(Opts::default());
+    let b = w.snapshot();
+    w.fault(json!({"fail": {"delete": "sandbox is busy"}}));
+    let o = w.rebuild();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("sandbox is busy"));
+    assert_eq!(w.registry_bytes(), b.registry, "the row is still there");
+    assert_eq!(w.live_id(), b.id);
+}
