@@ -521,3 +521,39 @@ fn a_delete_that_fails_keeps_the_registry_row() {
     assert_eq!(w.registry_bytes(), b.registry, "the row is still there");
     assert_eq!(w.live_id(), b.id);
 }
+
+// --- silent corruption through the real CLI ------------------------------------------------
+
+/// Through `openshell`, an upload that damages one file in transit (fake `ssh`), or the
+/// download that checks the restore, is caught by restore verification: the run stops at
+/// `restore` naming the file, never reports success, and a resume with a sound transport
+/// puts every byte back.
+#[test]
+fn real_cli_corruption_in_transit_is_caught_by_restore_verification() {
+    for (on, how, skip) in [
+        ("upload", "flip", 0),
+        ("upload", "truncate", 0),
+        ("upload", "drop", 0),
+        ("download", "flip", 1),
+        ("download", "drop", 1),
+    ] {
+        let Some(r) = crate::fakegw::Real::new() else { return };
+        let digest = r.digest();
+        r.gw.faults(
+            json!({"ssh_corrupt": {"on": on, "path": "MEMORY.md", "how": how, "skip": skip}}),
+        );
+        let o = r.run(&["alpha", "rebuild", "--yes"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{on} {how}: {err}");
+        assert!(
+            err.contains("step `restore` failed") && err.contains("MEMORY.md"),
+            "{on} {how}:\n{err}"
+        );
+        assert!(!err.contains("rebuilt successfully"), "{on} {how}");
+        r.gw.faults(json!({}));
+        let o = r.run(&["recover", "--resume", "--sandbox", "alpha"]);
+        assert!(o.status.success(), "{on} {how}: {}", stderr(&o));
+        assert_eq!(r.digest(), digest, "{on} {how}: every byte back after the resume");
+        crate::rebuild::check_journal(r.home.path());
+    }
+}
