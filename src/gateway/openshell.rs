@@ -562,10 +562,29 @@ impl Gateway for OpenShellGateway {
             source: e,
         })?;
         let d = dest.to_string_lossy();
-        let out = self.call(
-            &["sandbox", "download", name.as_str(), SANDBOX_STATE_PATH, &d],
-            self.create_timeout,
-        );
+        let download = || {
+            self.call(
+                &["sandbox", "download", name.as_str(), SANDBOX_STATE_PATH, &d],
+                self.create_timeout,
+            )
+        };
+        let mut out = download();
+        // The CLI stops reading the archive at its end marker and closes the pipe; the
+        // sandbox's `tar` may still be writing its record padding and die of SIGPIPE (observed
+        // with v0.0.111 on archives of tens of MiB: `ssh tar create exited with status exit
+        // status: 141`). Nothing was lost, but the unpacked tree cannot be trusted to be whole:
+        // clear it and download once more.
+        if !out.ok()
+            && classify::report_words(&out.text()).contains("exited with status exit status: 141")
+        {
+            let io = |e| GatewayError::Io {
+                context: format!("cannot clear {}", dest.display()),
+                source: e,
+            };
+            std::fs::remove_dir_all(dest).map_err(io)?;
+            crate::host::mkdir_private(dest).map_err(io)?;
+            out = download();
+        }
         if !out.ok() {
             return Err(self.fail(&out, "sandbox download", name.as_str(), self.create_timeout));
         }

@@ -494,7 +494,14 @@ fn copy_sparse(
     use std::io::{Seek, SeekFrom, Write};
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut off: i64 = 0;
-    let sparse = size_hint > 0;
+    // A file whose first hole is at its end (the common case) is copied plainly: one lseek.
+    // SAFETY: sfd is open.
+    let first_hole =
+        if size_hint > 0 { unsafe { libc::lseek(sfd, 0, libc::SEEK_HOLE) } } else { -1 };
+    let sparse = first_hole >= 0 && (first_hole as u64) < size_hint;
+    if first_hole >= 0 && !sparse {
+        src.seek(SeekFrom::Start(0)).map_err(|e| (Side::Read, e))?;
+    }
     loop {
         if sparse {
             // SAFETY: sfd is open.
@@ -511,8 +518,11 @@ fn copy_sparse(
                         }
                         break;
                     }
-                    // The filesystem cannot tell holes: copy plainly.
-                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {}
+                    // The filesystem cannot tell holes after all: copy the rest plainly.
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                        src.seek(SeekFrom::Start(off as u64)).map_err(|e| (Side::Read, e))?;
+                        dst.seek(SeekFrom::Start(off as u64)).map_err(|e| (Side::Write, e))?;
+                    }
                     _ => return Err((Side::Read, e)),
                 }
             } else {
@@ -546,9 +556,7 @@ fn copy_sparse(
                 continue;
             }
         }
-        // Plain copy from `off` to the end.
-        src.seek(SeekFrom::Start(off as u64)).map_err(|e| (Side::Read, e))?;
-        dst.seek(SeekFrom::Start(off as u64)).map_err(|e| (Side::Write, e))?;
+        // Plain copy from `off` (where both descriptors are) to the end.
         loop {
             let n = src.read(buf).map_err(|e| (Side::Read, e))?;
             if n == 0 {
@@ -562,7 +570,7 @@ fn copy_sparse(
     }
     // A trailing hole is only a size: set it.
     // SAFETY: dfd is open.
-    if unsafe { libc::ftruncate(dfd, off) } != 0 {
+    if sparse && unsafe { libc::ftruncate(dfd, off) } != 0 {
         return Err((Side::Write, std::io::Error::last_os_error()));
     }
     Ok(off as u64)
@@ -660,6 +668,7 @@ pub fn check(root: &Path, want: &[Node], keeps: Keeps) -> Result<Vec<Mismatch>, 
     let mut bad = Vec::new();
     let mut inos: HashMap<&[u8], (u64, u64)> = HashMap::new();
     let mut buf = vec![0u8; 256 * 1024];
+    let mut dirs = DirCache::new(root)?;
     for w in want {
         check_rel(&w.rel).map_err(|why| {
             HostError::Invalid(format!(
@@ -669,26 +678,41 @@ pub fn check(root: &Path, want: &[Node], keeps: Keeps) -> Result<Vec<Mismatch>, 
         })?;
         let mut miss = |what: String| bad.push(Mismatch { rel: w.rel.clone(), what });
         let p = root.join(w.path());
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+        let (parent, name) = match w.rel.iter().rposition(|b| *b == b'/') {
+            Some(i) => (&w.rel[..i], &w.rel[i + 1..]),
+            None => (&b""[..], &w.rel[..]),
+        };
+        // By descriptor, never through a symlink: the directory chain is opened O_NOFOLLOW.
+        let Some(dir) = dirs.dir(parent)? else {
             miss("missing".into());
             continue;
         };
-        use std::os::unix::fs::MetadataExt;
-        let ft = meta.file_type();
+        let dirfd = dir.as_raw_fd();
+        let cname = c_name(name, &p)?;
+        let st = match fstatat(dirfd, &cname) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                miss("missing".into());
+                continue;
+            }
+            Err(e) => return Err(HostError::io("cannot read", &p, e)),
+        };
+        let fmt = st.st_mode & libc::S_IFMT;
         let kind_ok = match &w.kind {
-            Kind::Dir => ft.is_dir(),
-            Kind::File => ft.is_file(),
-            Kind::Symlink(_) => ft.is_symlink(),
+            Kind::Dir => fmt == libc::S_IFDIR,
+            Kind::File => fmt == libc::S_IFREG,
+            Kind::Symlink(_) => fmt == libc::S_IFLNK,
         };
         if !kind_ok {
             miss("wrong file type".into());
             continue;
         }
         let mask = keeps.mode_mask();
-        if !ft.is_symlink() && (meta.mode() & mask) != (w.mode & mask) {
-            miss(format!("mode {:04o}, expected {:04o}", meta.mode() & mask, w.mode & mask));
+        let mode = st.st_mode & 0o7777;
+        if fmt != libc::S_IFLNK && (mode & mask) != (w.mode & mask) {
+            miss(format!("mode {:04o}, expected {:04o}", mode & mask, w.mode & mask));
         }
-        let got_mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+        let got_mtime = stat_mtime(&st);
         let check_mtime = w.kind != Kind::Dir || keeps.dir_mtimes;
         if check_mtime && keeps.mtime(got_mtime) != keeps.mtime(w.mtime_ns) {
             miss(format!("mtime {}, expected {}", fmt_ns(got_mtime), fmt_ns(w.mtime_ns)));
@@ -696,25 +720,35 @@ pub fn check(root: &Path, want: &[Node], keeps: Keeps) -> Result<Vec<Mismatch>, 
         match &w.kind {
             Kind::Dir => {}
             Kind::Symlink(t) => {
-                let got =
-                    std::fs::read_link(&p).map_err(|e| HostError::io("cannot read link", &p, e))?;
-                if got.as_os_str().as_bytes() != t.as_slice() {
+                let got = readlinkat(dirfd, &cname)
+                    .map_err(|e| HostError::io("cannot read link", &p, e))?;
+                if &got != t {
                     miss(format!(
                         "links to `{}`, expected `{}`",
-                        got.display(),
+                        String::from_utf8_lossy(&got),
                         String::from_utf8_lossy(t)
                     ));
                 }
             }
             Kind::File => {
                 if let (Some(first), true) = (&w.hardlink, keeps.hard_links) {
-                    if inos.get(first.as_slice()) != Some(&(meta.dev(), meta.ino())) {
+                    if inos.get(first.as_slice()) != Some(&(st.st_dev, st.st_ino)) {
                         miss(format!("not a hard link of `{}`", String::from_utf8_lossy(first)));
                     }
                 }
-                inos.insert(&w.rel, (meta.dev(), meta.ino()));
+                inos.insert(&w.rel, (st.st_dev, st.st_ino));
                 if let Some(sha) = &w.sha256 {
-                    let (size, got) = hash_file(root, &w.rel, &mut buf)?;
+                    let fd =
+                        openat(dirfd, &cname, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                            .map_err(|e| refuse_changed(&p, e))?;
+                    let mut f = File::from(fd);
+                    let fst = f.metadata().map_err(|e| HostError::io("cannot read", &p, e))?;
+                    if !fst.is_file() {
+                        miss("wrong file type".into());
+                        continue;
+                    }
+                    let (size, got) = hash_sparse(&mut f, &mut buf, fst.len())
+                        .map_err(|e| HostError::io("cannot read", &p, e))?;
                     if size != w.size {
                         miss(format!("{size} bytes, expected {}", w.size));
                     } else if &got != sha {
@@ -727,6 +761,61 @@ pub fn check(root: &Path, want: &[Node], keeps: Keeps) -> Result<Vec<Mismatch>, 
     Ok(bad)
 }
 
+/// The directories of one tree open by descriptor along the path last asked for, so a pass in
+/// tree order opens each directory once (not once per file).
+struct DirCache {
+    /// `(relative path, descriptor)` from the root (`""`) down.
+    stack: Vec<(Vec<u8>, OwnedFd)>,
+}
+
+impl DirCache {
+    fn new(root: &Path) -> Result<Self, HostError> {
+        Ok(DirCache { stack: vec![(Vec::new(), open_root(root)?)] })
+    }
+
+    /// The directory `dir` (relative, `""` = the root), opened `O_NOFOLLOW` component by
+    /// component; `None` when a component is missing or not a directory.
+    fn dir(&mut self, dir: &[u8]) -> Result<Option<&OwnedFd>, HostError> {
+        while self.stack.len() > 1 {
+            let top = &self.stack[self.stack.len() - 1].0;
+            if dir == top.as_slice() || is_under(dir, top) {
+                break;
+            }
+            self.stack.pop();
+        }
+        let top_len = self.stack[self.stack.len() - 1].0.len();
+        if dir.len() > top_len {
+            let rest = &dir[if top_len == 0 { 0 } else { top_len + 1 }..];
+            for comp in rest.split(|b| *b == b'/') {
+                let (rel, fd) = self.stack.last().expect("the root is always there");
+                let c = c_name(comp, Path::new(OsStr::from_bytes(dir)))?;
+                match openat(fd.as_raw_fd(), &c, DIR_FLAGS) {
+                    Ok(sub) => {
+                        let next = join_rel(rel, comp);
+                        self.stack.push((next, sub));
+                    }
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+                        ) =>
+                    {
+                        return Ok(None)
+                    }
+                    Err(e) => {
+                        return Err(HostError::io(
+                            "cannot list",
+                            Path::new(OsStr::from_bytes(dir)),
+                            e,
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(self.stack.last().map(|(_, fd)| fd))
+    }
+}
+
 fn fmt_ns(ns: i64) -> String {
     format!("{}.{:09}", ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
 }
@@ -735,10 +824,62 @@ fn fmt_ns(ns: i64) -> String {
 pub fn hash_file(root: &Path, rel: &[u8], buf: &mut [u8]) -> Result<(u64, String), HostError> {
     let path = root.join(OsStr::from_bytes(rel));
     let mut f = open_source(root, rel)?;
+    let len = f.metadata().map_err(|e| HostError::io("cannot read", &path, e))?.len();
+    hash_sparse(&mut f, buf, len).map_err(|e| HostError::io("cannot read", &path, e))
+}
+
+/// Size and SHA-256 of an open file's content, reading only its data segments: holes are
+/// hashed as zeros without being read.
+fn hash_sparse(f: &mut File, buf: &mut [u8], len: u64) -> std::io::Result<(u64, String)> {
+    use std::io::{Seek, SeekFrom};
     let mut h = Sha256::new();
+    let fd = f.as_raw_fd();
+    let mut off: i64 = 0;
+    // SAFETY: fd is open. A file whose first hole is at its end (the common case) is read plainly.
+    let first_hole = if len > 0 { unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) } } else { -1 };
+    if first_hole >= 0 && (first_hole as u64) < len {
+        loop {
+            // SAFETY: fd is open.
+            let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENXIO) {
+                    return Err(e);
+                }
+                let end = f.metadata()?.len() as i64;
+                if end > off {
+                    hash_zeros(&mut h, (end - off) as u64);
+                    off = end;
+                }
+                return Ok((off as u64, hex::encode(h.finalize())));
+            }
+            hash_zeros(&mut h, (data - off) as u64);
+            // SAFETY: fd is open.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            f.seek(SeekFrom::Start(data as u64))?;
+            off = data;
+            let mut left = (hole - data) as u64;
+            while left > 0 {
+                let want = left.min(buf.len() as u64) as usize;
+                let n = f.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Ok((off as u64, hex::encode(h.finalize())));
+                }
+                h.update(&buf[..n]);
+                left -= n as u64;
+                off += n as i64;
+            }
+        }
+    }
+    if first_hole >= 0 {
+        f.seek(SeekFrom::Start(0))?;
+    }
     let mut size = 0u64;
     loop {
-        let n = f.read(buf).map_err(|e| HostError::io("cannot read", &path, e))?;
+        let n = f.read(buf)?;
         if n == 0 {
             break;
         }
