@@ -438,11 +438,18 @@ impl Copier<'_> {
         // SAFETY: fd is fresh and ours.
         let mut dst = unsafe { File::from_raw_fd(fd) };
         let mut h = Sha256::new();
-        let size = copy_sparse(&mut src, &mut dst, &mut h, &mut self.buf, st.st_size as u64)
-            .map_err(|(what, e)| match what {
-                Side::Read => HostError::io("cannot read", abs, e),
-                Side::Write => HostError::io("cannot write", to, e),
-            })?;
+        let size = copy_sparse(
+            &mut src,
+            &mut dst,
+            &mut h,
+            &mut self.buf,
+            st.st_size as u64,
+            st.st_blocks as u64,
+        )
+        .map_err(|(what, e)| match what {
+            Side::Read => HostError::io("cannot read", abs, e),
+            Side::Write => HostError::io("cannot write", to, e),
+        })?;
         // The mode and mtime the source had when it was opened (what a tar would record).
         // SAFETY: dst is open.
         if unsafe { libc::fchmod(dst.as_raw_fd(), st.st_mode & 0o7777) } != 0 {
@@ -473,6 +480,13 @@ enum Side {
 
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
+/// Whether a file of `len` bytes on `blocks` 512-byte blocks can have holes. One with at least
+/// as many blocks as bytes has none (a compressing filesystem may answer "maybe" wrongly: the
+/// data-segment probe then decides, which is only slower).
+fn may_have_holes(len: u64, blocks: u64) -> bool {
+    blocks.saturating_mul(512) < len
+}
+
 fn hash_zeros(h: &mut Sha256, mut n: u64) {
     while n > 0 {
         let k = n.min(ZEROS.len() as u64) as usize;
@@ -490,14 +504,19 @@ fn copy_sparse(
     h: &mut Sha256,
     buf: &mut [u8],
     size_hint: u64,
+    blocks: u64,
 ) -> Result<u64, (Side, std::io::Error)> {
     use std::io::{Seek, SeekFrom, Write};
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut off: i64 = 0;
-    // A file whose first hole is at its end (the common case) is copied plainly: one lseek.
-    // SAFETY: sfd is open.
-    let first_hole =
-        if size_hint > 0 { unsafe { libc::lseek(sfd, 0, libc::SEEK_HOLE) } } else { -1 };
+    // Only a file with fewer allocated blocks than its size can have holes; one whose first
+    // hole is at its end is copied plainly.
+    let first_hole = if size_hint > 0 && may_have_holes(size_hint, blocks) {
+        // SAFETY: sfd is open.
+        unsafe { libc::lseek(sfd, 0, libc::SEEK_HOLE) }
+    } else {
+        -1
+    };
     let sparse = first_hole >= 0 && (first_hole as u64) < size_hint;
     if first_hole >= 0 && !sparse {
         src.seek(SeekFrom::Start(0)).map_err(|e| (Side::Read, e))?;
@@ -747,8 +766,13 @@ pub fn check(root: &Path, want: &[Node], keeps: Keeps) -> Result<Vec<Mismatch>, 
                         miss("wrong file type".into());
                         continue;
                     }
-                    let (size, got) = hash_sparse(&mut f, &mut buf, fst.len())
-                        .map_err(|e| HostError::io("cannot read", &p, e))?;
+                    let (size, got) = hash_sparse(
+                        &mut f,
+                        &mut buf,
+                        fst.len(),
+                        std::os::unix::fs::MetadataExt::blocks(&fst),
+                    )
+                    .map_err(|e| HostError::io("cannot read", &p, e))?;
                     if size != w.size {
                         miss(format!("{size} bytes, expected {}", w.size));
                     } else if &got != sha {
@@ -824,19 +848,31 @@ fn fmt_ns(ns: i64) -> String {
 pub fn hash_file(root: &Path, rel: &[u8], buf: &mut [u8]) -> Result<(u64, String), HostError> {
     let path = root.join(OsStr::from_bytes(rel));
     let mut f = open_source(root, rel)?;
-    let len = f.metadata().map_err(|e| HostError::io("cannot read", &path, e))?.len();
-    hash_sparse(&mut f, buf, len).map_err(|e| HostError::io("cannot read", &path, e))
+    let m = f.metadata().map_err(|e| HostError::io("cannot read", &path, e))?;
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&m);
+    hash_sparse(&mut f, buf, m.len(), blocks).map_err(|e| HostError::io("cannot read", &path, e))
 }
 
 /// Size and SHA-256 of an open file's content, reading only its data segments: holes are
 /// hashed as zeros without being read.
-fn hash_sparse(f: &mut File, buf: &mut [u8], len: u64) -> std::io::Result<(u64, String)> {
+fn hash_sparse(
+    f: &mut File,
+    buf: &mut [u8],
+    len: u64,
+    blocks: u64,
+) -> std::io::Result<(u64, String)> {
     use std::io::{Seek, SeekFrom};
     let mut h = Sha256::new();
     let fd = f.as_raw_fd();
     let mut off: i64 = 0;
-    // SAFETY: fd is open. A file whose first hole is at its end (the common case) is read plainly.
-    let first_hole = if len > 0 { unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) } } else { -1 };
+    // Only a file with fewer allocated blocks than its size can have holes (as `cp` decides);
+    // one whose first hole is at its end is read plainly.
+    let first_hole = if len > 0 && may_have_holes(len, blocks) {
+        // SAFETY: fd is open.
+        unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) }
+    } else {
+        -1
+    };
     if first_hole >= 0 && (first_hole as u64) < len {
         loop {
             // SAFETY: fd is open.
