@@ -622,12 +622,15 @@ fn check_copy(dir: &Path, read: &[Node], keeps: Keeps) -> Result<(), HostError> 
     )))
 }
 
-/// Digests for a walked tree that came without a source listing.
+/// Digests for a walked tree that came without a source listing (a download). Runs of zero
+/// blocks become holes again on the way: a transport that fills holes (OpenShell's download)
+/// would otherwise make a sparse file take its whole size in the backup and, restored, in the
+/// sandbox.
 fn hash_walked(dir: &Path, mut walked: Vec<Node>) -> Result<Vec<Node>, HostError> {
     let mut buf = vec![0u8; 256 * 1024];
     for n in &mut walked {
         if n.kind == Kind::File {
-            let (size, sha) = fstree::hash_file(dir, &n.rel, &mut buf)?;
+            let (size, sha) = fstree::hash_and_sparsify(dir, &n.rel, &mut buf)?;
             n.size = size;
             n.sha256 = Some(sha);
         }

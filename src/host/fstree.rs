@@ -925,6 +925,94 @@ fn hash_sparse(
     Ok((size, hex::encode(h.finalize())))
 }
 
+/// Size and digest of a file this process just received (a download that filled holes with
+/// zeros), turning each run of whole zero blocks back into a hole as it is read
+/// (`fallocate(PUNCH_HOLE)`, as `cp --sparse=always`); the content, size and mtime stay as they
+/// were. Small files are only hashed.
+pub fn hash_and_sparsify(
+    root: &Path,
+    rel: &[u8],
+    buf: &mut [u8],
+) -> Result<(u64, String), HostError> {
+    const MIN: u64 = 128 * 1024;
+    let path = root.join(OsStr::from_bytes(rel));
+    let mut f = match open_in_tree(root, rel, libc::O_RDWR) {
+        Ok(f) => f,
+        // Not writable by us (a read-only mode kept from the sandbox, and we are not root):
+        // hash it as it is.
+        Err(HostError::Io { source, .. }) if source.raw_os_error() == Some(libc::EACCES) => {
+            return hash_file(root, rel, buf)
+        }
+        Err(e) => return Err(e),
+    };
+    let io = |e| HostError::io("cannot read", &path, e);
+    let st = fstat(&OwnedFd::from(f.try_clone().map_err(io)?)).map_err(io)?;
+    let len = st.st_size as u64;
+    if len < MIN || may_have_holes(len, st.st_blocks as u64) {
+        return hash_sparse(&mut f, buf, len, st.st_blocks as u64).map_err(io);
+    }
+    let bs = (st.st_blksize as usize).clamp(512, buf.len());
+    let mut h = Sha256::new();
+    let (mut off, mut zero_from, mut punched) = (0u64, None::<u64>, false);
+    let mut punch = |from: u64, to: u64| -> std::io::Result<()> {
+        // SAFETY: f is open for writing; the range lies inside the file.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                from as i64,
+                (to - from) as i64,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // A filesystem without hole punching keeps the zeros: only space is lost.
+            if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)) {
+                return Err(e);
+            }
+        }
+        punched = true;
+        Ok(())
+    };
+    let mut reader = f.try_clone().map_err(io)?;
+    loop {
+        let n = reader.read(buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        for block in buf[..n].chunks(bs) {
+            let zero = block.len() == bs && block.iter().all(|b| *b == 0);
+            match (zero, zero_from) {
+                (true, None) => zero_from = Some(off),
+                (false, Some(z)) => {
+                    punch(z, off).map_err(io)?;
+                    zero_from = None;
+                }
+                _ => {}
+            }
+            off += block.len() as u64;
+        }
+    }
+    if let Some(z) = zero_from {
+        punch(z, off).map_err(io)?;
+    }
+    if punched {
+        // Punching a hole is a write: give the file its mtime back.
+        let times =
+            [timespec(st.st_atime * 1_000_000_000 + st.st_atime_nsec), timespec(stat_mtime(&st))];
+        // SAFETY: f is open; times has two entries.
+        if unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } != 0 {
+            return Err(HostError::io(
+                "cannot set the mtime of",
+                &path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok((off, hex::encode(h.finalize())))
+}
+
 // --- descriptors -----------------------------------------------------------------------------
 
 const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
@@ -1009,6 +1097,10 @@ fn refuse_changed(abs: &Path, e: std::io::Error) -> HostError {
 /// file with `O_NOFOLLOW|O_NONBLOCK` (a swapped-in fifo cannot hang us), and the opened
 /// descriptor must be a regular file. Nothing is resolved through a symlink.
 pub fn open_source(root: &Path, rel: &[u8]) -> Result<File, HostError> {
+    open_in_tree(root, rel, libc::O_RDONLY)
+}
+
+fn open_in_tree(root: &Path, rel: &[u8], access: libc::c_int) -> Result<File, HostError> {
     let abs = root.join(OsStr::from_bytes(rel));
     let mut dir = open_root(root)?;
     let comps: Vec<&[u8]> = rel.split(|b| *b == b'/').collect();
@@ -1017,12 +1109,9 @@ pub fn open_source(root: &Path, rel: &[u8]) -> Result<File, HostError> {
         dir = openat(dir.as_raw_fd(), &c_name(c, &abs)?, DIR_FLAGS)
             .map_err(|e| refuse_changed(&abs, e))?;
     }
-    let fd = openat(
-        dir.as_raw_fd(),
-        &c_name(leaf, &abs)?,
-        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-    )
-    .map_err(|e| refuse_changed(&abs, e))?;
+    let fd =
+        openat(dir.as_raw_fd(), &c_name(leaf, &abs)?, access | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .map_err(|e| refuse_changed(&abs, e))?;
     let file = File::from(fd);
     let meta = file.metadata().map_err(|e| HostError::io("cannot read", &abs, e))?;
     if !meta.is_file() {

@@ -255,6 +255,12 @@ fn real_cli_rebuild_keeps_what_its_tar_pipeline_carries() {
     assert_eq!((mode("workspace/run.sh"), mode("workspace/locked")), (0o755, 0o000));
     assert_eq!(std::fs::read_link(tree.join("workspace/mem")).unwrap(), Path::new("../memory"));
     assert!(tree.join("workspace/empty/nested/deeper").is_dir(), "empty directories come back");
+    // The download fills holes with zeros; the backup turns runs of zero blocks back into
+    // holes, and the CLI's upload keeps them.
+    let bk = r.home.path().join("rebuild-backups/alpha");
+    let bk = std::fs::read_dir(&bk).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+    assert!(allocated(&bk.join("memory/vectors.bin")) < 1024 * 1024, "backup sparse");
+    assert!(allocated(&tree.join("memory/vectors.bin")) < 1024 * 1024, "restored sparse");
     assert_ne!(
         inode(&tree.join("workspace/notes-link.md")),
         inode(&tree.join("workspace/notes.md")),
