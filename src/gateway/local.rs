@@ -117,7 +117,7 @@ impl LocalGateway {
                 _ => false,
             };
             if stale {
-                let _ = fs::remove_dir_all(e.path());
+                let _ = crate::host::fstree::remove_tree(&e.path());
             }
         }
     }
@@ -380,7 +380,7 @@ impl Gateway for LocalGateway {
         // Best effort: the rename above was the delete. Another process opening the gateway may
         // be removing the same trash directory right now (leftover cleaning), and a failure here
         // only leaves garbage that the next open removes.
-        if let Err(e) = fs::remove_dir_all(&trash) {
+        if let Err(e) = crate::host::fstree::remove_tree(&trash) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("could not remove {}: {e}; the next open will", trash.display());
             }

@@ -247,7 +247,7 @@ impl Backup {
         match copied {
             Ok(read) => Self::commit(meta, timestamp, &parent, dir, &read, Keeps::ALL),
             Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
+                let _ = fstree::remove_tree(&dir);
                 Err(e)
             }
         }
@@ -286,7 +286,7 @@ impl Backup {
             Err(e) => {
                 // Without a manifest the directory is nobody's backup; remove it now rather
                 // than leave it for the next run to trip over.
-                let _ = fs::remove_dir_all(&dir);
+                let _ = fstree::remove_tree(&dir);
                 Err(e)
             }
         }

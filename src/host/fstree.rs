@@ -1266,6 +1266,37 @@ pub fn check_link(rel: &[u8], target: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Remove the tree at `root`, first giving its owner write and search permission on every
+/// directory in it (copies keep the sandbox's modes, and a read-only directory would otherwise
+/// stop a non-root owner from emptying it). Symlinks are removed, never followed.
+pub fn remove_tree(root: &Path) -> std::io::Result<()> {
+    fn open_up(dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::symlink_metadata(dir)?;
+        if !m.is_dir() {
+            return Ok(());
+        }
+        if m.permissions().mode() & 0o700 != 0o700 {
+            std::fs::set_permissions(
+                dir,
+                std::fs::Permissions::from_mode(m.permissions().mode() | 0o700),
+            )?;
+        }
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                open_up(&e.path())?;
+            }
+        }
+        Ok(())
+    }
+    match open_up(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    }
+    std::fs::remove_dir_all(root)
+}
+
 /// Make a freshly written tree durable: one `syncfs` covers every file and directory entry
 /// under `root` (and the entry naming `root` in its parent).
 pub fn sync_tree(root: &Path) -> Result<(), HostError> {

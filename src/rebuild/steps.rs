@@ -311,7 +311,7 @@ impl Step for BackupStep {
         // A previous attempt died mid-copy: its directory has no manifest and is nobody's
         // backup, so it is removed and the copy starts again.
         if target.exists() {
-            std::fs::remove_dir_all(&target).map_err(|e| {
+            crate::host::fstree::remove_tree(&target).map_err(|e| {
                 StepError::new(format!("cannot remove incomplete backup {}: {e}", target.display()))
                     .io()
             })?;
@@ -356,7 +356,7 @@ impl Step for BackupStep {
 fn staging_dir(home: &Path, run_id: &str, what: &str) -> Result<PathBuf, StepError> {
     let dir = home.join(snapshot::RUNS_DIR).join(format!("{run_id}.{what}"));
     if dir.exists() {
-        std::fs::remove_dir_all(&dir)
+        crate::host::fstree::remove_tree(&dir)
             .map_err(|e| StepError::new(format!("cannot clear {}: {e}", dir.display())).io())?;
     }
     crate::util::create_private_dir(&dir)
@@ -596,7 +596,7 @@ fn restore_checked(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepE
     b.link_out_verified(&staging).map_err(host_err)?;
     env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
     crash::point(MID_EFFECT);
-    let _ = std::fs::remove_dir_all(&staging);
+    let _ = crate::host::fstree::remove_tree(&staging);
     verify_restored(env, ctx, b)
 }
 
@@ -610,7 +610,7 @@ fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepE
     let check = staging_dir(&env.home, ctx.run_id, "verify")?;
     env.gateway.download_state(&env.name, &check).map_err(gw_err)?;
     let r = b.verify_tree(&check, up.and(env.gateway.download_keeps())).map_err(host_err);
-    let _ = std::fs::remove_dir_all(&check);
+    let _ = crate::host::fstree::remove_tree(&check);
     r
 }
 
