@@ -563,3 +563,46 @@ fn real_cli_corruption_in_transit_is_caught_by_restore_verification() {
         crate::rebuild::check_journal(r.home.path());
     }
 }
+
+/// A manifest written before modes, mtimes and directories were recorded still opens, restores
+/// and verifies: what it does not record is not checked.
+#[test]
+fn a_manifest_without_metadata_still_restores_and_verifies() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("w/sub")).unwrap();
+    std::fs::write(src.join("w/sub/a.md"), b"a\n").unwrap();
+    std::os::unix::fs::symlink("sub/a.md", src.join("w/link")).unwrap();
+    let meta = nemoclaw::host::backup::BackupMeta {
+        sandbox: nemoclaw::names::SandboxName::parse("demo").unwrap(),
+        agent_type: None,
+        agent_version: None,
+        policy_presets: vec![],
+        custom_policies: json!([]),
+    };
+    let b =
+        nemoclaw::host::Backup::create(t.path(), &meta, "2026-06-09T10-02-11-399Z", &src).unwrap();
+    let mpath = b.path.join("rebuild-manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m.as_object_mut().unwrap().remove("dirs");
+    for f in m["files"].as_array_mut().unwrap() {
+        let f = f.as_object_mut().unwrap();
+        f.remove("mode");
+        f.remove("mtime_ns");
+    }
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    // Metadata the old manifest does not know about differs in the copy: not held against it.
+    set_mtime(&b.path.join("w/sub/a.md"), 1_000_000_000, 0);
+    let old = nemoclaw::host::Backup::open(&b.path).unwrap();
+    assert!(old.manifest.dirs.is_empty() && old.manifest.files.iter().all(|f| f.mode.is_none()));
+    old.verify().unwrap();
+    let out = t.path().join("out");
+    old.copy_out(&out).unwrap();
+    assert_eq!(std::fs::read(out.join("w/sub/a.md")).unwrap(), b"a\n");
+    let view = t.path().join("view");
+    old.link_out(&view).unwrap();
+    assert_eq!(std::fs::read_link(view.join("w/link")).unwrap(), Path::new("sub/a.md"));
+    // Bytes are still checked.
+    std::fs::write(b.path.join("w/sub/a.md"), b"b\n").unwrap();
+    assert!(old.verify().unwrap_err().to_string().contains("w/sub/a.md: sha256"));
+}
