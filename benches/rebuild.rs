@@ -8,7 +8,14 @@
 //! 2. Eight sandboxes rebuilt at once by eight separate processes sharing one journal: all must
 //!    succeed, with no "database is locked".
 //!
-//! Knobs: `REBUILD_BENCH_MB` (256), `REBUILD_BENCH_FILES` (5000), `REBUILD_BENCH_ROUNDS` (3).
+//! 3. (`sparse`) The same comparison for a sandbox holding one 1 GiB sparse file (2 MiB of
+//!    data), with the disk space the backup and the restored file take.
+//!
+//! Each rebuild also reports the bytes its process read (`rchar` of `/proc/<pid>/io`, taken
+//! after it exited and before it was reaped) per byte of state data.
+//!
+//! Knobs: `REBUILD_BENCH_MB` (256), `REBUILD_BENCH_FILES` (5000), `REBUILD_BENCH_ROUNDS` (3),
+//! `REBUILD_BENCH_SPARSE_MB` (1024).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -100,12 +107,73 @@ fn max_rss_kib(home: &Path, args: &[&str]) -> Option<u64> {
     String::from_utf8_lossy(&out.stderr).lines().last()?.trim().parse().ok()
 }
 
+/// Run `c` to completion; returns its output and the bytes it read (`rchar`), read from
+/// `/proc/<pid>/io` after it exited and before it is reaped (`waitid(WNOWAIT)`).
+fn run_counting_reads(mut c: Command) -> (std::process::Output, Option<u64>) {
+    let child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // SAFETY: an all-zero siginfo is a valid out-parameter; WNOWAIT leaves the child unreaped.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+    let rchar = (r == 0)
+        .then(|| std::fs::read_to_string(format!("/proc/{pid}/io")).ok())
+        .flatten()
+        .and_then(|io| {
+            io.lines().find_map(|l| l.strip_prefix("rchar: ")).and_then(|v| v.trim().parse().ok())
+        });
+    (child.wait_with_output().unwrap(), rchar)
+}
+
+/// Disk space a path takes (allocated blocks), in bytes.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
 fn single(mb: usize, files: usize, rounds: usize) {
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
     let state = make_sandbox(&home, "big", files, mb << 20);
+    compare(&home, &state, rounds, &format!("{mb} MiB / {files}-file"), (mb as u64) << 20);
+}
+
+fn sparse(sparse_mb: u64, rounds: usize) {
+    use std::io::{Seek, SeekFrom, Write};
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let state = make_sandbox(&home, "big", 10, 64 << 10);
+    let p = state.join("memory/vectors.bin");
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let mut f = std::fs::File::create(&p).unwrap();
+    let mb = vec![0x5Au8; 1 << 20];
+    f.write_all(&mb).unwrap();
+    f.seek(SeekFrom::Start((sparse_mb << 20) - (1 << 20))).unwrap();
+    f.write_all(&mb).unwrap();
+    drop(f);
+    let data = (2u64 << 20) + (64 << 10);
+    let source_alloc = allocated(&p);
+    compare(&home, &state, rounds, &format!("{sparse_mb} MiB sparse file (2 MiB of data)"), data);
+    let backups = home.join("rebuild-backups/big");
+    let last = std::fs::read_dir(&backups).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+    println!(
+        "Disk space of the sparse file: source {} KiB, backup {} KiB, restored {} KiB (apparent size {} MiB).",
+        source_alloc / 1024,
+        allocated(&last.join("memory/vectors.bin")) / 1024,
+        allocated(&p) / 1024,
+        sparse_mb
+    );
+    println!();
+}
+
+/// Rebuild `big` side by side with `cp -a` ×2 (and + `sync`) of its state, `rounds` times.
+fn compare(home: &Path, state: &Path, rounds: usize, what: &str, data_bytes: u64) {
+    let t = tempfile::tempdir_in(home.parent().unwrap()).unwrap();
     let scratch = t.path().join("scratch");
-    let (mut ours, mut cp2, mut cp2sync) = (vec![], vec![], vec![]);
+    let (mut ours, mut cp2, mut cp2sync, mut reads) = (vec![], vec![], vec![], vec![]);
     let cp = |from: &Path, to: &Path| {
         let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
         assert!(st.success());
@@ -116,7 +184,7 @@ fn single(mb: usize, files: usize, rounds: usize) {
             let _ = std::fs::remove_dir_all(&scratch);
             std::fs::create_dir_all(&scratch).unwrap();
             let t0 = Instant::now();
-            cp(&state, &scratch.join("backup"));
+            cp(state, &scratch.join("backup"));
             cp(&scratch.join("backup"), &scratch.join("restored"));
             if with_sync {
                 assert!(Command::new("sync").status().unwrap().success());
@@ -127,22 +195,28 @@ fn single(mb: usize, files: usize, rounds: usize) {
         }
         let _ = std::fs::remove_dir_all(&scratch);
         let _ = std::fs::remove_dir_all(home.join("rebuild-backups"));
+        let mut c = nemoclaw(home);
+        c.args(["big", "rebuild", "--yes"]);
         let t0 = Instant::now();
-        let o = nemoclaw(&home).args(["big", "rebuild", "--yes"]).output().unwrap();
+        let (o, rchar) = run_counting_reads(c);
         let el = t0.elapsed();
         assert!(o.status.success(), "rebuild failed: {}", String::from_utf8_lossy(&o.stderr));
         ours.push(el);
+        if let Some(r) = rchar {
+            reads.push(r as f64 / data_bytes as f64);
+        }
         eprintln!(
-            "round {round}: rebuild {:.2}s, cp -a ×2 {:.2}s, cp -a ×2 + sync {:.2}s",
+            "round {round}: rebuild {:.2}s, cp -a ×2 {:.2}s, cp -a ×2 + sync {:.2}s, reads {:.2} per byte",
             el.as_secs_f64(),
             cp2.last().unwrap().as_secs_f64(),
-            cp2sync.last().unwrap().as_secs_f64()
+            cp2sync.last().unwrap().as_secs_f64(),
+            reads.last().copied().unwrap_or(f64::NAN)
         );
     }
-    let _ = std::fs::remove_dir_all(home.join("rebuild-backups"));
-    let rss = max_rss_kib(&home, &["big", "rebuild", "--yes"]);
+    let rss = max_rss_kib(home, &["big", "rebuild", "--yes"]);
     let (o, c, cs) = (median(&mut ours), median(&mut cp2), median(&mut cp2sync));
-    println!("## Rebuild of a {mb} MiB / {files}-file sandbox (local gateway), {rounds} rounds");
+    reads.sort_by(f64::total_cmp);
+    println!("## Rebuild of a {what} sandbox (local gateway), {rounds} rounds");
     println!();
     println!("| what | median | ratio to rebuild |");
     println!("|---|---:|---:|");
@@ -157,6 +231,10 @@ fn single(mb: usize, files: usize, rounds: usize) {
         cs.as_secs_f64(),
         o.as_secs_f64() / cs.as_secs_f64()
     );
+    if let Some(r) = reads.get(reads.len() / 2) {
+        println!();
+        println!("Bytes read by the rebuild process per byte of state data (median): {r:.2}.");
+    }
     if let Some(k) = rss {
         println!();
         println!("Max RSS of one rebuild: {} MiB.", k / 1024);
@@ -227,6 +305,9 @@ fn main() {
             env_num("REBUILD_BENCH_FILES", 5000),
             env_num("REBUILD_BENCH_ROUNDS", 3),
         );
+    }
+    if want("sparse") {
+        sparse(env_num("REBUILD_BENCH_SPARSE_MB", 1024) as u64, env_num("REBUILD_BENCH_ROUNDS", 3));
     }
     if want("concurrent") {
         concurrent(8, 200);

@@ -174,6 +174,10 @@ pub struct RecoverArgs {
     /// Undo the run's finished steps in reverse.
     #[arg(long)]
     pub rollback: bool,
+    /// With --rollback: when the run's backup fails verification, finish the rollback without
+    /// restoring it (the registry row comes back, the sandbox stays absent, the backup is kept).
+    #[arg(long, conflicts_with = "resume")]
+    pub accept_damaged_backup: bool,
     /// The run (id or unique prefix).
     pub run: Option<String>,
     /// Pick the unfinished run of this sandbox.

@@ -405,6 +405,10 @@ fn next_commands(p: &Printer, r: &RunReport) {
     if r.state.is_final() {
         return;
     }
+    // The failure already named the command that gets out (e.g. a damaged backup).
+    if r.error.as_ref().is_some_and(|e| e.hints.iter().any(|h| h.contains("nemoclaw recover"))) {
+        return;
+    }
     if r.state != RunState::RollingBack {
         p.hint(format!("continue it: `nemoclaw recover --resume {}`", r.run_id));
     }
@@ -433,6 +437,10 @@ fn json_report(p: &Printer, name: &SandboxName, mode: Mode, r: &RunReport, rb: O
 
 /// `nemoclaw recover`: the listing, or `--resume` / `--rollback` of one run.
 pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
+    if a.accept_damaged_backup && !a.rollback {
+        return Err(CliError::new(Exit::Usage, "--accept-damaged-backup goes with --rollback")
+            .hint("`nemoclaw recover --rollback RUN --accept-damaged-backup`"));
+    }
     if !a.resume && !a.rollback {
         return list_unfinished(ctx, a.sandbox.as_deref());
     }
@@ -469,13 +477,47 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
         mode.as_str(),
         run.state.as_str()
     ));
+    let mut damaged_at = None;
+    if a.accept_damaged_backup {
+        match saga::accept_damaged_backup(&ctx.home, &run)? {
+            saga::BackupCheck::Damaged { path, why } => {
+                p.warn(format!("{why}."));
+                p.warn(format!(
+                    "Rolling back without restoring it: the registry entry comes back, the sandbox stays absent, and the backup stays at {path}."
+                ));
+                damaged_at = Some(path);
+            }
+            saga::BackupCheck::Intact { path } => {
+                p.info(format!("Backup {path} verifies: it will be restored as usual."))
+            }
+            saga::BackupCheck::NoBackup => p.info("This run made no backup: nothing to accept."),
+        }
+    }
     let obs = Progress::new(p);
-    let out = saga::recover(&ctx.home, ctx.global.openshell.as_deref(), &run, a.resume, &obs)?;
+    let out = saga::recover(
+        &ctx.home,
+        ctx.global.openshell.as_deref(),
+        &run,
+        a.resume,
+        damaged_at.is_some(),
+        &obs,
+    )?;
     let report = &out.report;
     let name = run.sandbox.as_deref().and_then(|s| SandboxName::parse(s).ok());
     let shields_locked = run.params["shields_locked"].as_bool().unwrap_or(false);
     match (report.state, name) {
         (RunState::Succeeded, Some(n)) => succeeded(p, &n, mode, &out, shields_locked),
+        (RunState::RolledBack, Some(n)) if damaged_at.is_some() => {
+            p.success(format!(
+                "✓ Run {} rolled back without its damaged backup: '{n}' is registered as before, with no sandbox on its gateway",
+                run.id
+            ));
+            p.info(format!(
+                "The backup was kept at {}; files in it that still match can be copied back by hand.",
+                damaged_at.as_deref().unwrap_or("?")
+            ));
+            p.hint(format!("recreate the sandbox (stale recovery): `nemoclaw {n} rebuild`"));
+        }
         (RunState::RolledBack, Some(n)) => p.success(format!(
             "✓ Run {} rolled back: '{n}' is as it was before the rebuild",
             run.id

@@ -18,7 +18,12 @@
 //! Fault injection (for tests of refusal paths; read on every call):
 //! `fault.json` = `{"health": "unreachable"|"auth"|"identity"|"schema"|"foreign"|"unknown",
 //! "foreign_active": "<gateway>", "fail": {"<op>": "<message>"}}` where `<op>` is one of
-//! `create`, `delete`, `get`, `list`, `download`, `upload`, `policy`.
+//! `create`, `delete`, `get`, `list`, `download`, `upload`, `policy`; and
+//! `"corrupt": {"download"|"upload": {"path": "<relative path>", "how": "flip"|"truncate"|"drop"}}`,
+//! which damages that one file of the copy after it was made and still reports success (a
+//! transport that corrupts silently): `flip` inverts the first byte, `truncate` cuts the file to
+//! half its size, `drop` removes it; and `"silent": ["delete"]`, which makes a delete report
+//! success without deleting anything.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -29,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec, Unhealthy};
+use crate::host::fstree::Node;
 use crate::names::SandboxName;
 
 /// Directory of the local gateway inside the NemoClaw home.
@@ -111,7 +117,7 @@ impl LocalGateway {
                 _ => false,
             };
             if stale {
-                let _ = fs::remove_dir_all(e.path());
+                let _ = crate::host::fstree::remove_tree(&e.path());
             }
         }
     }
@@ -122,6 +128,8 @@ impl LocalGateway {
                 health: Some("unknown".into()),
                 foreign_active: None,
                 fail: BTreeMap::new(),
+                corrupt: BTreeMap::new(),
+                silent: Vec::new(),
             }),
             Err(_) => Fault::default(),
         }
@@ -193,6 +201,40 @@ struct Fault {
     foreign_active: Option<String>,
     #[serde(default)]
     fail: BTreeMap<String, String>,
+    #[serde(default)]
+    corrupt: BTreeMap<String, Corruption>,
+    #[serde(default)]
+    silent: Vec<String>,
+}
+
+/// A silent corruption of one file of a copy (test-only).
+#[derive(Debug, Clone, Deserialize)]
+struct Corruption {
+    path: String,
+    how: String,
+}
+
+impl Corruption {
+    fn apply(&self, root: &Path) -> Result<(), GatewayError> {
+        let p = root.join(&self.path);
+        let r = match self.how.as_str() {
+            "flip" => fs::read(&p).and_then(|mut b| {
+                if let Some(x) = b.first_mut() {
+                    *x = !*x;
+                }
+                fs::write(&p, b)
+            }),
+            "truncate" => fs::metadata(&p)
+                .and_then(|m| fs::OpenOptions::new().write(true).open(&p)?.set_len(m.len() / 2)),
+            "drop" => fs::remove_file(&p),
+            other => {
+                return Err(GatewayError::Other(format!(
+                    "unknown corruption `{other}` (injected fault)"
+                )))
+            }
+        };
+        r.map_err(|e| io_err("cannot corrupt (injected fault)", &p, e))
+    }
 }
 
 impl Fault {
@@ -322,6 +364,9 @@ impl Gateway for LocalGateway {
 
     fn delete(&self, name: &SandboxName, _timeout: Duration) -> Result<(), GatewayError> {
         self.check("delete")?;
+        if self.fault().silent.iter().any(|op| op == "delete") {
+            return Ok(());
+        }
         let dir = self.sandbox_dir(name);
         if !dir.exists() {
             return Ok(());
@@ -335,7 +380,7 @@ impl Gateway for LocalGateway {
         // Best effort: the rename above was the delete. Another process opening the gateway may
         // be removing the same trash directory right now (leftover cleaning), and a failure here
         // only leaves garbage that the next open removes.
-        if let Err(e) = fs::remove_dir_all(&trash) {
+        if let Err(e) = crate::host::fstree::remove_tree(&trash) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("could not remove {}: {e}; the next open will", trash.display());
             }
@@ -350,9 +395,23 @@ impl Gateway for LocalGateway {
     }
 
     fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
+        self.download_listed(name, dest).map(|_| ())
+    }
+
+    fn download_listed(
+        &self,
+        name: &SandboxName,
+        dest: &Path,
+    ) -> Result<Option<Vec<Node>>, GatewayError> {
         self.check("download")?;
         self.require(name)?;
-        crate::host::backup::copy_tree(&self.state_dir(name), dest).map_err(host_err)
+        // The listing comes from the one read of the sandbox's files that fed the copy.
+        let read =
+            crate::host::backup::copy_tree_listed(&self.state_dir(name), dest).map_err(host_err)?;
+        if let Some(c) = self.fault().corrupt.get("download") {
+            c.apply(dest)?;
+        }
+        Ok(Some(read))
     }
 
     fn local_state_path(&self, name: &SandboxName) -> Option<PathBuf> {
@@ -363,7 +422,11 @@ impl Gateway for LocalGateway {
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError> {
         self.check("upload")?;
         self.require(name)?;
-        crate::host::backup::copy_tree(src, &self.state_dir(name)).map_err(host_err)
+        crate::host::backup::copy_tree(src, &self.state_dir(name)).map_err(host_err)?;
+        if let Some(c) = self.fault().corrupt.get("upload") {
+            c.apply(&self.state_dir(name))?;
+        }
+        Ok(())
     }
 
     fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError> {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::exit::{Exit, ExitCoded};
+use crate::host::fstree::{Keeps, Node};
 use crate::names::SandboxName;
 
 pub mod classify;
@@ -208,6 +209,27 @@ pub trait Gateway: Send + Sync {
 
     /// Copy the contents of `src` into the sandbox's state tree, replacing files of the same path.
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError>;
+
+    /// [`Gateway::download_state`], returning the source's own listing (digests and metadata
+    /// taken while reading the sandbox's files) when the driver reads them itself, so a copy
+    /// damaged on its way can be told from the source. `None`: only the copy can be described.
+    fn download_listed(
+        &self,
+        name: &SandboxName,
+        dest: &Path,
+    ) -> Result<Option<Vec<Node>>, GatewayError> {
+        self.download_state(name, dest).map(|()| None)
+    }
+
+    /// Which metadata [`Gateway::download_state`] carries from the sandbox to this host.
+    fn download_keeps(&self) -> Keeps {
+        Keeps::ALL
+    }
+
+    /// Which metadata [`Gateway::upload_state`] carries from this host into the sandbox.
+    fn upload_keeps(&self) -> Keeps {
+        Keeps::ALL
+    }
 
     /// Apply one policy to the sandbox. Idempotent.
     fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError>;

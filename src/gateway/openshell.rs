@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::classify::{self, CallOutput, Capabilities, ErrorText, Version};
 use super::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec, Unhealthy};
+use crate::host::fstree::Keeps;
 use crate::names::SandboxName;
 
 /// Where a sandbox's state lives inside it.
@@ -378,9 +379,17 @@ fn too_old(v: Version, what: &str, first: &str) -> GatewayError {
     ))
 }
 
-/// A hard-linked view of the tree `src` at `dest` (created): directories made, files linked,
-/// symlinks recreated as links. Nothing is followed.
+/// A hard-linked view of the tree `src` at `dest` (created): directories made with the
+/// source's mode and mtime, files linked (same inode, so same bytes, mode and mtime), symlinks
+/// recreated as links with their mtime. Nothing is followed.
 fn link_view(src: &Path, dest: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |from: &Path, to: &Path, link: bool| -> std::io::Result<()> {
+        let m = std::fs::symlink_metadata(from)?;
+        let ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+        crate::host::fstree::set_path_meta(to, m.mode() & 0o7777, Some(ns), link)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
     crate::host::mkdir_private(dest)?;
     for e in std::fs::read_dir(src)? {
         let e = e?;
@@ -388,8 +397,10 @@ fn link_view(src: &Path, dest: &Path) -> std::io::Result<()> {
         let ft = e.file_type()?;
         if ft.is_dir() {
             link_view(&from, &to)?;
+            meta(&from, &to, false)?;
         } else if ft.is_symlink() {
             std::os::unix::fs::symlink(std::fs::read_link(&from)?, &to)?;
+            meta(&from, &to, true)?;
         } else if ft.is_file() {
             std::fs::hard_link(&from, &to)?;
         } else {
@@ -594,16 +605,50 @@ impl Gateway for OpenShellGateway {
             source: e,
         })?;
         let d = dest.to_string_lossy();
-        let out = self.call(
-            &["sandbox", "download", name.as_str(), SANDBOX_STATE_PATH, &d],
-            self.create_timeout,
-        );
+        let download = || {
+            self.call(
+                &["sandbox", "download", name.as_str(), SANDBOX_STATE_PATH, &d],
+                self.create_timeout,
+            )
+        };
+        let mut out = download();
+        // The CLI stops reading the archive at its end marker and closes the pipe; the
+        // sandbox's `tar` may still be writing its record padding and die of SIGPIPE (observed
+        // with v0.0.111 on archives of tens of MiB: `ssh tar create exited with status exit
+        // status: 141`). Nothing was lost, but the unpacked tree cannot be trusted to be whole:
+        // clear it and download once more.
+        if !out.ok()
+            && classify::report_words(&out.text()).contains("exited with status exit status: 141")
+        {
+            let io = |e| GatewayError::Io {
+                context: format!("cannot clear {}", dest.display()),
+                source: e,
+            };
+            std::fs::remove_dir_all(dest).map_err(io)?;
+            crate::host::mkdir_private(dest).map_err(io)?;
+            out = download();
+        }
         if !out.ok() {
             return Err(self.fail(&out, "sandbox download", name.as_str(), self.create_timeout));
         }
         // A directory download unpacks the directory's *contents* into DEST (real CLI 0.0.111):
         // nothing to move afterwards.
         Ok(())
+    }
+
+    /// What comes back through `sandbox download` (real CLI 0.0.111): the sandbox's `tar cf`
+    /// records modes and whole-second mtimes and hard links, and the CLI unpacks it without
+    /// setuid/setgid/sticky bits and without directory mtimes (directories get the time of the
+    /// download); holes arrive as zeros.
+    fn download_keeps(&self) -> Keeps {
+        Keeps { special_bits: false, subsecond_mtimes: false, dir_mtimes: false, hard_links: true }
+    }
+
+    /// What survives `sandbox upload`: the CLI's archive records modes, whole-second mtimes
+    /// (directories included), symlinks and holes, but stores every name of a hard-linked
+    /// inode as a file of its own.
+    fn upload_keeps(&self) -> Keeps {
+        Keeps { special_bits: true, subsecond_mtimes: false, dir_mtimes: true, hard_links: false }
     }
 
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError> {

@@ -1,29 +1,33 @@
 //! Rebuild backups, `<home>/rebuild-backups/<name>/<timestamp>/` (spec §2.4).
 //!
 //! A backup holds the copied state directories and `rebuild-manifest.json` with NemoClaw's
-//! fields plus a `files` list (relative path, size, sha256) and `complete: true`.
+//! fields plus this project's: `files` (relative path, size, sha256, and the metadata kept:
+//! mode, mtime, symlink target, hard-link group), `dirs` (every directory, so empty ones come
+//! back, with mode and mtime) and `complete: true`. The manifest digest is journaled, so
+//! everything the manifest records — bytes and metadata — is what restore verification checks.
 //!
-//! Write order is what makes a backup trustworthy: every file is copied, fsynced and re-read to
-//! verify its digest, every directory is fsynced, and only then is the manifest written
-//! (atomically, fsynced). A crash at any earlier point leaves a directory without a manifest,
-//! which [`Backup::open`] refuses, so a half-written backup is never restored.
+//! Write order is what makes a backup trustworthy: every file is copied (its digest taken from
+//! the one read of the source that fed the copy), the tree is made durable, the copy is checked
+//! against what was read from the source, and only then is the manifest written (atomically,
+//! fsynced). A crash at any earlier point leaves a directory without a manifest, which
+//! [`Backup::open`] refuses, so a half-written backup is never restored.
 //!
-//! Copying in and out walks trees without following symlinks and refuses absolute paths, `..`,
-//! symlinks that escape the tree, and device files, fifos and sockets, naming the path.
+//! The backup directory itself is 0700 (so is its parent), which keeps other users out; the
+//! files and directories inside keep their own modes. Copying in and out walks trees by
+//! descriptor (see [`super::fstree`]) and refuses absolute paths, `..`, symlinks that escape the
+//! tree, and device files, fifos and sockets, naming the path.
 
-use std::collections::BTreeMap;
-use std::ffi::{CStr, CString, OsStr};
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::fstree::{self, check_link, check_rel, resolve_in_tree, shown};
+pub use super::fstree::{check_links_in_tree, Keeps, Kind, Mismatch, Node};
 use super::{private_dir, HostError};
 use crate::names::SandboxName;
 
@@ -35,15 +39,92 @@ pub const MANIFEST_FILE: &str = "rebuild-manifest.json";
 /// One backed-up file (or symlink) in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestFile {
-    /// Path relative to the state root, `/`-separated.
-    pub path: String,
+    /// Path relative to the state root, `/`-separated (a name that is not UTF-8 is written
+    /// `{"hex": "…"}`).
+    #[serde(with = "name")]
+    pub path: Vec<u8>,
     /// Size in bytes (for a symlink: length of its target).
     pub size: u64,
-    /// SHA-256 of the content (for a symlink: of its target text).
+    /// SHA-256 of the content, holes read as zeros (for a symlink: of its target).
     pub sha256: String,
     /// For a symlink (one that stays inside the tree): its target.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_name")]
+    pub symlink: Option<Vec<u8>>,
+    /// Permission bits (`st_mode & 0o7777`, decimal); absent in manifests that predate them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub symlink: Option<String>,
+    pub mode: Option<u32>,
+    /// Modification time in nanoseconds since the epoch; absent when not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i64>,
+    /// An earlier path naming the same inode (a hard link).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_name")]
+    pub hardlink: Option<Vec<u8>>,
+}
+
+/// One backed-up directory in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestDir {
+    /// Path relative to the state root.
+    #[serde(with = "name")]
+    pub path: Vec<u8>,
+    /// Permission bits (`st_mode & 0o7777`, decimal).
+    pub mode: u32,
+    /// Modification time in nanoseconds; absent when the way the state was fetched loses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i64>,
+}
+
+impl ManifestFile {
+    /// The path for messages (lossy when not UTF-8).
+    pub fn shown(&self) -> String {
+        String::from_utf8_lossy(&self.path).into_owned()
+    }
+}
+
+/// A relative path in JSON: a string when it is UTF-8, else `{"hex": "<bytes>"}`.
+mod name {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    pub(super) enum Repr {
+        Text(String),
+        Raw { hex: String },
+    }
+
+    pub(super) fn repr(v: &[u8]) -> Repr {
+        match std::str::from_utf8(v) {
+            Ok(s) => Repr::Text(s.to_owned()),
+            Err(_) => Repr::Raw { hex: hex::encode(v) },
+        }
+    }
+
+    pub(super) fn bytes<E: serde::de::Error>(r: Repr) -> Result<Vec<u8>, E> {
+        match r {
+            Repr::Text(s) => Ok(s.into_bytes()),
+            Repr::Raw { hex } => hex::decode(hex).map_err(E::custom),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        repr(v).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        bytes(Repr::deserialize(d)?)
+    }
+}
+
+mod opt_name {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_deref().map(super::name::repr).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<super::name::Repr>::deserialize(d)?.map(super::name::bytes).transpose()
+    }
 }
 
 /// `rebuild-manifest.json`: NemoClaw's fields plus `files` and `complete`.
@@ -70,8 +151,11 @@ pub struct Manifest {
     pub policy_presets: Vec<String>,
     /// Custom policies of the entry, verbatim.
     pub custom_policies: Value,
-    /// Every file copied, sorted by path.
+    /// Every file and symlink copied, in tree order.
     pub files: Vec<ManifestFile>,
+    /// Every directory copied, in tree order (absent in manifests that predate it).
+    #[serde(default)]
+    pub dirs: Vec<ManifestDir>,
     /// True only when every file was copied and verified before the manifest was written.
     pub complete: bool,
 }
@@ -141,8 +225,8 @@ pub fn backups_dir(home: &Path, name: &SandboxName) -> PathBuf {
 
 impl Backup {
     /// Copy the state tree `src` into a new backup `<home>/rebuild-backups/<name>/<timestamp>/`,
-    /// verify every copied file's digest, then commit the manifest. Refuses an existing target
-    /// directory and any unsafe entry in `src` (before copying anything).
+    /// check the copy against what was read from `src`, then commit the manifest. Refuses an
+    /// existing target directory and any unsafe entry in `src` (before copying anything).
     pub fn create(
         home: &Path,
         meta: &BackupMeta,
@@ -151,66 +235,59 @@ impl Backup {
     ) -> Result<Backup, HostError> {
         check_timestamp(timestamp)?;
         // Walk first: an unsafe entry aborts before a single byte is copied.
-        let entries = walk(src)?;
-        if entries.iter().any(|e| e.rel == MANIFEST_FILE) {
-            return Err(HostError::Invalid(format!(
-                "{} contains a file named {MANIFEST_FILE}, which would clash with the backup manifest",
-                src.display()
-            )));
-        }
+        let nodes = fstree::walk(src)?;
+        refuse_manifest_clash(&nodes, &src.display().to_string())?;
         let (parent, dir) = new_backup_dir(home, meta, timestamp)?;
-        let files = copy_entries(src, &entries, &dir)?;
-        // The copied files and the directory entries naming them are durable, and every copy
-        // re-reads to the digest of what was read from the source, before the manifest claims
-        // they exist.
-        sync_tree(&dir)?;
-        verify_files(&dir, &files, false)?;
-        Self::commit(meta, timestamp, &parent, dir, &entries, files)
+        let copied = fstree::copy_nodes(src, &nodes, &dir).and_then(|read| {
+            // Durable, then re-read and compared with what was read from the source, before
+            // the manifest claims the files exist.
+            fstree::sync_tree(&dir)?;
+            check_copy(&dir, &read, Keeps::ALL)?;
+            Ok(read)
+        });
+        match copied {
+            Ok(read) => Self::commit(meta, timestamp, &parent, dir, &read, Keeps::ALL),
+            Err(e) => {
+                let _ = fstree::remove_tree(&dir);
+                Err(e)
+            }
+        }
     }
 
     /// Like [`Backup::create`], but `fill` writes the state straight into the new backup
-    /// directory (e.g. a gateway's download), saving a staging copy. The result is walked with
-    /// the same safety rules; an unsafe entry removes the directory and fails. Digests are taken
-    /// from the backup's own bytes after they are durable.
+    /// directory (e.g. a gateway's download), saving a staging copy. `fill` returns the
+    /// source's own listing when it can give one (digests and metadata taken while reading the
+    /// source): the copy is then checked against it and the manifest records the source.
+    /// Without one, the manifest records the downloaded bytes. `keeps` says which metadata the
+    /// way of fetching carries; what it loses is left out of the manifest. The result is walked
+    /// with the same safety rules; an unsafe entry or a failed check removes the directory.
     pub fn create_with(
         home: &Path,
         meta: &BackupMeta,
         timestamp: &str,
-        fill: impl FnOnce(&Path) -> Result<(), HostError>,
+        keeps: Keeps,
+        fill: impl FnOnce(&Path) -> Result<Option<Vec<Node>>, HostError>,
     ) -> Result<Backup, HostError> {
         let (parent, dir) = new_backup_dir(home, meta, timestamp)?;
-        let filled = fill(&dir).and_then(|()| {
-            let entries = walk(&dir)?;
-            if entries.iter().any(|e| e.rel == MANIFEST_FILE) {
-                return Err(HostError::Invalid(format!(
-                    "the state contains a file named {MANIFEST_FILE}, which would clash with the backup manifest"
-                )));
-            }
-            sync_tree(&dir)?;
-            let mut files = Vec::new();
-            for e in &entries {
-                match &e.kind {
-                    Kind::Dir => {}
-                    Kind::File => {
-                        let (size, sha256) = hash_file(&dir, &e.rel)?;
-                        files.push(ManifestFile { path: e.rel.clone(), size, sha256, symlink: None });
-                    }
-                    Kind::Symlink(t) => files.push(ManifestFile {
-                        path: e.rel.clone(),
-                        size: t.len() as u64,
-                        sha256: crate::util::sha256_hex(t.as_bytes()),
-                        symlink: Some(t.clone()),
-                    }),
+        let filled = fill(&dir).and_then(|described| {
+            let walked = fstree::walk(&dir)?;
+            refuse_manifest_clash(&walked, "the state")?;
+            fstree::sync_tree(&dir)?;
+            match described {
+                Some(src) => {
+                    refuse_manifest_clash(&src, "the state")?;
+                    check_copy(&dir, &src, keeps)?;
+                    Ok(src)
                 }
+                None => hash_walked(&dir, walked),
             }
-            Ok((entries, files))
         });
         match filled {
-            Ok((entries, files)) => Self::commit(meta, timestamp, &parent, dir, &entries, files),
+            Ok(listing) => Self::commit(meta, timestamp, &parent, dir, &listing, keeps),
             Err(e) => {
                 // Without a manifest the directory is nobody's backup; remove it now rather
                 // than leave it for the next run to trip over.
-                let _ = fs::remove_dir_all(&dir);
+                let _ = fstree::remove_tree(&dir);
                 Err(e)
             }
         }
@@ -222,16 +299,42 @@ impl Backup {
         timestamp: &str,
         parent: &Path,
         dir: PathBuf,
-        entries: &[Entry],
-        files: Vec<ManifestFile>,
+        listing: &[Node],
+        keeps: Keeps,
     ) -> Result<Backup, HostError> {
-        let mut top: Vec<String> = entries
+        let mut top: Vec<String> = listing
             .iter()
-            .filter(|e| matches!(e.kind, Kind::Dir))
-            .filter(|e| !e.rel.contains('/'))
-            .map(|e| e.rel.clone())
+            .filter(|n| n.kind == Kind::Dir && !n.rel.contains(&b'/'))
+            .map(|n| String::from_utf8_lossy(&n.rel).into_owned())
             .collect();
         top.sort();
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        // What was read is recorded as read; only a directory mtime that the way of fetching
+        // does not carry (it would be the time of the download) is left out. Comparisons
+        // apply the precision of the way a tree travelled (see `Keeps`).
+        for n in listing {
+            let mode = n.mode;
+            match &n.kind {
+                Kind::Dir => dirs.push(ManifestDir {
+                    path: n.rel.clone(),
+                    mode,
+                    mtime_ns: keeps.dir_mtimes.then_some(n.mtime_ns),
+                }),
+                kind => files.push(ManifestFile {
+                    path: n.rel.clone(),
+                    size: n.size,
+                    sha256: n.sha256.clone().unwrap_or_default(),
+                    symlink: match kind {
+                        Kind::Symlink(t) => Some(t.clone()),
+                        _ => None,
+                    },
+                    mode: Some(mode),
+                    mtime_ns: Some(n.mtime_ns),
+                    hardlink: n.hardlink.clone(),
+                }),
+            }
+        }
         let manifest = Manifest {
             version: 1,
             sandbox_name: meta.sandbox.as_str().to_owned(),
@@ -244,6 +347,7 @@ impl Backup {
             policy_presets: meta.policy_presets.clone(),
             custom_policies: meta.custom_policies.clone(),
             files,
+            dirs,
             complete: true,
         };
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
@@ -256,39 +360,109 @@ impl Backup {
         Ok(Backup { path: dir, manifest, manifest_digest: crate::util::sha256_hex(&bytes) })
     }
 
+    /// The manifest as a listing (directories first, then files and symlinks, each in tree
+    /// order), for checking a tree against it.
+    pub fn listing(&self) -> Vec<Node> {
+        let dirs = self.manifest.dirs.iter().map(|d| Node {
+            rel: d.path.clone(),
+            kind: Kind::Dir,
+            mode: d.mode,
+            mtime_ns: d.mtime_ns.unwrap_or(0),
+            size: 0,
+            sha256: None,
+            hardlink: None,
+        });
+        let files = self.manifest.files.iter().map(|f| Node {
+            rel: f.path.clone(),
+            kind: match &f.symlink {
+                Some(t) => Kind::Symlink(t.clone()),
+                None => Kind::File,
+            },
+            mode: f.mode.unwrap_or(0),
+            mtime_ns: f.mtime_ns.unwrap_or(0),
+            size: f.size,
+            sha256: Some(f.sha256.clone()),
+            hardlink: f.hardlink.clone(),
+        });
+        dirs.chain(files).collect()
+    }
+
+    /// Check `root` against the manifest, with what the manifest does not record left
+    /// unchecked (older manifests have no modes, mtimes or directories).
+    fn check(&self, root: &Path, keeps: Keeps) -> Result<Vec<Mismatch>, HostError> {
+        let mut bad = fstree::check(root, &self.listing(), keeps)?;
+        // A field the manifest does not record reads as 0 in the listing: drop those checks.
+        let unrecorded = |m: &Mismatch| {
+            let f = self.manifest.files.iter().find(|f| f.path == m.rel);
+            let d = self.manifest.dirs.iter().find(|d| d.path == m.rel);
+            (m.what.starts_with("mode ") && f.is_some_and(|f| f.mode.is_none()))
+                || (m.what.starts_with("mtime ")
+                    && (f.is_some_and(|f| f.mtime_ns.is_none())
+                        || d.is_some_and(|d| d.mtime_ns.is_none())))
+        };
+        bad.retain(|m| !unrecorded(m));
+        Ok(bad)
+    }
+
+    /// Every way the backup's own files differ from its manifest (empty: intact).
+    pub fn damage(&self) -> Result<Vec<Mismatch>, HostError> {
+        self.check(&self.path, Keeps::ALL)
+    }
+
     /// Hard-link the backed-up files into `dest` (created if missing) without the manifest: a
-    /// view of the state to upload, at no copying cost. Falls back to copying across
-    /// filesystems. The backup is verified first.
+    /// view of the state to upload, at no copying cost, with directories, symlinks and
+    /// metadata as the manifest records them. Copies instead across filesystems. The backup
+    /// is verified first.
     pub fn link_out(&self, dest: &Path) -> Result<(), HostError> {
         self.verify()?;
+        self.link_out_verified(dest)
+    }
+
+    /// [`Backup::link_out`] for a caller that has just verified the backup in full (saves a
+    /// second read of every file).
+    pub fn link_out_verified(&self, dest: &Path) -> Result<(), HostError> {
         private_dir(dest)?;
+        use std::os::unix::fs::MetadataExt;
+        let same_fs = fs::metadata(&self.path)
+            .and_then(|a| fs::metadata(dest).map(|b| a.dev() == b.dev()))
+            .map_err(|e| HostError::io("cannot read", dest, e))?;
+        if !same_fs {
+            return self.copy_out(dest);
+        }
+        for d in &self.manifest.dirs {
+            let to = shown(dest, &d.path);
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&to)
+                .map_err(|e| HostError::io("cannot create directory", &to, e))?;
+        }
         for f in &self.manifest.files {
-            check_rel(&f.path).map_err(|why| {
-                HostError::Invalid(format!(
-                    "backup {} lists `{}`: {why}",
-                    self.path.display(),
-                    f.path
-                ))
-            })?;
-            let to = dest.join(&f.path);
+            let to = shown(dest, &f.path);
             if let Some(p) = to.parent() {
-                private_dir(p)?;
-            }
-            match &f.symlink {
-                Some(t) => std::os::unix::fs::symlink(t, &to)
-                    .map_err(|e| HostError::io("cannot create symlink", &to, e))?,
-                None => {
-                    if let Err(e) = fs::hard_link(self.path.join(&f.path), &to) {
-                        if e.raw_os_error() != Some(libc::EXDEV) {
-                            return Err(HostError::io("cannot link", &to, e));
-                        }
-                        copy_file(&self.path, &f.path, &to)?;
-                    }
+                // Older manifests list no directories.
+                if !p.is_dir() {
+                    private_dir(p)?;
                 }
             }
+            match &f.symlink {
+                Some(t) => {
+                    std::os::unix::fs::symlink(Path::new(std::ffi::OsStr::from_bytes(t)), &to)
+                        .map_err(|e| HostError::io("cannot create symlink", &to, e))?;
+                    if let Some(ns) = f.mtime_ns {
+                        fstree::set_path_meta(&to, 0, Some(ns), true)?;
+                    }
+                }
+                // The same inode as the verified backup file: same bytes, mode and mtime.
+                None => fs::hard_link(shown(&self.path, &f.path), &to)
+                    .map_err(|e| HostError::io("cannot link", &to, e))?,
+            }
+        }
+        for d in self.manifest.dirs.iter().rev() {
+            fstree::set_path_meta(&shown(dest, &d.path), d.mode, d.mtime_ns, false)?;
         }
         Ok(())
     }
+
     /// Open a backup directory. Only a complete manifest (version 1, `complete: true`, safe
     /// relative paths) is accepted; anything else is refused naming the directory.
     pub fn open(path: &Path) -> Result<Backup, HostError> {
@@ -313,26 +487,34 @@ impl Backup {
                 manifest.complete
             )));
         }
-        let links: BTreeMap<&str, &str> = manifest
+        let links: std::collections::BTreeMap<&[u8], &[u8]> = manifest
             .files
             .iter()
-            .filter_map(|f| f.symlink.as_deref().map(|t| (f.path.as_str(), t)))
+            .filter_map(|f| f.symlink.as_deref().map(|t| (f.path.as_slice(), t)))
             .collect();
+        let unsafe_path = |p: &[u8], why: &str| {
+            HostError::Invalid(format!(
+                "backup {} lists an unsafe path `{}`: {why}",
+                path.display(),
+                String::from_utf8_lossy(p)
+            ))
+        };
+        for d in &manifest.dirs {
+            check_rel(&d.path).map_err(|why| unsafe_path(&d.path, why))?;
+        }
         for f in &manifest.files {
-            check_rel(&f.path).map_err(|why| {
-                HostError::Invalid(format!(
-                    "backup {} lists an unsafe path `{}`: {why}",
-                    path.display(),
-                    f.path
-                ))
-            })?;
+            check_rel(&f.path).map_err(|why| unsafe_path(&f.path, why))?;
+            if let Some(h) = &f.hardlink {
+                check_rel(h).map_err(|why| unsafe_path(h, why))?;
+            }
             if let Some(t) = &f.symlink {
                 check_link(&f.path, t).and_then(|()| resolve_in_tree(&links, &f.path, t)).map_err(
                     |why| {
                         HostError::Invalid(format!(
-                            "backup {} has symlink `{}` → `{t}`: {why}",
+                            "backup {} has symlink `{}` → `{}`: {why}",
                             path.display(),
-                            f.path
+                            f.shown(),
+                            String::from_utf8_lossy(t)
                         ))
                     },
                 )?;
@@ -363,45 +545,117 @@ impl Backup {
         Ok(paths.iter().filter_map(|p| Backup::open(p).ok()).collect())
     }
 
-    /// Check that the backup's own files still match the manifest (before restoring it).
+    /// Check that the backup's own files still match the manifest (before restoring it); the
+    /// error names every file that does not.
     pub fn verify(&self) -> Result<(), HostError> {
-        verify_files(&self.path, &self.manifest.files, false)
+        let bad = self.damage()?;
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(HostError::Invalid(format!(
+            "backup {} does not match the manifest: {}",
+            self.path.display(),
+            describe_all(&bad)
+        )))
     }
 
-    /// Check that `dir` (e.g. a restored sandbox's state) holds every manifest file with the
-    /// recorded digest. Extra files in `dir` are allowed.
-    pub fn verify_tree(&self, dir: &Path) -> Result<(), HostError> {
-        verify_files(dir, &self.manifest.files, true)
+    /// Check that `dir` (e.g. a restored sandbox's state) holds every manifest entry with the
+    /// recorded digest and the metadata `keeps` says could survive the way it got there.
+    /// Extra files in `dir` are allowed.
+    pub fn verify_tree(&self, dir: &Path, keeps: Keeps) -> Result<(), HostError> {
+        let bad = self.check(dir, keeps)?;
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(HostError::Invalid(format!(
+            "restored state in {} does not match the manifest of backup {}: {}",
+            dir.display(),
+            self.path.display(),
+            describe_all(&bad)
+        )))
     }
 
-    /// Copy the backed-up state into `dest` (created if missing), verifying each file's digest.
+    /// Copy the backed-up state into `dest` (created if missing), verifying it.
     pub fn copy_out(&self, dest: &Path) -> Result<(), HostError> {
         self.verify()?;
-        let entries = walk(&self.path)?;
-        let wanted: std::collections::BTreeSet<&str> =
-            self.manifest.files.iter().map(|f| f.path.as_str()).collect();
-        let picked: Vec<Entry> =
-            entries.into_iter().filter(|e| wanted.contains(e.rel.as_str())).collect();
+        let wanted: std::collections::BTreeSet<&[u8]> =
+            self.manifest.files.iter().map(|f| f.path.as_slice()).collect();
+        let picked: Vec<Node> = fstree::walk(&self.path)?
+            .into_iter()
+            .filter(|n| n.kind == Kind::Dir || wanted.contains(n.rel.as_slice()))
+            .collect();
         private_dir(dest)?;
-        copy_entries(&self.path, &picked, dest)?;
-        sync_tree(dest)?;
-        self.verify_tree(dest)
+        fstree::copy_nodes(&self.path, &picked, dest)?;
+        fstree::sync_tree(dest)?;
+        self.verify_tree(dest, Keeps::ALL)
     }
 }
 
+/// `a: what; b: what; … (and N more)`.
+pub fn describe_all(bad: &[Mismatch]) -> String {
+    const SHOWN: usize = 20;
+    let mut s: Vec<String> = bad.iter().take(SHOWN).map(Mismatch::describe).collect();
+    if bad.len() > SHOWN {
+        s.push(format!("and {} more", bad.len() - SHOWN));
+    }
+    s.join("; ")
+}
+
+fn refuse_manifest_clash(nodes: &[Node], what: &str) -> Result<(), HostError> {
+    if nodes.iter().any(|n| n.rel == MANIFEST_FILE.as_bytes()) {
+        return Err(HostError::Invalid(format!(
+            "{what} contains a file named {MANIFEST_FILE}, which would clash with the backup manifest"
+        )));
+    }
+    Ok(())
+}
+
+/// The backup's check of its own copy: the copy at `dir` must hold exactly what was read from
+/// the source (bytes, and the metadata `keeps` carries).
+fn check_copy(dir: &Path, read: &[Node], keeps: Keeps) -> Result<(), HostError> {
+    let bad = fstree::check(dir, read, keeps)?;
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(HostError::Invalid(format!(
+        "the copy in {} does not match what was read from the sandbox: {}",
+        dir.display(),
+        describe_all(&bad)
+    )))
+}
+
+/// Digests for a walked tree that came without a source listing (a download). Runs of zero
+/// blocks become holes again on the way: a transport that fills holes (OpenShell's download)
+/// would otherwise make a sparse file take its whole size in the backup and, restored, in the
+/// sandbox.
+fn hash_walked(dir: &Path, mut walked: Vec<Node>) -> Result<Vec<Node>, HostError> {
+    let mut buf = vec![0u8; 256 * 1024];
+    for n in &mut walked {
+        if n.kind == Kind::File {
+            let (size, sha) = fstree::hash_and_sparsify(dir, &n.rel, &mut buf)?;
+            n.size = size;
+            n.sha256 = Some(sha);
+        }
+    }
+    Ok(walked)
+}
+
 /// A digest of a directory tree: SHA-256 over each file's and symlink's relative path and
-/// content digest, in sorted path order. Directories themselves (and so empty directories) and
-/// modes are not part of it: it answers "same files with the same bytes".
+/// content digest, in tree order. Directories themselves (and so empty directories) and
+/// metadata are not part of it: it answers "same files with the same bytes".
 pub fn tree_digest(dir: &Path) -> Result<String, HostError> {
     let mut h = Sha256::new();
-    for e in walk(dir)? {
-        let (tag, digest) = match &e.kind {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut nodes = fstree::walk(dir)?;
+    nodes.sort_by(|a, b| a.rel.cmp(&b.rel));
+    for n in nodes {
+        let (tag, digest) = match &n.kind {
             Kind::Dir => continue,
-            Kind::File => ("f", hash_file(dir, &e.rel)?.1),
-            Kind::Symlink(t) => ("l", crate::util::sha256_hex(t.as_bytes())),
+            Kind::File => ("f", fstree::hash_file(dir, &n.rel, &mut buf)?.1),
+            Kind::Symlink(t) => ("l", crate::util::sha256_hex(t)),
         };
         // NUL cannot occur in a path, so the encoding is unambiguous.
-        h.update(e.rel.as_bytes());
+        h.update(&n.rel);
         h.update([0]);
         h.update(tag.as_bytes());
         h.update([0]);
@@ -411,513 +665,48 @@ pub fn tree_digest(dir: &Path) -> Result<String, HostError> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Copy the contents of `src` into `dest` (created if missing), replacing files of the same
-/// path, with the same safety rules as backups (no escaping symlinks, no special files); the
-/// copy is durable (see `sync_tree`) when this returns. Used by the local gateway to move state in
-/// and out.
+/// Copy the contents of `src` into `dest` (created if missing), replacing entries of the same
+/// path, keeping metadata, with the same safety rules as backups (no escaping symlinks, no
+/// special files); the copy is durable (see `sync_tree`) when this returns.
 pub fn copy_tree(src: &Path, dest: &Path) -> Result<(), HostError> {
-    let entries = walk(src)?;
+    copy_tree_listed(src, dest).map(|_| ())
+}
+
+/// [`copy_tree`], returning what was read from `src` (digests and metadata of the source).
+pub fn copy_tree_listed(src: &Path, dest: &Path) -> Result<Vec<Node>, HostError> {
+    let nodes = fstree::walk(src)?;
     private_dir(dest)?;
-    copy_entries(src, &entries, dest)?;
-    sync_tree(dest)
-}
-
-#[derive(Debug, Clone)]
-enum Kind {
-    Dir,
-    File,
-    Symlink(String),
-}
-
-#[derive(Debug, Clone)]
-struct Entry {
-    rel: String,
-    kind: Kind,
-}
-
-/// Walk `root` without following symlinks, sorted by relative path, refusing anything unsafe.
-/// Directories are walked by descriptor (each opened `O_DIRECTORY|O_NOFOLLOW` relative to its
-/// parent's descriptor), so a path swapped for a symlink mid-walk is refused, never followed.
-/// Every symlink is resolved against the tree itself (following in-tree links) and refused if
-/// it leaves the root.
-fn walk(root: &Path) -> Result<Vec<Entry>, HostError> {
-    let fd = open_root(root)?;
-    let mut out = Vec::new();
-    walk_into(&fd, root, "", &mut out)?;
-    out.sort_by(|a, b| a.rel.cmp(&b.rel));
-    let links: BTreeMap<&str, &str> = out
-        .iter()
-        .filter_map(|e| match &e.kind {
-            Kind::Symlink(t) => Some((e.rel.as_str(), t.as_str())),
-            _ => None,
-        })
-        .collect();
-    for (rel, t) in &links {
-        resolve_in_tree(&links, rel, t).map_err(|why| {
-            HostError::Invalid(format!(
-                "refusing symlink {} → {t}: {why}",
-                root.join(rel).display()
-            ))
-        })?;
-    }
-    Ok(out)
-}
-
-const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
-
-fn c_name(name: &str, what: &Path) -> Result<CString, HostError> {
-    CString::new(name)
-        .map_err(|_| HostError::Invalid(format!("{} has a NUL in its name", what.display())))
-}
-
-/// `openat(dir, name, flags | O_CLOEXEC)`.
-fn openat(dir: RawFd, name: &CStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated; the returned descriptor is owned by nobody else.
-    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, 0) };
-    if fd < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        // SAFETY: fd is a fresh, valid descriptor.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-}
-
-/// Open the tree's root directory (not through a symlink).
-fn open_root(root: &Path) -> Result<OwnedFd, HostError> {
-    let c = CString::new(root.as_os_str().as_bytes())
-        .map_err(|_| HostError::Invalid(format!("{} has a NUL in its name", root.display())))?;
-    openat(libc::AT_FDCWD, &c, DIR_FLAGS).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOTDIR) | Some(libc::ELOOP) => {
-            HostError::Invalid(format!("{} is not a directory", root.display()))
-        }
-        _ => HostError::io("cannot read", root, e),
-    })
-}
-
-/// Open `root/rel` for reading: every directory component by descriptor with `O_NOFOLLOW`, the
-/// file with `O_NOFOLLOW|O_NONBLOCK` (a swapped-in fifo cannot hang us), and the opened
-/// descriptor must be a regular file. Nothing is resolved through a symlink.
-fn open_source(root: &Path, rel: &str) -> Result<File, HostError> {
-    let abs = root.join(rel);
-    let mut dir = open_root(root)?;
-    let comps: Vec<&str> = rel.split('/').collect();
-    let (leaf, dirs) = comps.split_last().expect("split yields at least one item");
-    let refuse = |e: std::io::Error| match e.raw_os_error() {
-        Some(libc::ELOOP) | Some(libc::ENOTDIR) => HostError::Invalid(format!(
-            "refusing {}: it is not a regular file inside the tree (it changed while being read?)",
-            abs.display()
-        )),
-        _ => HostError::io("cannot read", &abs, e),
-    };
-    for c in dirs {
-        dir = openat(dir.as_raw_fd(), &c_name(c, &abs)?, DIR_FLAGS).map_err(refuse)?;
-    }
-    let fd = openat(
-        dir.as_raw_fd(),
-        &c_name(leaf, &abs)?,
-        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-    )
-    .map_err(refuse)?;
-    let file = File::from(fd);
-    let meta = file.metadata().map_err(|e| HostError::io("cannot read", &abs, e))?;
-    if !meta.is_file() {
-        return Err(HostError::Invalid(format!(
-            "refusing {}: it is not a regular file (it changed while being read?)",
-            abs.display()
-        )));
-    }
-    Ok(file)
-}
-
-/// The names in the directory open at `dir` (without `.` and `..`).
-fn list_dir(dir: &OwnedFd, abs: &Path) -> Result<Vec<Vec<u8>>, HostError> {
-    // fdopendir takes ownership of the descriptor it is given: hand it a duplicate.
-    let dup = dir.try_clone().map_err(|e| HostError::io("cannot list", abs, e))?;
-    let raw = std::os::fd::IntoRawFd::into_raw_fd(dup);
-    // SAFETY: raw is a valid directory descriptor we own; on success the DIR owns it.
-    let d = unsafe { libc::fdopendir(raw) };
-    if d.is_null() {
-        let e = std::io::Error::last_os_error();
-        // SAFETY: fdopendir failed, so raw is still ours.
-        unsafe { libc::close(raw) };
-        return Err(HostError::io("cannot list", abs, e));
-    }
-    let mut names = Vec::new();
-    loop {
-        // SAFETY: d is a valid DIR*; the entry is copied before the next readdir.
-        let ent = unsafe { libc::readdir(d) };
-        if ent.is_null() {
-            break;
-        }
-        // SAFETY: d_name is NUL-terminated.
-        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            names.push(name);
-        }
-    }
-    // SAFETY: d is valid and closed once.
-    unsafe { libc::closedir(d) };
-    Ok(names)
-}
-
-fn walk_into(
-    dir: &OwnedFd,
-    dir_abs: &Path,
-    prefix: &str,
-    out: &mut Vec<Entry>,
-) -> Result<(), HostError> {
-    for raw_name in list_dir(dir, dir_abs)? {
-        let abs = dir_abs.join(OsStr::from_bytes(&raw_name));
-        let Ok(name) = String::from_utf8(raw_name) else {
-            return Err(HostError::Invalid(format!(
-                "{} has a name that is not UTF-8",
-                abs.display()
-            )));
-        };
-        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
-        let cname = c_name(&name, &abs)?;
-        // SAFETY: an all-zero stat is a valid out-parameter.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: cname is NUL-terminated, st is a valid out-parameter.
-        let r = unsafe {
-            libc::fstatat(dir.as_raw_fd(), cname.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW)
-        };
-        if r != 0 {
-            return Err(HostError::io("cannot read", &abs, std::io::Error::last_os_error()));
-        }
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFDIR => {
-                let sub = openat(dir.as_raw_fd(), &cname, DIR_FLAGS).map_err(|e| {
-                    match e.raw_os_error() {
-                        Some(libc::ELOOP) | Some(libc::ENOTDIR) => HostError::Invalid(format!(
-                            "refusing {}: it changed from a directory while being read",
-                            abs.display()
-                        )),
-                        _ => HostError::io("cannot list", &abs, e),
-                    }
-                })?;
-                out.push(Entry { rel: rel.clone(), kind: Kind::Dir });
-                walk_into(&sub, &abs, &rel, out)?;
-            }
-            libc::S_IFREG => out.push(Entry { rel, kind: Kind::File }),
-            libc::S_IFLNK => {
-                let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-                // SAFETY: buf is writable for its length; cname is NUL-terminated.
-                let n = unsafe {
-                    libc::readlinkat(
-                        dir.as_raw_fd(),
-                        cname.as_ptr(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                    )
-                };
-                if n < 0 {
-                    return Err(HostError::io(
-                        "cannot read link",
-                        &abs,
-                        std::io::Error::last_os_error(),
-                    ));
-                }
-                buf.truncate(n as usize);
-                let Ok(t) = String::from_utf8(buf) else {
-                    return Err(HostError::Invalid(format!(
-                        "{} links to a non-UTF-8 path",
-                        abs.display()
-                    )));
-                };
-                check_link(&rel, &t).map_err(|why| {
-                    HostError::Invalid(format!("refusing symlink {} → {t}: {why}", abs.display()))
-                })?;
-                out.push(Entry { rel, kind: Kind::Symlink(t) });
-            }
-            _ => {
-                return Err(HostError::Invalid(format!(
-                    "refusing {}: device files, fifos and sockets cannot be backed up or restored",
-                    abs.display()
-                )))
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Check every link of a tree (`(path, target)` pairs relative to the root) with
-/// [`resolve_in_tree`]; returns the first link that leaves the tree and why.
-pub fn check_links_in_tree(links: &[(String, String)]) -> Result<(), (String, &'static str)> {
-    let map: BTreeMap<&str, &str> = links.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
-    for (rel, target) in links {
-        resolve_in_tree(&map, rel, target).map_err(|why| (rel.clone(), why))?;
-    }
-    Ok(())
-}
-
-/// Resolve the symlink at `rel` → `target` the way the kernel would, against the tree's own
-/// symlinks (`links`, relative path → target; any other path is a directory, a file or
-/// nothing). Refuses a target that leaves the root at any point, absolute targets, and chains
-/// deeper than 40 links (a loop).
-fn resolve_in_tree(
-    links: &BTreeMap<&str, &str>,
-    rel: &str,
-    target: &str,
-) -> Result<(), &'static str> {
-    let mut at: Vec<String> = rel.split('/').map(str::to_owned).collect();
-    at.pop();
-    let mut budget = 40u32;
-    follow(links, &mut at, target, &mut budget)
-}
-
-fn follow(
-    links: &BTreeMap<&str, &str>,
-    at: &mut Vec<String>,
-    target: &str,
-    budget: &mut u32,
-) -> Result<(), &'static str> {
-    if target.starts_with('/') {
-        return Err("absolute target escapes the tree");
-    }
-    for c in target.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                // `at` always holds the resolved (physical) location, so `..` is its parent.
-                if at.pop().is_none() {
-                    return Err("target escapes the tree (through its symlinks)");
-                }
-            }
-            name => {
-                at.push(name.to_owned());
-                if let Some(next) = links.get(at.join("/").as_str()) {
-                    if *budget == 0 {
-                        return Err("too many levels of symlinks");
-                    }
-                    *budget -= 1;
-                    at.pop();
-                    follow(links, at, next, budget)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A manifest path must be relative, `/`-separated, without `.`, `..` or empty components.
-fn check_rel(rel: &str) -> Result<(), &'static str> {
-    if rel.is_empty() {
-        return Err("empty path");
-    }
-    if rel.starts_with('/') {
-        return Err("absolute path");
-    }
-    if rel.contains('\0') {
-        return Err("NUL in path");
-    }
-    for c in rel.split('/') {
-        match c {
-            "" => return Err("empty path component"),
-            "." | ".." => return Err("`.` or `..` component"),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// A symlink at `rel` pointing to `target` must stay inside the tree.
-fn check_link(rel: &str, target: &str) -> Result<(), &'static str> {
-    if target.is_empty() {
-        return Err("empty target");
-    }
-    if Path::new(target).is_absolute() {
-        return Err("absolute target escapes the tree");
-    }
-    // Resolve lexically from the link's directory; going above the root escapes.
-    let mut depth: i64 = rel.split('/').count() as i64 - 1;
-    for c in Path::new(target).components() {
-        match c {
-            Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            _ => return Err("unsupported target"),
-        }
-        if depth < 0 {
-            return Err("target escapes the tree");
-        }
-    }
-    Ok(())
-}
-
-/// Size and digest of `root/rel`, opened by descriptor (see [`open_source`]).
-fn hash_file(root: &Path, rel: &str) -> Result<(u64, String), HostError> {
-    let path = root.join(rel);
-    let mut f = open_source(root, rel)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| HostError::io("cannot read", &path, e))?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((size, hex::encode(h.finalize())))
-}
-
-/// Copy walked entries under `dest`, hashing what was read. Returns the manifest rows for files
-/// and symlinks. Not yet durable nor verified: callers follow with [`sync_tree`] and a
-/// verification pass over the copy.
-fn copy_entries(
-    root: &Path,
-    entries: &[Entry],
-    dest: &Path,
-) -> Result<Vec<ManifestFile>, HostError> {
-    let mut files = Vec::new();
-    for e in entries {
-        let to = dest.join(&e.rel);
-        if let Some(p) = to.parent() {
-            private_dir(p)?;
-        }
-        match &e.kind {
-            Kind::Dir => private_dir(&to)?,
-            Kind::Symlink(t) => {
-                match fs::symlink_metadata(&to) {
-                    Ok(m) if m.is_dir() => {
-                        return Err(HostError::Invalid(format!(
-                            "{} is a directory; cannot replace it",
-                            to.display()
-                        )))
-                    }
-                    Ok(_) => fs::remove_file(&to)
-                        .map_err(|err| HostError::io("cannot replace", &to, err))?,
-                    Err(_) => {}
-                }
-                std::os::unix::fs::symlink(t, &to)
-                    .map_err(|err| HostError::io("cannot create symlink", &to, err))?;
-                files.push(ManifestFile {
-                    path: e.rel.clone(),
-                    size: t.len() as u64,
-                    sha256: crate::util::sha256_hex(t.as_bytes()),
-                    symlink: Some(t.clone()),
-                });
-            }
-            Kind::File => {
-                let (size, digest) = copy_file(root, &e.rel, &to)?;
-                files.push(ManifestFile {
-                    path: e.rel.clone(),
-                    size,
-                    sha256: digest,
-                    symlink: None,
-                });
-            }
-        }
-    }
-    Ok(files)
-}
-
-/// Stream `root/rel` (opened by descriptor, never through a symlink: see [`open_source`]) into
-/// `to` (replacing it; never through a symlink at `to`), and return size and digest of what
-/// was read.
-fn copy_file(root: &Path, rel: &str, to: &Path) -> Result<(u64, String), HostError> {
-    let from = &root.join(rel);
-    let mut src = open_source(root, rel)?;
-    let mode = src.metadata().map(|m| m.permissions().mode() & 0o777).unwrap_or(0o600);
-    if fs::symlink_metadata(to).is_ok_and(|m| m.file_type().is_symlink()) {
-        fs::remove_file(to).map_err(|e| HostError::io("cannot replace", to, e))?;
-    }
-    let mut dst = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(to)
-        .map_err(|e| HostError::io("cannot write", to, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = src.read(&mut buf).map_err(|e| HostError::io("cannot read", from, e))?;
-        if n == 0 {
-            break;
-        }
-        dst.write_all(&buf[..n]).map_err(|e| HostError::io("cannot write", to, e))?;
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    // Copies are private (host files are 0600): keep only the owner's execute bit of the source.
-    let _ = dst.set_permissions(fs::Permissions::from_mode((mode & 0o100) | 0o600));
-    // No fsync here: callers make the whole tree durable at once (see `sync_tree`) before
-    // anything claims the copy exists.
-    Ok((size, hex::encode(h.finalize())))
-}
-
-/// Make a freshly written tree durable: every file and directory entry under `root` and the
-/// entry naming `root` in its parent (one `syncfs`, or per-file fsync where that is not
-/// trusted: see [`crate::util::sync_tree`]).
-fn sync_tree(root: &Path) -> Result<(), HostError> {
-    crate::util::sync_tree(root).map_err(|e| HostError::io("cannot sync", root, e))
-}
-
-fn verify_files(root: &Path, files: &[ManifestFile], what_restored: bool) -> Result<(), HostError> {
-    let label = if what_restored { "restored state" } else { "backup" };
-    for f in files {
-        check_rel(&f.path).map_err(|why| {
-            HostError::Invalid(format!("unsafe manifest path `{}`: {why}", f.path))
-        })?;
-        let p = root.join(&f.path);
-        let meta = fs::symlink_metadata(&p)
-            .map_err(|e| HostError::io(&format!("{label} is missing"), &p, e))?;
-        let digest = match &f.symlink {
-            Some(_) if meta.file_type().is_symlink() => {
-                let t = fs::read_link(&p).map_err(|e| HostError::io("cannot read link", &p, e))?;
-                crate::util::sha256_hex(t.to_string_lossy().as_bytes())
-            }
-            None if meta.is_file() => hash_file(root, &f.path)?.1,
-            _ => {
-                return Err(HostError::Invalid(format!(
-                    "{label} {} has the wrong file type",
-                    p.display()
-                )))
-            }
-        };
-        if digest != f.sha256 {
-            return Err(HostError::Invalid(format!(
-                "{label} {} does not match the manifest (sha256 {digest}, expected {})",
-                p.display(),
-                f.sha256
-            )));
-        }
-    }
-    Ok(())
+    let read = fstree::copy_nodes(src, &nodes, dest)?;
+    fstree::sync_tree(dest)?;
+    Ok(read)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rstest::rstest;
-
-    #[rstest]
-    #[case::plain("a/b", "c", true)]
-    #[case::up_inside("a/b", "../c", true)]
-    #[case::escape("a", "../x", false)]
-    #[case::deep_escape("a/b", "../../../etc", false)]
-    #[case::absolute("a", "/etc/passwd", false)]
-    fn links(#[case] rel: &str, #[case] target: &str, #[case] ok: bool) {
-        assert_eq!(check_link(rel, target).is_ok(), ok);
-    }
-
-    #[rstest]
-    #[case::ok("workspace/a.md", true)]
-    #[case::dotdot("../x", false)]
-    #[case::inner_dotdot("a/../../x", false)]
-    #[case::abs("/etc/x", false)]
-    #[case::empty_comp("a//b", false)]
-    fn rel_paths(#[case] p: &str, #[case] ok: bool) {
-        assert_eq!(check_rel(p).is_ok(), ok);
-    }
 
     #[test]
     fn timestamp_format() {
         assert_eq!(backup_timestamp(1_780_999_331_399), "2026-06-09T10-02-11-399Z");
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_round_trip_through_the_manifest() {
+        let f = ManifestFile {
+            path: b"caf\xe9/x".to_vec(),
+            size: 1,
+            sha256: "00".into(),
+            symlink: Some(b"\xff".to_vec()),
+            mode: Some(0o644),
+            mtime_ns: Some(-5),
+            hardlink: None,
+        };
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["path"], serde_json::json!({"hex": "636166e92f78"}));
+        let back: ManifestFile = serde_json::from_value(v).unwrap();
+        assert_eq!(back, f);
+        let plain: ManifestFile =
+            serde_json::from_str(r#"{"path": "a/b", "size": 0, "sha256": "x"}"#).unwrap();
+        assert_eq!((plain.path, plain.mode), (b"a/b".to_vec(), None));
     }
 }

@@ -4,6 +4,7 @@
 //! files are 0600 and directories 0700, and a corrupt file is reported, never overwritten.
 
 pub mod backup;
+pub mod fstree;
 pub mod registry;
 pub mod session;
 pub mod shields;

@@ -4,6 +4,7 @@
 //! the sandbox. Its [`Decision`] picks the plan (normal or stale) or a refusal. The plan runs on
 //! the generic engine; [`Resolver`] rebuilds it from the journaled params for `recover`.
 
+pub mod damaged;
 pub mod messages;
 pub mod saga;
 pub mod snapshot;
@@ -328,6 +329,7 @@ pub fn env_from_params(
         backup_ts: params["backup_ts"].as_str()?.to_owned(),
         delete_timeout: delete_timeout(),
         stale_image_failed,
+        accept_damaged_backup: false,
     })
 }
 
@@ -340,6 +342,8 @@ pub struct Resolver {
     /// Whether the run's onboard step was attempted (decides `imageTag: null` on a stale
     /// rollback: the recorded image just failed to produce a sandbox).
     pub onboard_attempted: bool,
+    /// `recover --rollback --accept-damaged-backup` (see [`Env::accept_damaged_backup`]).
+    pub accept_damaged_backup: bool,
 }
 
 impl PlanResolver for Resolver {
@@ -350,7 +354,8 @@ impl PlanResolver for Resolver {
         let binding = run.params["gateway"].as_str()?;
         let gw: Arc<dyn Gateway> =
             Arc::from(crate::gateway::open(&self.home, binding, self.openshell.as_deref()).ok()?);
-        let env = env_from_params(&self.home, &run.params, gw, self.onboard_attempted)?;
+        let mut env = env_from_params(&self.home, &run.params, gw, self.onboard_attempted)?;
+        env.accept_damaged_backup = self.accept_damaged_backup;
         let locked = run.params["shields_locked"].as_bool()?;
         Some(plan(Arc::new(env), locked))
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+pub use super::damaged::BackupCheck;
 use super::{Mode, Preflight, Resolver};
 use crate::engine::lock::LockDir;
 use crate::engine::runner::{self, EngineError, Observer, RunReport, RunSpec};
@@ -248,7 +249,7 @@ pub fn run(
     let auto_rollback = match why {
         Some(why) => {
             obs.auto_rollback(why, &report);
-            let resolver = resolver(home, openshell, &journal, &report.run_id)?;
+            let resolver = resolver(home, openshell, &journal, &report.run_id, false)?;
             Some((why, runner::rollback(&mut journal, &locks, &report.run_id, &resolver, obs)?))
         }
         None => None,
@@ -332,17 +333,26 @@ pub fn select_run(
     })
 }
 
-/// Resume (forward) or roll back `run`.
+/// Check `run`'s backup for `recover --rollback --accept-damaged-backup`; only a backup that
+/// really fails verification is accepted, and the acceptance is journaled.
+pub fn accept_damaged_backup(home: &Path, run: &RunRecord) -> Result<BackupCheck, SagaError> {
+    let mut journal = Journal::open_home(home)?;
+    Ok(super::damaged::accept_damaged_backup(&mut journal, &run.id)?)
+}
+
+/// Resume (forward) or roll back `run`; `accept_damaged`: the rollback skips restoring a backup
+/// that was accepted as damaged (see [`accept_damaged_backup`]).
 pub fn recover(
     home: &Path,
     openshell: Option<&Path>,
     run: &RunRecord,
     resume: bool,
+    accept_damaged: bool,
     obs: &dyn SagaObserver,
 ) -> Result<Outcome, SagaError> {
     let mut journal = Journal::open_home(home)?;
     let locks = LockDir::new(home);
-    let resolver = resolver(home, openshell, &journal, &run.id)?;
+    let resolver = resolver(home, openshell, &journal, &run.id, accept_damaged)?;
     let report = if resume {
         runner::resume(&mut journal, &locks, &run.id, &resolver, obs)?
     } else {
@@ -359,6 +369,7 @@ fn resolver(
     openshell: Option<&Path>,
     journal: &Journal,
     run_id: &str,
+    accept_damaged_backup: bool,
 ) -> Result<Resolver, JournalError> {
     let onboard_attempted = runs::steps(journal.conn(), run_id)?
         .iter()
@@ -367,6 +378,7 @@ fn resolver(
         home: home.to_path_buf(),
         openshell: openshell.map(PathBuf::from),
         onboard_attempted,
+        accept_damaged_backup,
     })
 }
 

@@ -45,6 +45,10 @@ pub struct Env {
     /// Stale mode: the recreate with the recorded image was attempted, so a rollback puts the
     /// entry back with `imageTag: null` (the image cannot be trusted to exist).
     pub stale_image_failed: bool,
+    /// `recover --rollback --accept-damaged-backup`: a rollback whose backup fails
+    /// verification finishes without restoring it (the registry row comes back, the sandbox
+    /// stays absent) instead of stopping. A backup that verifies is restored regardless.
+    pub accept_damaged_backup: bool,
 }
 
 impl Env {
@@ -307,7 +311,7 @@ impl Step for BackupStep {
         // A previous attempt died mid-copy: its directory has no manifest and is nobody's
         // backup, so it is removed and the copy starts again.
         if target.exists() {
-            std::fs::remove_dir_all(&target).map_err(|e| {
+            crate::host::fstree::remove_tree(&target).map_err(|e| {
                 StepError::new(format!("cannot remove incomplete backup {}: {e}", target.display()))
                     .io()
             })?;
@@ -321,16 +325,22 @@ impl Step for BackupStep {
             custom_policies: s.entry.get("customPolicies").cloned().unwrap_or(json!([])),
         };
         // The gateway writes straight into the backup directory; the manifest is committed
-        // only after the files are durable and hashed.
+        // only after the files are durable and checked. A gateway that reads the sandbox's
+        // files itself (local) also lists what it read, so the manifest describes the source
+        // and a copy damaged on its way is refused here, before anything is deleted.
         let mut gw_failure = None;
-        let b = Backup::create_with(&env.home, &meta, &env.backup_ts, |dir| {
-            if let Err(e) = env.gateway.download_state(&env.name, dir) {
-                let msg = e.to_string();
-                gw_failure = Some(e);
-                return Err(HostError::Invalid(msg));
-            }
+        let keeps = env.gateway.download_keeps();
+        let b = Backup::create_with(&env.home, &meta, &env.backup_ts, keeps, |dir| {
+            let listed = match env.gateway.download_listed(&env.name, dir) {
+                Ok(l) => l,
+                Err(e) => {
+                    let msg = e.to_string();
+                    gw_failure = Some(e);
+                    return Err(HostError::Invalid(msg));
+                }
+            };
             crash::point(MID_EFFECT);
-            Ok(())
+            Ok(listed)
         })
         .map_err(|e| gw_failure.take().map(gw_err).unwrap_or_else(|| host_err(e)))?;
         Ok(Self::output(&b))
@@ -345,7 +355,7 @@ impl Step for BackupStep {
 fn staging_dir(home: &Path, run_id: &str, what: &str) -> Result<PathBuf, StepError> {
     let dir = home.join(snapshot::RUNS_DIR).join(format!("{run_id}.{what}"));
     if dir.exists() {
-        std::fs::remove_dir_all(&dir)
+        crate::host::fstree::remove_tree(&dir)
             .map_err(|e| StepError::new(format!("cannot clear {}: {e}", dir.display())).io())?;
     }
     crate::util::create_private_dir(&dir)
@@ -406,10 +416,24 @@ impl Step for RemoveStep {
         self.check_identity(ctx, &live)?;
         if matches!(live, Liveness::Present(_)) {
             env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
+            // Two guards before the row goes: the driver's delete polls until not-found, and
+            // then the gateway is asked once more here, so a delete that reports success
+            // without taking effect cannot cost the operator the registry entry.
+            match confirm(env)? {
+                Liveness::Missing => {}
+                other => {
+                    return Err(StepError::new(format!(
+                        "sandbox '{}' is still on gateway '{}' after its delete reported success ({}); the registry entry was kept",
+                        env.name,
+                        env.gateway.name(),
+                        crate::gateway::openshell::describe(&other)
+                    )))
+                }
+            }
         }
         crash::point(MID_EFFECT);
-        // Absence is confirmed by the driver's delete (it polls until not-found); only then is
-        // the registry row removed, so a crash in between leaves the row (resume finishes it).
+        // Absence is confirmed (above); only then is the registry row removed, so a crash in
+        // between leaves the row (resume finishes it).
         registry::update(&env.home, |reg| {
             reg.remove_entry(&env.name);
             Ok(())
@@ -439,14 +463,35 @@ impl Step for RemoveStep {
                     env.name
                 )));
             }
-            if live == Liveness::Missing {
-                let image = s.entry.get("imageTag").and_then(Value::as_str).unwrap_or(&env.image);
-                create(env, &s, image, &label)?;
-                crash::point(MID_EFFECT);
-                restore_backup(env, ctx, ctx.output("backup"))?;
-            } else if carries_run_label(&live, &label) {
-                // Created by an earlier attempt of this compensation: make sure the state is in.
-                restore_backup(env, ctx, ctx.output("backup"))?;
+            let ours = carries_run_label(&live, &label);
+            if let (true, Some(out)) = (live == Liveness::Missing || ours, ctx.output("backup")) {
+                // The backup is checked before a replacement is created for it, so a damaged one
+                // never leaves an empty replacement behind.
+                match checked_backup(out)? {
+                    Ok(b) => {
+                        if live == Liveness::Missing {
+                            let image = s
+                                .entry
+                                .get("imageTag")
+                                .and_then(Value::as_str)
+                                .unwrap_or(&env.image);
+                            create(env, &s, image, &label)?;
+                            crash::point(MID_EFFECT);
+                        }
+                        // (Or created by an earlier attempt of this compensation: make sure the
+                        // state is in.)
+                        restore_checked(env, ctx, &b)?;
+                    }
+                    Err(why) if env.accept_damaged_backup => {
+                        // The operator accepted (journaled by `recover`) that nothing is restored
+                        // from this backup: no sandbox is left, only the registry row comes back.
+                        tracing::warn!("{why}; rolling back without restoring it");
+                        if ours {
+                            env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
+                        }
+                    }
+                    Err(why) => return Err(damaged(ctx, &why)),
+                }
             }
         }
         let mut entry = s.entry.clone();
@@ -507,31 +552,71 @@ fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandb
 /// Upload a backup's files into the sandbox and verify them against the manifest.
 fn restore_backup(env: &Env, ctx: &StepCtx<'_>, out: Option<&Value>) -> Result<(), StepError> {
     let Some(out) = out else { return Ok(()) };
+    match checked_backup(out)? {
+        Ok(b) => restore_checked(env, ctx, &b),
+        Err(why) => Err(damaged(ctx, &why)),
+    }
+}
+
+/// The run's backup (from the backup step's output), opened and verified in full against the
+/// journaled manifest digest and its own manifest. `Ok(Err(why))`: it is damaged and must not
+/// be restored; `why` names the backup and every file that failed.
+pub(crate) fn checked_backup(out: &Value) -> Result<Result<Backup, String>, StepError> {
     let path = out["backup_path"]
         .as_str()
         .ok_or_else(|| StepError::new("the backup step output has no backup_path"))?;
-    let b = Backup::open(Path::new(path)).map_err(host_err)?;
+    let b = match Backup::open(Path::new(path)) {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
     if Some(b.manifest_digest.as_str()) != out["manifest_sha256"].as_str() {
-        return Err(StepError::new(format!(
-            "backup {path} does not match the journaled manifest digest; refusing to restore it"
+        return Ok(Err(format!(
+            "backup {path} does not match the journaled manifest digest (its manifest was changed)"
         )));
     }
-    let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
-    b.link_out(&staging).map_err(host_err)?;
-    env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
-    crash::point(MID_EFFECT);
-    let _ = std::fs::remove_dir_all(&staging);
-    verify_restored(env, ctx, &b)
+    Ok(match b.damage() {
+        Ok(bad) if bad.is_empty() => Ok(b),
+        Ok(bad) => Err(format!(
+            "backup {path} does not match the manifest: {}",
+            backup::describe_all(&bad)
+        )),
+        // Unreadable (EIO from a failing disk, a file swapped for something else): damaged.
+        Err(e) => Err(format!("backup {path} cannot be read in full: {e}")),
+    })
 }
 
+/// A damaged backup stops the step: nothing is restored from it, ever, without the operator's
+/// explicit acceptance.
+fn damaged(ctx: &StepCtx<'_>, why: &str) -> StepError {
+    StepError::new(format!("{why}; nothing was restored from it"))
+        .hint("put the backup's files back as they were and retry, or give up on its contents:")
+        .hint(format!(
+            "undo the run without restoring the backup (the registry row comes back, the sandbox stays absent, the backup stays where it is): `nemoclaw recover --rollback {} --accept-damaged-backup`",
+            ctx.run_id
+        ))
+}
+
+/// Upload a backup that was just verified, then verify what the sandbox holds.
+fn restore_checked(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+    let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
+    b.link_out_verified(&staging).map_err(host_err)?;
+    env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
+    crash::point(MID_EFFECT);
+    let _ = crate::host::fstree::remove_tree(&staging);
+    verify_restored(env, ctx, b)
+}
+
+/// The sandbox holds every backed-up file with its bytes and the metadata that can survive the
+/// trip (the upload, and for a check through a download, the download too).
 fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+    let up = env.gateway.upload_keeps();
     if let Some(live) = env.gateway.local_state_path(&env.name) {
-        return b.verify_tree(&live).map_err(host_err);
+        return b.verify_tree(&live, up).map_err(host_err);
     }
     let check = staging_dir(&env.home, ctx.run_id, "verify")?;
     env.gateway.download_state(&env.name, &check).map_err(gw_err)?;
-    let r = b.verify_tree(&check).map_err(host_err);
-    let _ = std::fs::remove_dir_all(&check);
+    let r = b.verify_tree(&check, up.and(env.gateway.download_keeps())).map_err(host_err);
+    let _ = crate::host::fstree::remove_tree(&check);
     r
 }
 

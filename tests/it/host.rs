@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nemoclaw::exit::{Exit, ExitCoded};
-use nemoclaw::host::backup::{backup_timestamp, BackupMeta, MANIFEST_FILE};
+use nemoclaw::host::backup::{backup_timestamp, BackupMeta, Keeps, MANIFEST_FILE};
 use nemoclaw::host::{registry, tree_digest, Backup, HostError, OnboardSession, Registry};
 use nemoclaw::names::SandboxName;
 use rstest::rstest;
@@ -207,12 +207,12 @@ fn backup_round_trip_verifies_digests_and_commits_the_manifest_last() {
     let out = t.path().join("restored");
     opened.copy_out(&out).unwrap();
     assert_eq!(tree_digest(&out).unwrap(), tree_digest(&src).unwrap());
-    opened.verify_tree(&out).unwrap();
+    opened.verify_tree(&out, Keeps::ALL).unwrap();
     assert_eq!(Backup::list(t.path(), &name("demo")).unwrap().len(), 1);
     // A flipped byte is caught.
     fs::write(b.path.join("workspace/AGENTS.md"), "# agentz\n").unwrap();
     assert!(opened.verify().is_err());
-    assert!(opened.verify_tree(&b.path).is_err());
+    assert!(opened.verify_tree(&b.path, Keeps::ALL).is_err());
     // Modes and permissions: backup dirs and files are private.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(fs::metadata(&b.path).unwrap().permissions().mode() & 0o777, 0o700);

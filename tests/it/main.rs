@@ -4,6 +4,7 @@
 mod common;
 
 mod audit;
+mod backups;
 mod engine;
 mod evidence;
 mod fakegw;
