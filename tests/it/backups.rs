@@ -287,11 +287,16 @@ fn a_download_that_corrupts_silently_fails_the_backup_before_anything_is_deleted
         assert_eq!(w.registry_bytes(), b.registry, "{how}: registry untouched");
         assert_eq!(w.digest(), b.digest, "{how}: live state untouched");
         let j = nemoclaw::journal::Journal::open_home(w.path()).unwrap();
-        let failed: String = j
+        // It failed before the delete, so the same command rolled it back at once.
+        let (failed, run_state): (String, String) = j
             .conn()
-            .query_row("SELECT name FROM steps WHERE state = 'failed'", [], |r| r.get(0))
+            .query_row(
+                "SELECT s.name, r.state FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.error IS NOT NULL",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .unwrap();
-        assert_eq!(failed, "backup", "{how}");
+        assert_eq!((failed.as_str(), run_state.as_str()), ("backup", "rolled_back"), "{how}");
         assert!(!w.path().join("rebuild-backups/alpha").read_dir().unwrap().any(|e| e
             .unwrap()
             .path()

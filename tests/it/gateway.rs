@@ -389,8 +389,15 @@ fn driver_behaviour(#[case] rig: Option<Rig>) {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("secret.yaml"), "version: 1\n").unwrap();
             std::env::set_var("NEMOCLAW_POLICY_PRESETS", dir.path().join("presets"));
-            for bad in ["../secret", "a/b", "UPPER"] {
+            for bad in ["../secret", "a/b", "UPPER", "x\ny: injected"] {
                 let e = gw.apply_policy(&demo, &PolicySpec::Preset { name: bad.into() });
+                assert!(format!("{e:?}").contains("invalid policy preset name"), "{bad}: {e:?}");
+                // A custom policy's name passes the same rule, though only its content is used.
+                let custom = PolicySpec::Custom {
+                    name: bad.into(),
+                    content: "network_policies:\n  x:\n    name: x\n".into(),
+                };
+                let e = gw.apply_policy(&demo, &custom);
                 assert!(format!("{e:?}").contains("invalid policy preset name"), "{bad}: {e:?}");
             }
             let e = gw.apply_policy(&demo, &PolicySpec::Preset { name: "npm".into() });

@@ -450,21 +450,17 @@ fn recovery_sweep(
     }
 }
 
-/// Copy a directory tree (files, directories, symlinks).
+/// Copy a directory tree into `to` as `cp -a` does: modes, mtimes, symlinks and hard links
+/// kept, since backups record (and restores verify) the metadata of what they hold.
 pub(super) fn copy_dir(from: &Path, to: &Path) {
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let ft = e.file_type().unwrap();
-        if ft.is_dir() {
-            std::fs::create_dir(&dst).unwrap();
-            copy_dir(&src, &dst);
-        } else if ft.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
-        } else {
-            std::fs::copy(&src, &dst).unwrap();
-        }
-    }
+    let o = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("--")
+        .arg(from.join("."))
+        .arg(to)
+        .output()
+        .expect("cp");
+    assert!(o.status.success(), "cp -a {from:?} {to:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// A rebuild on the file system, killed at crash point `point` (`name:hit`), then the power

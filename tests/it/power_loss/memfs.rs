@@ -507,10 +507,24 @@ fn write_dir(
                 linked.insert(child, to.clone());
             }
         }
-        let f = std::fs::File::options().read(true).open(&to).ok();
-        if let (Some(f), false) = (f, matches!(n.body, Body::Symlink(_))) {
+        if matches!(n.body, Body::Symlink(_)) {
+            // A symlink's own mtime (backups keep it): set without following the link.
+            set_symlink_mtime(&to, n.mtime);
+        } else if let Ok(f) = std::fs::File::options().read(true).open(&to) {
             let _ = f.set_modified(n.mtime);
         }
     }
     Ok(())
+}
+
+fn set_symlink_mtime(path: &Path, t: SystemTime) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(d) = t.duration_since(std::time::UNIX_EPOCH) else { return };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return };
+    let ts = libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as _ };
+    let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }, ts];
+    // SAFETY: a valid C path and two timespecs; AT_SYMLINK_NOFOLLOW touches the link itself.
+    unsafe {
+        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+    };
 }
