@@ -5,6 +5,7 @@ pub mod chain;
 pub mod events;
 pub mod redact;
 pub mod runs;
+pub mod state;
 pub mod store;
 
 use std::path::{Path, PathBuf};
