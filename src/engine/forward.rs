@@ -205,14 +205,7 @@ impl Exec<'_> {
         self.commit("record the step failure", &carry, |tx, id, now| {
             let change = StepChange { error: Some(&e.message), ..Default::default() };
             // A probe failure on an already `failed` step leaves the step as it is.
-            let state: String = tx
-                .query_row(
-                    "SELECT state FROM steps WHERE run_id = ?1 AND seq = ?2",
-                    rusqlite::params![id, k as i64],
-                    |r| r.get(0),
-                )
-                .map_err(JournalError::from_sqlite)?;
-            if state != StepState::Failed.as_str() {
+            if runs::step_state(tx, id, k)? != StepState::Failed {
                 runs::set_step_state(tx, id, k, StepState::Failed, change, now)?;
             }
             runs::set_run_state(tx, id, RunState::Failed, Some(&msg), now, json!({ "step": name }))

@@ -118,11 +118,7 @@ impl Exec<'_> {
                         None,
                         false,
                         |tx, id, now| {
-                            tx.execute(
-                                "UPDATE runs SET error = ?2 WHERE id = ?1",
-                                rusqlite::params![id, msg],
-                            )
-                            .map_err(JournalError::from_sqlite)?;
+                            runs::set_run_error(tx, id, &msg)?;
                             runs::run_event(
                                 tx,
                                 id,

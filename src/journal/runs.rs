@@ -474,6 +474,14 @@ pub fn run_event(
     Ok(())
 }
 
+/// Record `error` on a run without changing its state (a compensation failed: the run stays
+/// `rolling_back`). The caller appends the run's event in the same transaction
+/// ([`run_event`]); its row image records the new text.
+pub fn set_run_error(tx: &Transaction<'_>, run_id: &str, error: &str) -> Result<(), JournalError> {
+    tx.execute("UPDATE runs SET error = ?2 WHERE id = ?1", params![run_id, error]).map_err(raw)?;
+    Ok(())
+}
+
 fn merge(into: &mut Value, extra: Value) {
     if let (Some(a), Value::Object(b)) = (into.as_object_mut(), extra) {
         for (k, v) in b {
@@ -632,6 +640,18 @@ pub fn steps(conn: &Connection, run_id: &str) -> Result<Vec<StepRecord>, Journal
         .prepare(&format!("SELECT {STEP_COLS} FROM steps WHERE run_id = ?1 ORDER BY seq"))
         .map_err(raw)?;
     stmt.query_map([run_id], step_from_row).and_then(|it| it.collect()).map_err(raw)
+}
+
+/// The stored state of step `seq` of a run.
+pub fn step_state(conn: &Connection, run_id: &str, seq: usize) -> Result<StepState, JournalError> {
+    let s: String = conn
+        .query_row(
+            "SELECT state FROM steps WHERE run_id = ?1 AND seq = ?2",
+            params![run_id, seq as i64],
+            |r| r.get(0),
+        )
+        .map_err(raw)?;
+    StepState::parse(&s).ok_or_else(|| raw(bad_row("step state")))
 }
 
 /// The recorded holder of `lock_key`, if any.
