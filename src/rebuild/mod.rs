@@ -5,6 +5,7 @@
 //! the generic engine; [`Resolver`] rebuilds it from the journaled params for `recover`.
 
 pub mod messages;
+pub mod prune;
 pub mod snapshot;
 pub mod steps;
 

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub use export::{export, export_line, ExportFilter};
 pub use list::{list_query_plan, list_runs, LastStep, RunFilter, RunSummary};
-pub use prune::{chain_anchor, prune, PruneOptions, PruneReport, RUN_FILES_DIR};
+pub use prune::{chain_anchor, prune, PruneOptions, PruneReport, RunFiles};
 pub use show::{artifacts_in, resolve_run, show_run, Artifact, EventRecord, RunDetail, StepView};
 pub use time::{human_duration, parse_duration, parse_time, relative_time};
 pub use verify::{parse_head, verify, BadHead, Check, ExpectHead, Head, Problem, VerifyReport};
@@ -34,9 +34,6 @@ pub const AUDIT_SCHEMA_VERSION: u32 = 1;
 
 /// meta key that allows deleting events; set and cleared inside the prune transaction.
 pub const META_PRUNE_IN_PROGRESS: &str = "prune_in_progress";
-
-/// Directory under the NemoClaw home where rebuild backups live; prune removes nothing else.
-pub const BACKUPS_DIR: &str = "rebuild-backups";
 
 /// Run states after which nothing more will happen to a run. `failed`, `interrupted` and
 /// `needs_operator` are not finished: they still need `nemoclaw recover`.
@@ -100,14 +97,6 @@ pub enum AuditError {
     /// Writing the output failed (other than a closed pipe, which ends the output quietly).
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
-    /// Removing a backup directory failed.
-    #[error("cannot remove backup {path}: {source}")]
-    Backup {
-        /// The directory.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
 }
 
 impl ExitCoded for AuditError {
@@ -119,7 +108,7 @@ impl ExitCoded for AuditError {
             | AuditError::UnknownRun { .. }
             | AuditError::AmbiguousRun { .. } => Exit::Usage,
             AuditError::Journal(e) => e.exit(),
-            AuditError::Output(_) | AuditError::Backup { .. } => Exit::Io,
+            AuditError::Output(_) => Exit::Io,
         }
     }
 

@@ -1,16 +1,16 @@
 //! `journal prune`: remove a prefix of finished runs and their events in one IMMEDIATE
-//! transaction, leave the anchor that keeps the rest of the chain verifiable, then remove the
-//! pruned runs' files.
+//! transaction and leave the anchor that keeps the rest of the chain verifiable. What a plan
+//! keeps outside the journal for its runs is the plan's business: prune shows it the pruned
+//! and the kept runs' step outputs inside the transaction ([`RunFiles`]), records what it
+//! decided in the checkpoint event, and leaves the removal to the caller after the commit.
 
 use std::collections::BTreeSet;
-use std::path::{Component, Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, Transaction};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
-use super::show::artifacts_in;
-use super::{AuditError, BACKUPS_DIR, FINISHED_STATES, META_PRUNE_IN_PROGRESS};
+use super::{AuditError, FINISHED_STATES, META_PRUNE_IN_PROGRESS};
 use crate::journal::chain::GENESIS;
 use crate::journal::events::{self, META_PRUNED_HEAD, META_PRUNED_ID};
 use crate::journal::{Journal, JournalError};
@@ -18,21 +18,32 @@ use crate::journal::{Journal, JournalError};
 /// What `journal prune` is asked to do.
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
-    /// NemoClaw home (backups are only removed under `<home>/rebuild-backups/`).
-    pub home: PathBuf,
     /// Only runs finished before `now_ms - older_than_ms`.
     pub older_than_ms: i64,
     /// The clock.
     pub now_ms: i64,
     /// Report, change nothing.
     pub dry_run: bool,
-    /// Leave backup directories in place.
-    pub keep_backups: bool,
+}
+
+/// What a plan keeps outside the journal for its runs (files its steps' outputs name), as
+/// [`prune`] asks about it. Every call happens inside the prune transaction, so the decision
+/// matches the runs removed exactly and the checkpoint event can record it.
+pub trait RunFiles {
+    /// What was decided (reported by [`prune`], its fields flattened into the report).
+    type Decision: Serialize;
+    /// One journaled step output, as stored (JSON text); `pruned`: its run is being removed.
+    fn step_output(&mut self, run_id: &str, step: &str, output: &str, pruned: bool);
+    /// After every step output was shown: what goes with the pruned runs and what stays.
+    fn decide(&mut self) -> Self::Decision;
+    /// What the `prune` checkpoint event records about the decision, after the journal's own
+    /// fields.
+    fn checkpoint(&self, decision: &Self::Decision) -> Map<String, Value>;
 }
 
 /// What `journal prune` did (or would do).
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct PruneReport {
+pub struct PruneReport<D> {
     /// Nothing was changed.
     pub dry_run: bool,
     /// Cut-off time (ms): runs finished before it are eligible.
@@ -43,11 +54,9 @@ pub struct PruneReport {
     pub events_removed: u64,
     /// Last removed event id (the new chain anchor), if any.
     pub pruned_through: Option<i64>,
-    /// Backup directories removed (or that would be).
-    pub backups_removed: Vec<String>,
-    /// Backup paths kept because another run still references them, or outside the backups
-    /// directory, or `--keep-backups`.
-    pub backups_kept: Vec<String>,
+    /// What the plan decided about its files ([`RunFiles::decide`]).
+    #[serde(flatten)]
+    pub files: D,
     /// Eligible runs left for a later prune because an unfinished or recent run's events are
     /// interleaved with theirs (the chain can only lose a prefix).
     pub eligible_remaining: u64,
@@ -100,56 +109,29 @@ fn find_prefix(tx: &Transaction<'_>, cutoff: i64) -> rusqlite::Result<Option<i64
     Ok(k)
 }
 
-fn is_under(base: &Path, p: &Path) -> bool {
-    p.is_absolute()
-        && p.starts_with(base)
-        && p != base
-        && !p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-}
-
-/// Whether `p`'s parent, with symlinks resolved, is still under `base` resolved: a symlinked
-/// directory on the way must not lead a removal outside the backups directory.
-fn resolves_under(base: &Path, p: &Path) -> bool {
-    match (p.parent().map(std::fs::canonicalize), std::fs::canonicalize(base)) {
-        (Some(Ok(parent)), Ok(base)) => parent.starts_with(base),
-        // Already gone: nothing to remove, nothing to escape through.
-        (Some(Err(e)), Ok(_)) => e.kind() == std::io::ErrorKind::NotFound,
-        _ => false,
-    }
-}
-
 /// Remove finished runs (succeeded, rolled back) that finished before `now - older_than`,
-/// with their events and — unless `keep_backups` — their backup directories.
+/// with their steps and events; `files` decides what goes of what the runs keep outside the
+/// journal, which the caller removes once this returns (an orphaned file is harmless, a journal
+/// naming a missing file of a run that still needs it is not — and unfinished runs' files are
+/// never candidates anyway).
 ///
 /// Only a prefix of the event chain can go: events `<= K` are removed where K is found by
 /// [`find_prefix`]; meta `pruned_head_hash`/`pruned_head_id` anchor the rest of the chain, and a
-/// `prune` checkpoint event records what was removed. All in one IMMEDIATE transaction; backup
-/// directories are removed only after it commits (an orphaned directory is harmless, a journal
-/// naming a missing backup of a run that still needs it is not — and such backups are never
-/// candidates anyway).
-pub fn prune(j: &mut Journal, o: &PruneOptions) -> Result<PruneReport, AuditError> {
+/// `prune` checkpoint event records what was removed. All in one IMMEDIATE transaction.
+pub fn prune<F: RunFiles>(
+    j: &mut Journal,
+    o: &PruneOptions,
+    files: &mut F,
+) -> Result<PruneReport<F::Decision>, AuditError> {
     let cutoff = o.now_ms - o.older_than_ms;
-    let backups_base = o.home.join(BACKUPS_DIR);
     let dry_run = o.dry_run;
-    let keep_backups = o.keep_backups;
     let older_than_ms = o.older_than_ms;
     let now = o.now_ms;
     let report = j.write("cannot prune the journal", |tx| {
         let raw = JournalError::from_sqlite;
         let k = find_prefix(tx, cutoff).map_err(raw)?;
-        let mut report = PruneReport {
-            dry_run,
-            cutoff,
-            runs_removed: Vec::new(),
-            events_removed: 0,
-            pruned_through: k,
-            backups_removed: Vec::new(),
-            backups_kept: Vec::new(),
-            eligible_remaining: 0,
-            checkpoint_event: None,
-        };
         let k_val = k.unwrap_or(i64::MIN);
-        report.events_removed = tx
+        let events_removed: u64 = tx
             .query_row("SELECT count(*) FROM events WHERE id <= ?1", [k_val], |r| r.get(0))
             .map_err(raw)?;
         let mut stmt = tx
@@ -158,10 +140,10 @@ pub fn prune(j: &mut Journal, o: &PruneOptions) -> Result<PruneReport, AuditErro
                  ORDER BY run_id",
             )
             .map_err(raw)?;
-        report.runs_removed =
+        let runs_removed: Vec<String> =
             stmt.query_map([k_val], |r| r.get(0)).and_then(|it| it.collect()).map_err(raw)?;
         drop(stmt);
-        report.eligible_remaining = tx
+        let eligible_remaining = tx
             .query_row(
                 &format!(
                     "SELECT count(*) FROM runs WHERE {} AND NOT EXISTS \
@@ -173,44 +155,31 @@ pub fn prune(j: &mut Journal, o: &PruneOptions) -> Result<PruneReport, AuditErro
             )
             .map_err(raw)?;
 
-        // Backups: those named by removed runs, minus any named by a run that stays.
-        let removed: BTreeSet<&str> = report.runs_removed.iter().map(String::as_str).collect();
+        // The plan's files: every step output, of the removed runs and of those that stay.
+        let removed: BTreeSet<&str> = runs_removed.iter().map(String::as_str).collect();
         let mut stmt = tx
             .prepare("SELECT run_id, name, output FROM steps WHERE output IS NOT NULL")
             .map_err(raw)?;
         let mut rows = stmt.query([]).map_err(raw)?;
-        let mut candidates = BTreeSet::new();
-        let mut protected = BTreeSet::new();
         while let Some(r) = rows.next().map_err(raw)? {
             let run: String = r.get(0).map_err(raw)?;
             let name: String = r.get(1).map_err(raw)?;
             let out: String = r.get(2).map_err(raw)?;
-            if !out.contains("backup_path") {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-            for a in artifacts_in(&name, &v) {
-                if removed.contains(run.as_str()) {
-                    candidates.insert(a.path);
-                } else {
-                    protected.insert(a.path);
-                }
-            }
+            files.step_output(&run, &name, &out, removed.contains(run.as_str()));
         }
         drop(rows);
         drop(stmt);
-        for p in candidates {
-            let pb = PathBuf::from(&p);
-            if keep_backups
-                || protected.contains(&p)
-                || !is_under(&backups_base, &pb)
-                || !resolves_under(&backups_base, &pb)
-            {
-                report.backups_kept.push(p);
-            } else {
-                report.backups_removed.push(p);
-            }
-        }
+        let decision = files.decide();
+        let mut report = PruneReport {
+            dry_run,
+            cutoff,
+            runs_removed,
+            events_removed,
+            pruned_through: k,
+            files: decision,
+            eligible_remaining,
+            checkpoint_event: None,
+        };
         if dry_run || k.is_none() {
             return Ok(report);
         }
@@ -240,57 +209,24 @@ pub fn prune(j: &mut Journal, o: &PruneOptions) -> Result<PruneReport, AuditErro
         )
         .map_err(raw)?;
         tx.execute("DELETE FROM meta WHERE key = ?1", [META_PRUNE_IN_PROGRESS]).map_err(raw)?;
-        let ev = events::append(
-            tx,
-            None,
-            None,
-            now,
-            "prune",
-            &json!({
-                "older_than_ms": older_than_ms,
-                "cutoff": cutoff,
-                "pruned_through": k_val,
-                "pruned_head_hash": head,
-                "events_removed": report.events_removed,
-                "runs_removed": report.runs_removed.len(),
-                "runs": report.runs_removed,
-                "backups_removed": report.backups_removed,
-                "keep_backups": keep_backups,
-            }),
-        )?;
+        let mut data = json!({
+            "older_than_ms": older_than_ms,
+            "cutoff": cutoff,
+            "pruned_through": k_val,
+            "pruned_head_hash": head,
+            "events_removed": report.events_removed,
+            "runs_removed": report.runs_removed.len(),
+            "runs": report.runs_removed,
+        });
+        if let Value::Object(m) = &mut data {
+            m.extend(files.checkpoint(&report.files));
+        }
+        let ev = events::append(tx, None, None, now, "prune", &data)?;
         report.checkpoint_event = Some(ev);
         Ok(report)
     })?;
-    if !report.dry_run {
-        for b in &report.backups_removed {
-            let pb = PathBuf::from(b);
-            match std::fs::symlink_metadata(&pb) {
-                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&pb)
-                    .map_err(|source| AuditError::Backup { path: pb.clone(), source })?,
-                Ok(_) => std::fs::remove_file(&pb)
-                    .map_err(|source| AuditError::Backup { path: pb.clone(), source })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(AuditError::Backup { path: pb, source }),
-            }
-        }
-        if !report.backups_removed.is_empty() {
-            let _ = crate::util::fsync_dir(&backups_base);
-        }
-        // A pruned run's snapshot file (`<home>/rebuild-runs/<run>.json`, written by plans that
-        // keep a private copy of what they must restore) goes with it. Run ids are UUIDs from
-        // the journal's own rows, so the path cannot leave that directory.
-        let runs_dir = o.home.join(RUN_FILES_DIR);
-        for id in &report.runs_removed {
-            if uuid::Uuid::parse_str(id).is_ok() {
-                let _ = std::fs::remove_file(runs_dir.join(format!("{id}.json")));
-            }
-        }
-    }
     Ok(report)
 }
-
-/// Directory of per-run snapshot files under the home (kept in step with the rebuild's).
-pub const RUN_FILES_DIR: &str = "rebuild-runs";
 
 /// The chain anchor left by the last prune: `(pruned_head_id, pruned_head_hash)`, or genesis.
 pub fn chain_anchor(conn: &Connection) -> rusqlite::Result<(i64, String)> {
@@ -301,19 +237,4 @@ pub fn chain_anchor(conn: &Connection) -> rusqlite::Result<(i64, String)> {
     let id = get(META_PRUNED_ID)?.and_then(|v| v.parse().ok()).unwrap_or(0);
     let hash = get(META_PRUNED_HEAD)?.unwrap_or_else(|| GENESIS.to_owned());
     Ok((id, hash))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn under_backups_only() {
-        let base = Path::new("/h/rebuild-backups");
-        assert!(is_under(base, Path::new("/h/rebuild-backups/a/t")));
-        assert!(!is_under(base, Path::new("/h/rebuild-backups")));
-        assert!(!is_under(base, Path::new("/h/rebuild-backups/../x")));
-        assert!(!is_under(base, Path::new("/etc")));
-        assert!(!is_under(base, Path::new("rebuild-backups/a")));
-    }
 }
