@@ -17,6 +17,7 @@ use crate::journal::audit::{
 };
 use crate::journal::store::FILE_NAME;
 use crate::journal::Journal;
+use crate::rebuild;
 use crate::util::{iso_ms, now_ms};
 
 /// `nemoclaw journal ...`.
@@ -182,7 +183,7 @@ fn show(ctx: &Ctx, prefix: &str) -> CmdResult {
         }
         Err(e) => return Err(e.into()),
     };
-    let d = audit::show_run(&j, &id)?;
+    let d = audit::show_run(&j, &id, &rebuild::files::artifacts_in)?;
     if ctx.printer.json {
         ctx.printer.json_doc("journal.show", show_json(&d, now));
         return Ok(Exit::Ok);
@@ -582,7 +583,7 @@ fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdR
     }
     let mut j = Journal::open_home(&ctx.home)?;
     let o = PruneOptions { older_than_ms, now_ms: now, dry_run };
-    let rep = crate::rebuild::prune::prune(&mut j, &ctx.home, &o, keep_backups)?;
+    let rep = rebuild::files::prune(&mut j, &ctx.home, &o, keep_backups)?;
     if ctx.printer.json {
         ctx.printer.json_doc("journal.prune", serde_json::to_value(&rep).unwrap_or(Value::Null));
         return Ok(Exit::Ok);

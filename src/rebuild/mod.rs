@@ -4,8 +4,8 @@
 //! the sandbox. Its [`Decision`] picks the plan (normal or stale) or a refusal. The plan runs on
 //! the generic engine; [`Resolver`] rebuilds it from the journaled params for `recover`.
 
+pub mod files;
 pub mod messages;
-pub mod prune;
 pub mod snapshot;
 pub mod steps;
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub use export::{export, export_line, ExportFilter};
 pub use list::{list_query_plan, list_runs, LastStep, RunFilter, RunSummary};
 pub use prune::{chain_anchor, prune, PruneOptions, PruneReport, RunFiles};
-pub use show::{artifacts_in, resolve_run, show_run, Artifact, EventRecord, RunDetail, StepView};
+pub use show::{resolve_run, show_run, Artifact, EventRecord, RunDetail, StepView};
 pub use time::{human_duration, parse_duration, parse_time, relative_time};
 pub use verify::{parse_head, verify, BadHead, Check, ExpectHead, Head, Problem, VerifyReport};
 

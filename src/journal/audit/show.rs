@@ -38,7 +38,7 @@ pub fn resolve_run(j: &Journal, prefix: &str) -> Result<String, AuditError> {
     }
 }
 
-/// A file or directory a step produced (today: a rebuild backup).
+/// A file or directory a step produced, as the plan that knows its outputs names it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Artifact {
     /// Step that produced it.
@@ -165,38 +165,13 @@ impl RunDetail {
     }
 }
 
-/// Artifacts named in a step output: any object carrying `backup_path` (at any depth).
-pub fn artifacts_in(step: &str, output: &Value) -> Vec<Artifact> {
-    let mut out = Vec::new();
-    fn walk(step: &str, v: &Value, out: &mut Vec<Artifact>) {
-        match v {
-            Value::Object(m) => {
-                if let Some(Value::String(p)) = m.get("backup_path") {
-                    out.push(Artifact {
-                        step: step.to_owned(),
-                        path: p.clone(),
-                        manifest_sha256: m
-                            .get("manifest_sha256")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned),
-                    });
-                }
-                for (k, x) in m {
-                    if k != "backup_path" {
-                        walk(step, x, out);
-                    }
-                }
-            }
-            Value::Array(a) => a.iter().for_each(|x| walk(step, x, out)),
-            _ => {}
-        }
-    }
-    walk(step, output, &mut out);
-    out
-}
-
-/// Load one run (by full id) with its steps and events.
-pub fn show_run(j: &Journal, id: &str) -> Result<RunDetail, AuditError> {
+/// Load one run (by full id) with its steps and events; `artifacts` names what each step's
+/// output refers to outside the journal (the plan knows its outputs, the journal does not).
+pub fn show_run(
+    j: &Journal,
+    id: &str,
+    artifacts: &dyn Fn(&str, &Value) -> Vec<Artifact>,
+) -> Result<RunDetail, AuditError> {
     let p = j.path();
     let head = j
         .conn()
@@ -236,7 +211,7 @@ pub fn show_run(j: &Journal, id: &str) -> Result<RunDetail, AuditError> {
             let finished_at: Option<i64> = r.get(7)?;
             let output: Option<String> = r.get(10)?;
             let output: Option<Value> = output.and_then(|t| serde_json::from_str(&t).ok());
-            let artifacts = output.as_ref().map(|o| artifacts_in(&name, o)).unwrap_or_default();
+            let artifacts = output.as_ref().map(|o| artifacts(&name, o)).unwrap_or_default();
             Ok(StepView {
                 seq: r.get(0)?,
                 version: r.get(2)?,
@@ -264,20 +239,4 @@ pub fn show_run(j: &Journal, id: &str) -> Result<RunDetail, AuditError> {
         .and_then(|it| it.collect())
         .map_err(sql(p, "cannot read the events"))?;
     Ok(RunDetail { run, lock_key, plan_fingerprint, binary_version, params, steps, events })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn artifacts_found_at_any_depth() {
-        let v = json!({"backup_path": "/h/rebuild-backups/a/t", "manifest_sha256": "ab",
-                       "nested": [{"backup_path": "/x"}]});
-        let a = artifacts_in("backup", &v);
-        assert_eq!(a.len(), 2);
-        assert_eq!(a[0].manifest_sha256.as_deref(), Some("ab"));
-        assert_eq!(a[1].path, "/x");
-    }
 }

@@ -1,6 +1,7 @@
 //! What the rebuild keeps outside the journal for its runs — backups under
-//! `<home>/rebuild-backups/`, run snapshots under `<home>/rebuild-runs/` — and their removal
-//! when `journal prune` removes the runs that name them.
+//! `<home>/rebuild-backups/`, run snapshots under `<home>/rebuild-runs/`: the artifacts its step
+//! outputs name (for `journal show`), and their removal when `journal prune` removes the runs
+//! that name them.
 
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
@@ -11,8 +12,38 @@ use serde_json::{json, Map, Value};
 use super::snapshot::RUNS_DIR;
 use crate::exit::{Exit, ExitCoded};
 use crate::host::backup::BACKUPS_DIR;
-use crate::journal::audit::{self, artifacts_in, AuditError, PruneOptions, PruneReport, RunFiles};
+use crate::journal::audit::{self, Artifact, AuditError, PruneOptions, PruneReport, RunFiles};
 use crate::journal::Journal;
+
+/// Artifacts named in a step output: any object carrying `backup_path` (at any depth).
+pub fn artifacts_in(step: &str, output: &Value) -> Vec<Artifact> {
+    let mut out = Vec::new();
+    fn walk(step: &str, v: &Value, out: &mut Vec<Artifact>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(p)) = m.get("backup_path") {
+                    out.push(Artifact {
+                        step: step.to_owned(),
+                        path: p.clone(),
+                        manifest_sha256: m
+                            .get("manifest_sha256")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
+                    });
+                }
+                for (k, x) in m {
+                    if k != "backup_path" {
+                        walk(step, x, out);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(step, x, out)),
+            _ => {}
+        }
+    }
+    walk(step, output, &mut out);
+    out
+}
 
 /// What prune decided about the backups the pruned runs name.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -174,6 +205,16 @@ pub fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn artifacts_found_at_any_depth() {
+        let v = json!({"backup_path": "/h/rebuild-backups/a/t", "manifest_sha256": "ab",
+                       "nested": [{"backup_path": "/x"}]});
+        let a = artifacts_in("backup", &v);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].manifest_sha256.as_deref(), Some("ab"));
+        assert_eq!(a[1].path, "/x");
+    }
 
     #[test]
     fn under_backups_only() {
