@@ -38,11 +38,12 @@ pub use super::report::{Observer, Quiet, RunReport, StepOutcome};
 pub struct RunSpec {
     /// What the runner lock protects (one runner per key), e.g. `local/demo`.
     pub lock_key: String,
-    /// Sandbox name, when the plan is about one.
+    /// Sandbox name, when the plan is about one. A label: journaled with the run for the
+    /// audit and `recover`'s filters; the engine does not interpret it.
     pub sandbox: Option<String>,
-    /// Gateway binding, when the plan is about one.
+    /// Gateway binding, when the plan is about one (a label, like `sandbox`).
     pub gateway: Option<String>,
-    /// Plan-specific mode (`normal`, `stale`).
+    /// Plan-specific mode (`normal`, `stale`; a label, like `sandbox`).
     pub mode: Option<String>,
     /// Parameters fixed at creation; a [`PlanResolver`] rebuilds the plan from them.
     pub params: Value,

@@ -1,4 +1,5 @@
-//! The SQLite journal: open, migrate, runs/steps/events, audit queries.
+//! The SQLite journal: open, migrate, the run and step state machines, runs/steps/events,
+//! audit queries.
 
 pub mod audit;
 pub mod chain;
