@@ -6,13 +6,14 @@
 //! prefix of the hash chain in one IMMEDIATE transaction and leaves an anchor so that the rest
 //! of the chain stays verifiable.
 //!
-//! One file per command: `list`, `show`, `export`, `verify`, `prune`; `time` parses
-//! and prints the times they take and show. Their items are re-exported here, where callers
-//! find them.
+//! One file per command: `list`, `show`, `export`, `verify` (its row-image check in `rows`),
+//! `prune`; `time` parses and prints the times they take and show. Their items are re-exported
+//! here, where callers find them.
 
 mod export;
 mod list;
 mod prune;
+mod rows;
 mod show;
 mod time;
 mod verify;
