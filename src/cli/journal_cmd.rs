@@ -17,6 +17,7 @@ use crate::journal::audit::{
 };
 use crate::journal::store::FILE_NAME;
 use crate::journal::Journal;
+use crate::rebuild;
 use crate::util::{iso_ms, now_ms};
 
 /// `nemoclaw journal ...`.
@@ -182,7 +183,7 @@ fn show(ctx: &Ctx, prefix: &str) -> CmdResult {
         }
         Err(e) => return Err(e.into()),
     };
-    let d = audit::show_run(&j, &id)?;
+    let d = audit::show_run(&j, &id, &rebuild::files::artifacts_in)?;
     if ctx.printer.json {
         ctx.printer.json_doc("journal.show", show_json(&d, now));
         return Ok(Exit::Ok);
@@ -581,10 +582,8 @@ fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdR
         return Ok(Exit::Ok);
     }
     let mut j = Journal::open_home(&ctx.home)?;
-    let rep = audit::prune(
-        &mut j,
-        &PruneOptions { home: ctx.home.clone(), older_than_ms, now_ms: now, dry_run, keep_backups },
-    )?;
+    let o = PruneOptions { older_than_ms, now_ms: now, dry_run };
+    let rep = rebuild::files::prune(&mut j, &ctx.home, &o, keep_backups)?;
     if ctx.printer.json {
         ctx.printer.json_doc("journal.prune", serde_json::to_value(&rep).unwrap_or(Value::Null));
         return Ok(Exit::Ok);
@@ -600,10 +599,10 @@ fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdR
     for r in &rep.runs_removed {
         ctx.printer.data(format!("  run     {r}"));
     }
-    for b in &rep.backups_removed {
+    for b in &rep.files.backups_removed {
         ctx.printer.data(format!("  backup  {b}"));
     }
-    for b in &rep.backups_kept {
+    for b in &rep.files.backups_kept {
         ctx.printer.data(format!("  kept    {b}"));
     }
     if rep.eligible_remaining > 0 {

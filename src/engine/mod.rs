@@ -2,7 +2,11 @@
 //! rollback), runner locks, crash points and signal handling. Knows nothing about sandboxes.
 
 pub mod crash;
+mod error;
+mod forward;
 pub mod lock;
+mod report;
+mod rollback;
 pub mod runner;
 pub mod signals;
 pub mod step;

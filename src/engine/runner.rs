@@ -10,34 +10,40 @@
 //! - Rollback mirrors this with `compensating` / `compensated`.
 //!
 //! Every boundary between those commits and the effects is a crash point ([`crash`]).
+//!
+//! This file owns the entry points ([`start`], [`resume`], [`rollback`]), the runner lock's
+//! takeover protocol and the run being driven (`Exec`); the forward walk is in
+//! `engine::forward`, the backward walk in `engine::rollback`, what a call reports in
+//! `engine::report` and its failures in `engine::error`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use super::crash;
 use super::lock::{process_start_ms, KernelLock, LockDir};
 use super::signals;
-use super::step::{Plan, Probe, StepCtx, StepError};
-use crate::exit::{Exit, ExitCoded};
+use super::step::{Plan, StepCtx};
 use crate::journal::runs::{
-    self, HolderRecord, NewRun, NewStep, RunRecord, RunState, StepChange, StepRecord, StepState,
-    UnfinishedFilter,
+    self, HolderRecord, NewRun, NewStep, RunRecord, RunState, StepState, UnfinishedFilter,
 };
-use crate::journal::{Journal, JournalError};
+use crate::journal::Journal;
+
+// The runner's vocabulary stays reachable where callers have always found it.
+pub use super::error::EngineError;
+pub use super::report::{Observer, Quiet, RunReport, StepOutcome};
 
 /// What a new run is about.
 #[derive(Debug, Clone, Default)]
 pub struct RunSpec {
     /// What the runner lock protects (one runner per key), e.g. `local/demo`.
     pub lock_key: String,
-    /// Sandbox name, when the plan is about one.
+    /// Sandbox name, when the plan is about one. A label: journaled with the run for the
+    /// audit and `recover`'s filters; the engine does not interpret it.
     pub sandbox: Option<String>,
-    /// Gateway binding, when the plan is about one.
+    /// Gateway binding, when the plan is about one (a label, like `sandbox`).
     pub gateway: Option<String>,
-    /// Plan-specific mode (`normal`, `stale`).
+    /// Plan-specific mode (`normal`, `stale`; a label, like `sandbox`).
     pub mode: Option<String>,
     /// Parameters fixed at creation; a [`PlanResolver`] rebuilds the plan from them.
     pub params: Value,
@@ -45,181 +51,10 @@ pub struct RunSpec {
     pub argv: Vec<String>,
 }
 
-/// How a step ended, as reported to an [`Observer`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum StepOutcome {
-    /// `apply` succeeded.
-    Done,
-    /// A probe of a step found started showed its effect already in place.
-    FoundDone,
-    /// `apply` (or the probe) failed with this message.
-    Failed(String),
-    /// The probe could not tell; a person must look.
-    Unknown(String),
-}
-
-/// Progress callbacks (all default to no-ops). Called from the runner's thread.
-pub trait Observer {
-    /// A step is about to run (`resumed`: it was found started and is being probed/retried).
-    fn step_started(&self, _seq: usize, _name: &str, _resumed: bool) {}
-    /// A step ended.
-    fn step_finished(&self, _seq: usize, _name: &str, _elapsed: Duration, _outcome: &StepOutcome) {}
-    /// A compensation is about to run.
-    fn compensating(&self, _seq: usize, _name: &str) {}
-    /// A compensation finished.
-    fn compensated(&self, _seq: usize, _name: &str, _elapsed: Duration) {}
-}
-
-/// An observer that says nothing.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Quiet;
-
-impl Observer for Quiet {}
-
 /// Rebuilds the plan of a journaled run (from its plan name and params).
 pub trait PlanResolver {
     /// The plan for `run`, or `None` when this binary does not know the plan.
     fn plan_for(&self, run: &RunRecord) -> Option<Plan>;
-}
-
-/// Where a runner call left its run.
-#[derive(Debug)]
-pub struct RunReport {
-    /// The run id.
-    pub run_id: String,
-    /// The run's state in the journal when the call returned.
-    pub state: RunState,
-    /// The step that failed or needs an operator.
-    pub failed_step: Option<String>,
-    /// The failure, when a step (or compensation) failed.
-    pub error: Option<StepError>,
-    /// The probe's text when the run needs an operator.
-    pub needs_operator: Option<String>,
-    /// A signal stopped the call. The run is `interrupted`, or still `rolling_back` when the
-    /// signal came during a rollback (only rollback may continue it). The CLI exits 130.
-    pub interrupted: bool,
-}
-
-impl RunReport {
-    fn new(run_id: &str, state: RunState) -> Self {
-        Self {
-            run_id: run_id.to_owned(),
-            state,
-            failed_step: None,
-            error: None,
-            needs_operator: None,
-            interrupted: false,
-        }
-    }
-
-    /// The exit code this report maps to: 0 succeeded/rolled back, 130 interrupted,
-    /// 74 a step's local I/O failure, 1 anything else unfinished.
-    pub fn exit(&self) -> Exit {
-        if self.interrupted {
-            Exit::Interrupted
-        } else if self.state.is_final() {
-            Exit::Ok
-        } else if self.error.as_ref().is_some_and(|e| e.io) {
-            Exit::Io
-        } else {
-            Exit::Failed
-        }
-    }
-}
-
-/// Runner failures (step failures are not errors: they are in the [`RunReport`]).
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// The journal failed (names the file).
-    #[error(transparent)]
-    Journal(#[from] JournalError),
-    /// Another live runner holds the key.
-    #[error("another nemoclaw is working on `{key}`: {}", holder_text(.holder))]
-    Busy {
-        /// Lock key.
-        key: String,
-        /// Lock file.
-        lock_path: PathBuf,
-        /// What the journal says about the holder.
-        holder: Option<Box<HolderRecord>>,
-    },
-    /// The lock file could not be opened or locked.
-    #[error("cannot take the runner lock {path}: {source}")]
-    Lock {
-        /// Lock file.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// `start` found an unfinished run on the same key.
-    #[error("run {run_id} on `{key}` is unfinished ({state}); resume or roll it back first")]
-    Unfinished {
-        /// Lock key.
-        key: String,
-        /// The unfinished run.
-        run_id: String,
-        /// Its state.
-        state: RunState,
-    },
-    /// The run's plan is not known to this binary.
-    #[error(
-        "run {run_id} uses plan `{plan}`, which this nemoclaw does not know; refusing to touch it"
-    )]
-    UnknownPlan {
-        /// Run id.
-        run_id: String,
-        /// Journaled plan name.
-        plan: String,
-    },
-    /// The run was made by a different version of its plan.
-    #[error("run {run_id} was made by a different `{plan}` plan (fingerprint {recorded}, this nemoclaw has {current}); refusing to continue it with different steps")]
-    PlanChanged {
-        /// Run id.
-        run_id: String,
-        /// Plan name.
-        plan: String,
-        /// Journaled fingerprint.
-        recorded: String,
-        /// This binary's fingerprint.
-        current: String,
-    },
-    /// The run is in a state the asked action cannot continue.
-    #[error("run {run_id} is {state}: {why}")]
-    Refused {
-        /// Run id.
-        run_id: String,
-        /// Its state.
-        state: RunState,
-        /// Why and what to do instead.
-        why: String,
-    },
-}
-
-fn holder_text(h: &Option<Box<HolderRecord>>) -> String {
-    match h {
-        Some(h) => format!(
-            "pid {} on host {}{} holds the lock since {}",
-            h.pid,
-            h.host,
-            h.run_id.as_ref().map(|r| format!(", run {r}")).unwrap_or_default(),
-            crate::util::iso_ms(h.acquired_at)
-        ),
-        None => "the lock is held by a process that has not recorded itself yet".to_owned(),
-    }
-}
-
-impl ExitCoded for EngineError {
-    fn exit(&self) -> Exit {
-        match self {
-            EngineError::Journal(e) => e.exit(),
-            EngineError::Busy { .. } => Exit::Busy,
-            EngineError::Lock { .. } => Exit::Io,
-            EngineError::Unfinished { .. }
-            | EngineError::UnknownPlan { .. }
-            | EngineError::PlanChanged { .. }
-            | EngineError::Refused { .. } => Exit::Refused,
-        }
-    }
 }
 
 /// A runner lock held by this process: the kernel lock plus our `holders` row.
@@ -518,23 +353,17 @@ pub fn rollback(
 }
 
 /// One run being driven by this process.
-struct Exec<'a> {
-    journal: &'a mut Journal,
-    plan: &'a Plan,
-    run_id: String,
-    params: Value,
-    obs: &'a dyn Observer,
-    outputs: BTreeMap<String, Value>,
-}
-
-/// The `input` journaled with an intent: who applies the effect.
-fn intent_input() -> Value {
-    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    json!({ "pid": std::process::id(), "host": HOST.get_or_init(crate::util::hostname) })
+pub(super) struct Exec<'a> {
+    pub(super) journal: &'a mut Journal,
+    pub(super) plan: &'a Plan,
+    pub(super) run_id: String,
+    pub(super) params: Value,
+    pub(super) obs: &'a dyn Observer,
+    pub(super) outputs: BTreeMap<String, Value>,
 }
 
 impl<'a> Exec<'a> {
-    fn new(
+    pub(super) fn new(
         journal: &'a mut Journal,
         plan: &'a Plan,
         run_id: &str,
@@ -544,398 +373,23 @@ impl<'a> Exec<'a> {
         Self { journal, plan, run_id: run_id.to_owned(), params, obs, outputs: BTreeMap::new() }
     }
 
-    fn ctx(&self, seq: usize, attempt: u32) -> StepCtx<'_> {
+    pub(super) fn ctx(&self, seq: usize, attempt: u32) -> StepCtx<'_> {
         StepCtx { run_id: &self.run_id, seq, params: &self.params, outputs: &self.outputs, attempt }
     }
 
-    fn report(&self, state: RunState) -> RunReport {
+    pub(super) fn report(&self, state: RunState) -> RunReport {
         RunReport::new(&self.run_id, state)
-    }
-
-    /// Commit `carry` (a finished step's output, not yet durable) together with `then`.
-    fn commit(
-        &mut self,
-        what: &str,
-        carry: &Option<(usize, Value)>,
-        then: impl FnOnce(&rusqlite::Transaction<'_>, &str, i64) -> Result<(), JournalError>,
-    ) -> Result<(), EngineError> {
-        let run_id = self.run_id.clone();
-        let now = crate::util::now_ms();
-        self.journal.write(what, |tx| {
-            if let Some((seq, out)) = carry {
-                let change = StepChange { output: Some(out), ..Default::default() };
-                runs::set_step_state(tx, &run_id, *seq, StepState::Done, change, now)?;
-            }
-            then(tx, &run_id, now)
-        })?;
-        Ok(())
-    }
-
-    fn forward(mut self, rows: Vec<StepRecord>) -> Result<RunReport, EngineError> {
-        let n = self.plan.steps.len();
-        // The outcome of the previous step, committed with the next commit (intent or finish).
-        let mut carry: Option<(usize, Value)> = None;
-        let mut k = 0;
-        loop {
-            if k == n {
-                crash::point(crash::BEFORE_FINISH);
-                self.commit("finish the run", &carry, |tx, id, now| {
-                    runs::set_run_state(tx, id, RunState::Succeeded, None, now, json!({}))
-                        .map(|_| ())
-                })?;
-                if carry.is_some() {
-                    crash::point(crash::AFTER_OUTCOME);
-                }
-                return Ok(self.report(RunState::Succeeded));
-            }
-            if signals::stop_requested() {
-                self.commit("record the interruption", &carry, |tx, id, now| {
-                    runs::set_run_state(
-                        tx,
-                        id,
-                        RunState::Interrupted,
-                        Some("interrupted by a signal"),
-                        now,
-                        json!({}),
-                    )
-                    .map(|_| ())
-                })?;
-                let mut r = self.report(RunState::Interrupted);
-                r.interrupted = true;
-                return Ok(r);
-            }
-            let step = &self.plan.steps[k];
-            let name = step.name();
-            let row = &rows[k];
-            let resumed = matches!(row.state, StepState::Started | StepState::Failed);
-            match row.state {
-                StepState::Done if carry.is_none() => {
-                    self.outputs.insert(name.to_owned(), row.output.clone().unwrap_or(Value::Null));
-                    k += 1;
-                    continue;
-                }
-                StepState::Pending => {}
-                StepState::Started | StepState::Failed => {
-                    // Unfinished by an earlier runner: find out whether the effect happened
-                    // before deciding anything. Never guess.
-                    self.obs.step_started(k, name, true);
-                    let t = Instant::now();
-                    match step.probe(&self.ctx(k, row.attempt)) {
-                        Ok(Probe::Done(out)) => {
-                            self.obs.step_finished(k, name, t.elapsed(), &StepOutcome::FoundDone);
-                            self.outputs.insert(name.to_owned(), out.clone());
-                            carry = Some((k, out));
-                            k += 1;
-                            continue;
-                        }
-                        Ok(Probe::NotDone) => {}
-                        Ok(Probe::Unknown(text)) => {
-                            self.obs.step_finished(
-                                k,
-                                name,
-                                t.elapsed(),
-                                &StepOutcome::Unknown(text.clone()),
-                            );
-                            let msg = format!("step `{name}`: {text}");
-                            self.commit(
-                                "record that an operator is needed",
-                                &carry,
-                                |tx, id, now| {
-                                    runs::set_run_state(
-                                        tx,
-                                        id,
-                                        RunState::NeedsOperator,
-                                        Some(&msg),
-                                        now,
-                                        json!({ "step": name }),
-                                    )
-                                    .map(|_| ())
-                                },
-                            )?;
-                            let mut r = self.report(RunState::NeedsOperator);
-                            r.failed_step = Some(name.to_owned());
-                            r.needs_operator = Some(text);
-                            return Ok(r);
-                        }
-                        Err(e) => {
-                            self.obs.step_finished(
-                                k,
-                                name,
-                                t.elapsed(),
-                                &StepOutcome::Failed(e.message.clone()),
-                            );
-                            return self.fail(k, carry, e, true);
-                        }
-                    }
-                }
-                // Done after a carried outcome, or compensation states: resume_locked refuses
-                // these before we get here.
-                other => {
-                    return Err(EngineError::Refused {
-                        run_id: self.run_id.clone(),
-                        state: RunState::Running,
-                        why: format!(
-                            "step {k} (`{name}`) is {other} out of order; roll it back instead"
-                        ),
-                    })
-                }
-            }
-            // Intent: durable before the effect. Carries the previous step's outcome.
-            crash::point(crash::BEFORE_INTENT);
-            let input = intent_input();
-            self.commit("record the step intent", &carry, |tx, id, now| {
-                let change = StepChange { input: Some(&input), ..Default::default() };
-                runs::set_step_state(tx, id, k, StepState::Started, change, now).map(|_| ())
-            })?;
-            if carry.take().is_some() {
-                crash::point(crash::AFTER_OUTCOME);
-            }
-            crash::point(crash::AFTER_INTENT);
-            if !resumed {
-                self.obs.step_started(k, name, false);
-            }
-            let t = Instant::now();
-            let attempt = rows[k].attempt + 1;
-            let result = step.apply(&self.ctx(k, attempt));
-            crash::point(crash::AFTER_EFFECT);
-            match result {
-                Ok(out) => {
-                    self.obs.step_finished(k, name, t.elapsed(), &StepOutcome::Done);
-                    self.outputs.insert(name.to_owned(), out.clone());
-                    carry = Some((k, out));
-                    k += 1;
-                }
-                Err(e) => {
-                    self.obs.step_finished(
-                        k,
-                        name,
-                        t.elapsed(),
-                        &StepOutcome::Failed(e.message.clone()),
-                    );
-                    return self.fail(k, None, e, false);
-                }
-            }
-        }
-    }
-
-    /// Record step `k` failed (with any carried outcome) and the run failed, in one commit.
-    /// `probe`: the failure came from a probe of a step found started/failed.
-    fn fail(
-        mut self,
-        k: usize,
-        carry: Option<(usize, Value)>,
-        e: StepError,
-        probe: bool,
-    ) -> Result<RunReport, EngineError> {
-        let name = self.plan.steps[k].name();
-        let msg = if probe {
-            format!("step `{name}`: cannot check whether it already happened: {}", e.message)
-        } else {
-            format!("step `{name}` failed: {}", e.message)
-        };
-        self.commit("record the step failure", &carry, |tx, id, now| {
-            let change = StepChange { error: Some(&e.message), ..Default::default() };
-            // A probe failure on an already `failed` step leaves the step as it is.
-            let state: String = tx
-                .query_row(
-                    "SELECT state FROM steps WHERE run_id = ?1 AND seq = ?2",
-                    rusqlite::params![id, k as i64],
-                    |r| r.get(0),
-                )
-                .map_err(JournalError::from_sqlite)?;
-            if state != StepState::Failed.as_str() {
-                runs::set_step_state(tx, id, k, StepState::Failed, change, now)?;
-            }
-            runs::set_run_state(tx, id, RunState::Failed, Some(&msg), now, json!({ "step": name }))
-                .map(|_| ())
-        })?;
-        crash::point(crash::AFTER_OUTCOME);
-        let mut r = self.report(RunState::Failed);
-        r.failed_step = Some(name.to_owned());
-        r.error = Some(e);
-        Ok(r)
-    }
-
-    fn backward(
-        mut self,
-        state: RunState,
-        rows: Vec<StepRecord>,
-    ) -> Result<RunReport, EngineError> {
-        let mut rolling = state == RunState::RollingBack;
-        for r in &rows {
-            if r.state == StepState::Done
-                || (r.state == StepState::Compensating && r.output.is_some())
-            {
-                self.outputs.insert(r.name.clone(), r.output.clone().unwrap_or(Value::Null));
-            }
-        }
-        let targets: Vec<&StepRecord> = rows
-            .iter()
-            .rev()
-            .filter(|r| {
-                matches!(
-                    r.state,
-                    StepState::Done
-                        | StepState::Started
-                        | StepState::Failed
-                        | StepState::Compensating
-                )
-            })
-            .collect();
-        // The compensation just finished, committed with the next commit.
-        let mut carry: Option<usize> = None;
-        for row in targets {
-            let k = row.seq;
-            let step = self.plan.steps.get(k).ok_or_else(|| EngineError::Refused {
-                run_id: self.run_id.clone(),
-                state,
-                why: format!("step {k} is not in the plan"),
-            })?;
-            let name = step.name();
-            if signals::stop_requested() {
-                self.commit_comp(
-                    "record the interruption",
-                    carry.take(),
-                    !rolling,
-                    |tx, id, now| {
-                        runs::run_event(
-                            tx,
-                            id,
-                            "rollback_interrupted",
-                            now,
-                            json!({ "signal": true }),
-                        )
-                    },
-                )?;
-                let mut r = self.report(RunState::RollingBack);
-                r.interrupted = true;
-                return Ok(r);
-            }
-            if row.state != StepState::Compensating || carry.is_some() || !rolling {
-                crash::point(crash::BEFORE_COMP_INTENT);
-                let already = row.state == StepState::Compensating;
-                let had_carry = carry.is_some();
-                self.commit_comp(
-                    "record the compensation intent",
-                    carry.take(),
-                    !rolling,
-                    |tx, id, now| {
-                        if already {
-                            Ok(())
-                        } else {
-                            runs::set_step_state(
-                                tx,
-                                id,
-                                k,
-                                StepState::Compensating,
-                                StepChange::default(),
-                                now,
-                            )
-                            .map(|_| ())
-                        }
-                    },
-                )?;
-                rolling = true;
-                if had_carry {
-                    crash::point(crash::AFTER_COMP_OUTCOME);
-                }
-                crash::point(crash::AFTER_COMP_INTENT);
-            }
-            self.obs.compensating(k, name);
-            let t = Instant::now();
-            // The journaled output exists only when the step finished; a started or failed step
-            // is compensated "blind" (compensate is a no-op when the effect is not in place).
-            let output = row.output.clone();
-            let result = step.compensate(&self.ctx(k, row.attempt), output.as_ref());
-            crash::point(crash::AFTER_COMP_EFFECT);
-            match result {
-                Ok(()) => {
-                    self.obs.compensated(k, name, t.elapsed());
-                    carry = Some(k);
-                }
-                Err(e) => {
-                    let msg = format!("compensation of step `{name}` failed: {}", e.message);
-                    self.commit_comp(
-                        "record the compensation failure",
-                        None,
-                        false,
-                        |tx, id, now| {
-                            tx.execute(
-                                "UPDATE runs SET error = ?2 WHERE id = ?1",
-                                rusqlite::params![id, msg],
-                            )
-                            .map_err(JournalError::from_sqlite)?;
-                            runs::run_event(
-                                tx,
-                                id,
-                                "compensation_failed",
-                                now,
-                                json!({ "step": name, "seq": k, "error": e.message }),
-                            )
-                        },
-                    )?;
-                    let mut r = self.report(RunState::RollingBack);
-                    r.failed_step = Some(name.to_owned());
-                    r.error = Some(e);
-                    return Ok(r);
-                }
-            }
-        }
-        crash::point(crash::BEFORE_ROLLBACK_FINISH);
-        let had_carry = carry.is_some();
-        self.commit_comp("finish the rollback", carry, !rolling, |tx, id, now| {
-            runs::set_run_state(tx, id, RunState::RolledBack, None, now, json!({})).map(|_| ())
-        })?;
-        if had_carry {
-            crash::point(crash::AFTER_COMP_OUTCOME);
-        }
-        Ok(self.report(RunState::RolledBack))
-    }
-
-    /// One rollback commit: the carried compensation outcome, the run's move to `rolling_back`
-    /// when it is not there yet, then `then`.
-    fn commit_comp(
-        &mut self,
-        what: &str,
-        carry: Option<usize>,
-        enter_rolling_back: bool,
-        then: impl FnOnce(&rusqlite::Transaction<'_>, &str, i64) -> Result<(), JournalError>,
-    ) -> Result<(), EngineError> {
-        let run_id = self.run_id.clone();
-        let now = crate::util::now_ms();
-        self.journal.write(what, |tx| {
-            if let Some(seq) = carry {
-                runs::set_step_state(
-                    tx,
-                    &run_id,
-                    seq,
-                    StepState::Compensated,
-                    StepChange::default(),
-                    now,
-                )?;
-            }
-            if enter_rolling_back {
-                runs::set_run_state(
-                    tx,
-                    &run_id,
-                    RunState::RollingBack,
-                    None,
-                    now,
-                    json!({ "by_pid": std::process::id() }),
-                )?;
-            }
-            then(tx, &run_id, now)
-        })?;
-        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::time::Duration;
 
     use super::*;
     use crate::engine::synthetic;
+    use crate::exit::{Exit, ExitCoded};
 
     #[derive(Default)]
     struct Record(Mutex<Vec<String>>);

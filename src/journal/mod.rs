@@ -1,10 +1,12 @@
-//! The SQLite journal: open, migrate, runs/steps/events, audit queries.
+//! The SQLite journal: open, migrate, the run and step state machines, runs/steps/events,
+//! audit queries.
 
 pub mod audit;
 pub mod chain;
 pub mod events;
 pub mod redact;
 pub mod runs;
+pub mod state;
 pub mod store;
 
 use std::path::{Path, PathBuf};

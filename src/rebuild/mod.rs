@@ -5,6 +5,7 @@
 //! the generic engine; [`Resolver`] rebuilds it from the journaled params for `recover`.
 
 pub mod damaged;
+pub mod files;
 pub mod messages;
 pub mod saga;
 pub mod snapshot;

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::engine::StepError;
 
 /// Directory of run snapshots under the NemoClaw home.
-pub const RUNS_DIR: &str = crate::journal::audit::RUN_FILES_DIR;
+pub const RUNS_DIR: &str = "rebuild-runs";
 
 /// The snapshot of the host taken before anything changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,103 @@
+//! The runner's failures ([`EngineError`]): what stops a call before or outside a step (step
+//! failures are not errors: they are in the [`super::RunReport`]).
+
+use std::path::PathBuf;
+
+use crate::exit::{Exit, ExitCoded};
+use crate::journal::runs::{HolderRecord, RunState};
+use crate::journal::JournalError;
+
+/// Runner failures (step failures are not errors: they are in the [`RunReport`]).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The journal failed (names the file).
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Another live runner holds the key.
+    #[error("another nemoclaw is working on `{key}`: {}", holder_text(.holder))]
+    Busy {
+        /// Lock key.
+        key: String,
+        /// Lock file.
+        lock_path: PathBuf,
+        /// What the journal says about the holder.
+        holder: Option<Box<HolderRecord>>,
+    },
+    /// The lock file could not be opened or locked.
+    #[error("cannot take the runner lock {path}: {source}")]
+    Lock {
+        /// Lock file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// `start` found an unfinished run on the same key.
+    #[error("run {run_id} on `{key}` is unfinished ({state}); resume or roll it back first")]
+    Unfinished {
+        /// Lock key.
+        key: String,
+        /// The unfinished run.
+        run_id: String,
+        /// Its state.
+        state: RunState,
+    },
+    /// The run's plan is not known to this binary.
+    #[error(
+        "run {run_id} uses plan `{plan}`, which this nemoclaw does not know; refusing to touch it"
+    )]
+    UnknownPlan {
+        /// Run id.
+        run_id: String,
+        /// Journaled plan name.
+        plan: String,
+    },
+    /// The run was made by a different version of its plan.
+    #[error("run {run_id} was made by a different `{plan}` plan (fingerprint {recorded}, this nemoclaw has {current}); refusing to continue it with different steps")]
+    PlanChanged {
+        /// Run id.
+        run_id: String,
+        /// Plan name.
+        plan: String,
+        /// Journaled fingerprint.
+        recorded: String,
+        /// This binary's fingerprint.
+        current: String,
+    },
+    /// The run is in a state the asked action cannot continue.
+    #[error("run {run_id} is {state}: {why}")]
+    Refused {
+        /// Run id.
+        run_id: String,
+        /// Its state.
+        state: RunState,
+        /// Why and what to do instead.
+        why: String,
+    },
+}
+
+fn holder_text(h: &Option<Box<HolderRecord>>) -> String {
+    match h {
+        Some(h) => format!(
+            "pid {} on host {}{} holds the lock since {}",
+            h.pid,
+            h.host,
+            h.run_id.as_ref().map(|r| format!(", run {r}")).unwrap_or_default(),
+            crate::util::iso_ms(h.acquired_at)
+        ),
+        None => "the lock is held by a process that has not recorded itself yet".to_owned(),
+    }
+}
+
+impl ExitCoded for EngineError {
+    fn exit(&self) -> Exit {
+        match self {
+            EngineError::Journal(e) => e.exit(),
+            EngineError::Busy { .. } => Exit::Busy,
+            EngineError::Lock { .. } => Exit::Io,
+            EngineError::Unfinished { .. }
+            | EngineError::UnknownPlan { .. }
+            | EngineError::PlanChanged { .. }
+            | EngineError::Refused { .. } => Exit::Refused,
+        }
+    }
+}
