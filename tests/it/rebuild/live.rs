@@ -8,14 +8,7 @@ use super::*;
 fn sigint_interrupts_cleanly_and_resume_completes() {
     let w = World::new(Opts { locked: true, files: 40 });
     let b = w.snapshot();
-    let child = w
-        .home
-        .cmd()
-        .env("NEMOCLAW_STEP_DELAY_MS", "300")
-        .args(["alpha", "rebuild", "--yes"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = slow_rebuild(&w, 300, std::process::Stdio::piped());
     // Deliberate: let the run get into its steps (the delay makes each step take 300 ms).
     std::thread::sleep(std::time::Duration::from_millis(700));
     unsafe {
@@ -31,6 +24,27 @@ fn sigint_interrupts_cleanly_and_resume_completes() {
     check_rebuilt(&w, &b, "normal");
 }
 
+/// Wait until the rebuild started by another process has journaled its run.
+fn wait_for_a_run(w: &World) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while runs(w.path()).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the rebuild never journaled a run");
+        // Deliberate: waiting for the other process to write its run.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `alpha rebuild --yes` in the background, each step taking at least `step_ms`.
+fn slow_rebuild(w: &World, step_ms: u32, stderr: std::process::Stdio) -> std::process::Child {
+    w.home
+        .cmd()
+        .env("NEMOCLAW_STEP_DELAY_MS", step_ms.to_string())
+        .args(["alpha", "rebuild", "--yes"])
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 /// The first Ctrl-C is answered at once, while the step is still running, naming the step and
 /// the second Ctrl-C; the second says what it did and exits 130; the journal is left for
 /// `recover --resume`, which completes the rebuild.
@@ -39,14 +53,7 @@ fn ctrl_c_is_acknowledged_at_once_and_the_second_says_what_it_did() {
     use std::io::BufRead;
     let w = World::new(Opts { locked: true, files: 12 });
     let b = w.snapshot();
-    let mut child = w
-        .home
-        .cmd()
-        .env("NEMOCLAW_STEP_DELAY_MS", "4000")
-        .args(["alpha", "rebuild", "--yes"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = slow_rebuild(&w, 4000, std::process::Stdio::piped());
     let (tx, rx) = std::sync::mpsc::channel();
     let err = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -54,12 +61,7 @@ fn ctrl_c_is_acknowledged_at_once_and_the_second_says_what_it_did() {
             let _ = tx.send(line);
         }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while runs(w.path()).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the rebuild never journaled a run");
-        // Deliberate: waiting for the other process to write its run.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_a_run(&w);
     let pid = child.id() as i32;
     unsafe { libc::kill(pid, libc::SIGINT) };
     let first =
@@ -88,20 +90,8 @@ fn ctrl_c_is_acknowledged_at_once_and_the_second_says_what_it_did() {
 fn live_run_is_busy_and_an_interrupted_one_unfinished_and_shields_changes_are_refused() {
     let w = World::new(Opts { locked: true, files: 12 });
     let b = w.snapshot();
-    let mut child = w
-        .home
-        .cmd()
-        .env("NEMOCLAW_STEP_DELAY_MS", "400")
-        .args(["alpha", "rebuild", "--yes"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while runs(w.path()).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the rebuild never journaled a run");
-        // Deliberate: waiting for the other process to write its run.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut child = slow_rebuild(&w, 400, std::process::Stdio::null());
+    wait_for_a_run(&w);
     let pid = child.id() as i32;
     for stopped in [false, true] {
         if stopped {
