@@ -102,6 +102,9 @@ pub struct OnboardArgs {
     pub image: Option<String>,
 }
 
+/// The words that make `nemoclaw <NAME> <word>` a sandbox command (see [`SandboxAction`]).
+pub const SANDBOX_ACTIONS: [&str; 4] = ["status", "rebuild", "shields", "destroy"];
+
 /// Act on one sandbox: `nemoclaw <NAME> <COMMAND>`.
 //
 // Parsed from the external subcommand. `bin_name` makes each action's usage read

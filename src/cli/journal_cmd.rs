@@ -338,16 +338,11 @@ fn print_show(ctx: &Ctx, d: &RunDetail, now: i64) {
     }
     table(ctx, "  ", &rows);
 
-    // Warnings a step journaled in its output (a preset that could not be re-applied): the
-    // step succeeded, but someone has something left to do.
     let warnings: Vec<(usize, &str, &str)> = d
         .steps
         .iter()
         .flat_map(|s| {
-            let list = s.output.as_ref().and_then(|o| o.get("warnings")).and_then(Value::as_array);
-            list.into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
+            crate::rebuild::saga::step_warnings(s.output.as_ref())
                 .map(move |w| (s.seq as usize, s.name.as_str(), w))
         })
         .collect();

@@ -96,8 +96,7 @@ pub fn main() -> ExitCode {
     // `help` cannot find them; show the action's help as `nemoclaw <name> rebuild --help` would.
     if let [_, help, action] = &argv[..] {
         let action = action.to_string_lossy();
-        if help == "help" && ["status", "rebuild", "shields", "destroy"].contains(&action.as_ref())
-        {
+        if help == "help" && args::SANDBOX_ACTIONS.contains(&action.as_ref()) {
             use clap::CommandFactory;
             let mut cmd = SandboxCli::command();
             cmd.build();
@@ -156,7 +155,6 @@ pub fn main() -> ExitCode {
 /// external-subcommand path.
 fn sandbox_named_like_a_command(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     const COMMANDS: [&str; 6] = ["onboard", "list", "recover", "journal", "demo", "internal"];
-    const ACTIONS: [&str; 4] = ["status", "rebuild", "shields", "destroy"];
     const VALUED: [&str; 4] = ["--home", "--color", "--openshell", "--policy-presets"];
     let mut i = 1;
     while i < argv.len() {
@@ -170,7 +168,8 @@ fn sandbox_named_like_a_command(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::
         }
     }
     let word = |j: usize| argv.get(j).map(|w| w.to_string_lossy().into_owned()).unwrap_or_default();
-    if COMMANDS.contains(&word(i).as_str()) && ACTIONS.contains(&word(i + 1).as_str()) {
+    if COMMANDS.contains(&word(i).as_str()) && args::SANDBOX_ACTIONS.contains(&word(i + 1).as_str())
+    {
         // `nemoclaw [flags] sandbox-as <name> <action> ...` — clap has no such command, so the
         // whole tail arrives as the external `Sandbox` subcommand; the marker is dropped again
         // in `main` before the sandbox arguments are parsed.

@@ -182,15 +182,7 @@ fn walk_into(
         let mtime_ns = stat_mtime(&st);
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
-                let sub = openat(dir.as_raw_fd(), &cname, DIR_FLAGS).map_err(|e| {
-                    match e.raw_os_error() {
-                        Some(libc::ELOOP) | Some(libc::ENOTDIR) => HostError::Invalid(format!(
-                            "refusing {}: it changed from a directory while being read",
-                            abs.display()
-                        )),
-                        _ => HostError::io("cannot list", &abs, e),
-                    }
-                })?;
+                let sub = open_subdir(dir.as_raw_fd(), &cname, &abs)?;
                 out.push(Node {
                     rel: rel.clone(),
                     kind: Kind::Dir,
@@ -326,15 +318,7 @@ impl Copier<'_> {
             match &n.kind {
                 Kind::Dir => {
                     let created = make_dir(&to)?;
-                    let sub = openat(src.as_raw_fd(), &cname, DIR_FLAGS).map_err(|e| {
-                        match e.raw_os_error() {
-                            Some(libc::ELOOP) | Some(libc::ENOTDIR) => HostError::Invalid(format!(
-                                "refusing {}: it changed from a directory while being read",
-                                abs.display()
-                            )),
-                            _ => HostError::io("cannot list", &abs, e),
-                        }
-                    })?;
+                    let sub = open_subdir(src.as_raw_fd(), &cname, &abs)?;
                     let st = fstat(&sub).map_err(|e| HostError::io("cannot read", &abs, e))?;
                     out.push(Node {
                         mode: st.st_mode & 0o7777,
@@ -1027,6 +1011,18 @@ fn path_c(p: &Path) -> Result<CString, HostError> {
 }
 
 /// `openat(dir, name, flags | O_CLOEXEC)`.
+/// Open the directory `name` below `dir` without following a symlink; a directory swapped for
+/// something else since it was listed is refused, never followed.
+fn open_subdir(dir: RawFd, name: &CStr, abs: &Path) -> Result<OwnedFd, HostError> {
+    openat(dir, name, DIR_FLAGS).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::ENOTDIR) => HostError::Invalid(format!(
+            "refusing {}: it changed from a directory while being read",
+            abs.display()
+        )),
+        _ => HostError::io("cannot list", abs, e),
+    })
+}
+
 fn openat(dir: RawFd, name: &CStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
     // SAFETY: `name` is NUL-terminated; the returned descriptor is owned by nobody else.
     let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, 0) };

@@ -95,15 +95,19 @@ pub fn blocker(home: &Path, name: &SandboxName) -> Result<Option<Blocker>, Journ
     Ok(blockers(home, name, true)?.into_iter().next())
 }
 
-fn classify(home: &Path, j: &Journal, r: RunRecord) -> Blocker {
+/// Whether a live process holds the runner lock `key`. Asked without taking the lock (a
+/// runner starting now must not find it busy because of us); where the kernel's table cannot
+/// be read, a try-and-drop is the fallback.
+fn is_held(home: &Path, key: &str) -> bool {
     let locks = LockDir::new(home);
-    // Asked without taking the lock (a runner starting now must not find it busy because of
-    // us); where the kernel's table cannot be read, a try-and-drop is the fallback.
-    let held = match locks.is_held(&r.lock_key) {
+    match locks.is_held(key) {
         Some(h) => h,
-        None => matches!(locks.try_lock(&r.lock_key), Ok(None)),
-    };
-    if !held {
+        None => matches!(locks.try_lock(key), Ok(None)),
+    }
+}
+
+fn classify(home: &Path, j: &Journal, r: RunRecord) -> Blocker {
+    if !is_held(home, &r.lock_key) {
         return Blocker::Unfinished { run: Box::new(r) };
     }
     let holder = runs::holder(j.conn(), &r.lock_key).ok().flatten().unwrap_or(HolderRecord {
@@ -294,7 +298,7 @@ pub fn unfinished(home: &Path, sandbox: Option<&str>) -> Result<Option<Vec<Liste
                     })
                     .unwrap_or_else(|| "none started".to_owned());
                 let holder = runs::holder(j.conn(), &r.lock_key).ok().flatten();
-                let live = matches!(classify(home, &j, r.clone()), Blocker::InProgress { .. });
+                let live = is_held(home, &r.lock_key);
                 Listed { run: r, last_step, holder, live }
             })
             .collect(),
@@ -382,7 +386,18 @@ fn resolver(
     })
 }
 
-/// The warnings a succeeded run's steps journaled in their output (`warnings`).
+/// The warnings a step journaled in its output (`warnings`: a preset that could not be
+/// re-applied…): the step succeeded, but someone has something left to do.
+pub fn step_warnings(output: Option<&Value>) -> impl Iterator<Item = &str> {
+    output
+        .and_then(|o| o.get("warnings"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
+/// The warnings of a succeeded run's steps.
 fn warnings_of(journal: &Journal, r: &RunReport) -> Vec<String> {
     if r.state != RunState::Succeeded {
         return Vec::new();
@@ -390,8 +405,6 @@ fn warnings_of(journal: &Journal, r: &RunReport) -> Vec<String> {
     runs::steps(journal.conn(), &r.run_id)
         .unwrap_or_default()
         .iter()
-        .filter_map(|s| s.output.as_ref()?.get("warnings")?.as_array().cloned())
-        .flatten()
-        .filter_map(|w| w.as_str().map(str::to_owned))
+        .flat_map(|s| step_warnings(s.output.as_ref()).map(str::to_owned).collect::<Vec<_>>())
         .collect()
 }

@@ -339,13 +339,7 @@ fn restore_verification_checks_metadata_not_only_bytes() {
     std::fs::create_dir_all(src.join("w/empty")).unwrap();
     std::fs::write(src.join("w/run.sh"), b"#!/bin/sh\n").unwrap();
     std::fs::set_permissions(src.join("w/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let meta = nemoclaw::host::backup::BackupMeta {
-        sandbox: nemoclaw::names::SandboxName::parse("demo").unwrap(),
-        agent_type: None,
-        agent_version: None,
-        policy_presets: vec![],
-        custom_policies: json!([]),
-    };
+    let meta = demo_meta();
     let b =
         nemoclaw::host::Backup::create(t.path(), &meta, "2026-06-09T10-02-11-399Z", &src).unwrap();
     let out = t.path().join("out");
@@ -578,13 +572,7 @@ fn a_manifest_without_metadata_still_restores_and_verifies() {
     std::fs::create_dir_all(src.join("w/sub")).unwrap();
     std::fs::write(src.join("w/sub/a.md"), b"a\n").unwrap();
     std::os::unix::fs::symlink("sub/a.md", src.join("w/link")).unwrap();
-    let meta = nemoclaw::host::backup::BackupMeta {
-        sandbox: nemoclaw::names::SandboxName::parse("demo").unwrap(),
-        agent_type: None,
-        agent_version: None,
-        policy_presets: vec![],
-        custom_policies: json!([]),
-    };
+    let meta = demo_meta();
     let b =
         nemoclaw::host::Backup::create(t.path(), &meta, "2026-06-09T10-02-11-399Z", &src).unwrap();
     let mpath = b.path.join("rebuild-manifest.json");
@@ -610,4 +598,15 @@ fn a_manifest_without_metadata_still_restores_and_verifies() {
     // Bytes are still checked.
     std::fs::write(b.path.join("w/sub/a.md"), b"b\n").unwrap();
     assert!(old.verify().unwrap_err().to_string().contains("w/sub/a.md: sha256"));
+}
+
+/// A backup's NemoClaw fields for sandbox `demo`, nothing else set.
+fn demo_meta() -> nemoclaw::host::backup::BackupMeta {
+    nemoclaw::host::backup::BackupMeta {
+        sandbox: nemoclaw::names::SandboxName::parse("demo").unwrap(),
+        agent_type: None,
+        agent_version: None,
+        policy_presets: vec![],
+        custom_policies: json!([]),
+    }
 }

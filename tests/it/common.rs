@@ -107,3 +107,10 @@ impl XorShift {
         lo + self.next() % (hi - lo + 1)
     }
 }
+
+/// Write an executable shell script (a wrapper or shim in front of a program).
+pub fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}

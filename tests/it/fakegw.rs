@@ -139,7 +139,6 @@ impl FakeGateway {
     /// dir, the fake `ssh` first on `PATH`) and logs every invocation to `invocations.log`:
     /// what the driver runs when it is used in-process.
     pub fn wrapper(&self) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
         let wrapper = self.tmp.path().join("bin/openshell");
         if wrapper.is_file() {
             return wrapper;
@@ -160,8 +159,7 @@ impl FakeGateway {
             log.display(),
             self.cli.display()
         ));
-        std::fs::write(&wrapper, script).unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::common::write_script(&wrapper, &script);
         wrapper
     }
 
@@ -440,6 +438,14 @@ impl Real {
         nemoclaw::host::tree_digest(&self.tree()).unwrap()
     }
 
+    /// Edit alpha's registry row in place (as an operator or NemoClaw would have left it).
+    pub fn edit_row(&self, f: impl FnOnce(&mut Value)) {
+        let path = self.home.path().join("sandboxes.json");
+        let mut reg: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        f(&mut reg["sandboxes"]["alpha"]);
+        std::fs::write(&path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    }
+
     pub fn registry_bytes(&self) -> Vec<u8> {
         std::fs::read(self.home.path().join("sandboxes.json")).unwrap()
     }
@@ -543,11 +549,10 @@ fn real_cli_refusal_changes_nothing_and_call_budget() {
     // Re-bind alpha to a port gateway that is down while `nemoclaw` is the active one.
     r.gw.register_refused("nemoclaw-9000");
     r.gw.select("nemoclaw");
-    let reg_path = r.home.path().join("sandboxes.json");
-    let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
-    reg["sandboxes"]["alpha"]["gatewayName"] = "nemoclaw-9000".into();
-    reg["sandboxes"]["alpha"]["gatewayPort"] = 9000.into();
-    std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    r.edit_row(|row| {
+        row["gatewayName"] = "nemoclaw-9000".into();
+        row["gatewayPort"] = 9000.into();
+    });
     let (bytes, digest) = (r.registry_bytes(), r.digest());
     let n = r.invocations().len();
     let o = r.run(&["alpha", "rebuild", "--yes"]);
@@ -707,10 +712,9 @@ fn real_cli_unreadable_live_policy_is_refused_before_anything_changes() {
 #[test]
 fn real_cli_gpu_enabled_row_recreates_with_a_gpu() {
     let Some(r) = Real::new() else { return };
-    let reg_path = r.home.path().join("sandboxes.json");
-    let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
-    reg["sandboxes"]["alpha"]["gpuEnabled"] = serde_json::json!(true);
-    std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    r.edit_row(|row| {
+        row["gpuEnabled"] = serde_json::json!(true);
+    });
     // The fake records whether the create request carried a GPU requirement.
     assert_eq!(r.gw.sandboxes()["alpha"]["gpu"], false);
     ok(&r.run(&["alpha", "rebuild", "--yes"]));
@@ -724,7 +728,6 @@ fn real_cli_gpu_enabled_row_recreates_with_a_gpu() {
 /// (the create request, the watch, the restore) is the real CLI's.
 #[test]
 fn real_cli_dockerfile_sandbox_is_recreated_from_it_and_refused_without_it() {
-    use std::os::unix::fs::PermissionsExt;
     let Some(r) = Real::new() else { return };
     let dockerfile = r.home.path().join("build/Dockerfile");
     let session = serde_json::json!({"version": 1, "sandboxName": "alpha", "status": "complete",
@@ -743,18 +746,16 @@ fn real_cli_dockerfile_sandbox_is_recreated_from_it_and_refused_without_it() {
     std::fs::write(&dockerfile, "FROM openshell/sandbox-base:latest\n").unwrap();
     let shim = r.gw.tmp.path().join("docker-shim");
     let froms = r.gw.tmp.path().join("from.log");
-    std::fs::write(
+    crate::common::write_script(
         &shim,
-        format!(
+        &format!(
             "#!/bin/sh\nfor a in \"$@\"; do shift; if [ \"$prev\" = --from ]; then \
              printf '%s\\n' \"$a\" >> '{froms}'; [ -f \"$a\" ] && a=openshell/sandbox-from:built; \
              fi; set -- \"$@\" \"$a\"; prev=\"$a\"; done\nexec '{}' \"$@\"\n",
             r.wrapper.display(),
             froms = froms.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let o = r.cmd().env("NEMOCLAW_OPENSHELL", &shim).args(["alpha", "rebuild", "--yes"]).output();
     ok(&o.unwrap());
     let froms = std::fs::read_to_string(froms).unwrap();
@@ -778,12 +779,11 @@ fn real_cli_stale_recovery_without_a_journaled_policy_merges_presets_and_custom_
         "preset:\n  name: npm\n  description: npm registry\nnetwork_policies:\n  npm:\n    name: npm\n    endpoints:\n    - host: registry.npmjs.org\n      port: 443\n",
     )
     .unwrap();
-    let reg_path = r.home.path().join("sandboxes.json");
-    let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
-    reg["sandboxes"]["alpha"]["policies"] = serde_json::json!(["npm", "gone"]);
-    reg["sandboxes"]["alpha"]["customPolicies"] = serde_json::json!([{"name": "corp-proxy",
-        "content": "preset:\n  name: corp-proxy\nnetwork_policies:\n  corp_proxy:\n    name: corp_proxy\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n"}]);
-    std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    r.edit_row(|row| {
+        row["policies"] = serde_json::json!(["npm", "gone"]);
+        row["customPolicies"] = serde_json::json!([{"name": "corp-proxy",
+            "content": "preset:\n  name: corp-proxy\nnetwork_policies:\n  corp_proxy:\n    name: corp_proxy\n    endpoints:\n    - host: proxy.corp.example\n      port: 3128\n"}]);
+    });
     let default: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&live_policy(&r.gw, "alpha")).unwrap();
     let o = r.gw.openshell(&["sandbox", "delete", "alpha", "-g", "nemoclaw"]);
@@ -831,10 +831,9 @@ fn real_cli_stale_recovery_without_a_journaled_policy_merges_presets_and_custom_
 #[test]
 fn real_cli_provider_is_checked_in_preflight_and_attached_to_the_replacement() {
     let Some(r) = Real::new() else { return };
-    let reg_path = r.home.path().join("sandboxes.json");
-    let mut reg: Value = serde_json::from_slice(&std::fs::read(&reg_path).unwrap()).unwrap();
-    reg["sandboxes"]["alpha"]["provider"] = serde_json::json!("corp-llm");
-    std::fs::write(&reg_path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    r.edit_row(|row| {
+        row["provider"] = serde_json::json!("corp-llm");
+    });
     let session = serde_json::json!({"version": 1, "sandboxName": "alpha", "status": "complete",
         "credentialEnv": "NEMOCLAW_TEST_PROVIDER_KEY", "metadata": {"gatewayName": "nemoclaw"}});
     std::fs::write(r.home.path().join("onboard-session.json"), session.to_string()).unwrap();

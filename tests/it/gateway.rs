@@ -445,23 +445,20 @@ fn pid_dead(pid: i32) -> bool {
 /// pipeline would) and classify the sandbox unknown, never missing.
 #[test]
 fn hang_is_killed_with_its_process_group_and_classified_unknown() {
-    use std::os::unix::fs::PermissionsExt;
     let Some(rig) = Rig::real("nemoclaw") else { return };
     rig.gw.create(&spec("demo", "r")).unwrap();
     rig.fake().faults(json!({"hang": ["GetSandbox"]}));
     let pids = rig.home.join("hang.pids");
     let wrapper = rig.home.join("openshell");
-    fs::write(
+    crate::common::write_script(
         &wrapper,
-        format!(
+        &format!(
             "#!/bin/sh\ncase \"$*\" in *'sandbox get'*) sleep 300 </dev/null >/dev/null 2>&1 &\n\
              echo $$ $! > '{}';; esac\nexec '{}' \"$@\"\n",
             pids.display(),
             rig.fake().wrapper().display()
         ),
-    )
-    .unwrap();
-    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let gw = OpenShellGateway::new(wrapper, "nemoclaw").with_timeout(Duration::from_millis(1500));
     let t = Instant::now();
     let l = gw.classify(&name("demo"));
@@ -513,12 +510,10 @@ fn recorded_port_gateway_while_another_is_active_is_foreign() {
 #[case::schema(json!({"fail": {"GetSandbox": "UNKNOWN:failed to decode Protobuf message: invalid wire type"}}))]
 #[case::garbage(json!("garbage"))]
 fn misbehaving_openshell_is_never_missing(#[case] fault: serde_json::Value) {
-    use std::os::unix::fs::PermissionsExt;
     let Some(rig) = Rig::real("nemoclaw") else { return };
     let gw = if fault == "garbage" {
         let p = rig.home.join("garbage");
-        fs::write(&p, "#!/bin/sh\necho '}{ not json'\n").unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        crate::common::write_script(&p, "#!/bin/sh\necho '}{ not json'\n");
         OpenShellGateway::new(p, "nemoclaw")
     } else {
         rig.fake().faults(fault);
