@@ -69,12 +69,31 @@ pub enum Command {
     Journal(JournalCmd),
     /// Run the whole story on the embedded local gateway in a scratch home.
     Demo(DemoArgs),
+    /// Print the shell completion script (completes commands, sandbox names and run ids).
+    Completion {
+        /// The shell: bash, zsh or fish.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the man page (roff): `nemoclaw man > nemoclaw.1`.
+    Man,
     /// Internal commands for tests and benchmarks.
     #[command(subcommand, hide = true)]
     Internal(InternalCmd),
     /// `nemoclaw <name> <action> ...`
     #[command(external_subcommand)]
     Sandbox(Vec<OsString>),
+}
+
+/// Shells `nemoclaw completion` writes a script for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    /// GNU bash (4.4 or later).
+    Bash,
+    /// zsh.
+    Zsh,
+    /// fish.
+    Fish,
 }
 
 /// `nemoclaw onboard`.

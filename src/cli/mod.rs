@@ -5,6 +5,7 @@ pub mod args;
 pub mod printer;
 mod suggest;
 
+mod completion;
 mod demo;
 mod internal;
 mod journal_cmd;
@@ -91,6 +92,8 @@ fn resolve_home(g: &Global) -> Result<PathBuf, CliError> {
 
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
+    // A <TAB> in a shell with nemoclaw's completion registered: answer and exit.
+    completion::answer_if_asked();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // `nemoclaw help rebuild`: the sandbox actions are not top-level commands, so clap's own
     // `help` cannot find them; show the action's help as `nemoclaw <name> rebuild --help` would.
@@ -154,7 +157,8 @@ pub fn main() -> ExitCode {
 /// The flags before the name are kept; a marker word in front of the name makes clap take the
 /// external-subcommand path.
 fn sandbox_named_like_a_command(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    const COMMANDS: [&str; 6] = ["onboard", "list", "recover", "journal", "demo", "internal"];
+    const COMMANDS: [&str; 8] =
+        ["onboard", "list", "recover", "journal", "demo", "completion", "man", "internal"];
     const VALUED: [&str; 4] = ["--home", "--color", "--openshell", "--policy-presets"];
     let mut i = 1;
     while i < argv.len() {
@@ -258,6 +262,8 @@ fn dispatch(ctx: &Ctx, command: Command) -> CmdResult {
         Command::Recover(a) => rebuild_cmd::recover(ctx, a),
         Command::Journal(j) => journal_cmd::dispatch(ctx, j),
         Command::Demo(a) => demo::run(ctx, a),
+        Command::Completion { shell } => completion::script(ctx, shell),
+        Command::Man => completion::man(ctx),
         Command::Internal(i) => internal::dispatch(ctx, i),
         Command::Sandbox(_) => unreachable!("handled in main"),
     }

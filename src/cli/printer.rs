@@ -198,6 +198,13 @@ impl Printer {
         self.paint(self.color_stdout, "2", &clean(s))
     }
 
+    /// Bytes on stdout as they are (a generated script or man page, not foreign text).
+    pub fn raw(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes)?;
+        out.flush()
+    }
+
     /// The JSON document of a command: `{"schema_version":1,"type":kind,"data":data}` on stdout.
     pub fn json_doc(&self, kind: &str, data: serde_json::Value) {
         DOC_PRINTED.store(true, std::sync::atomic::Ordering::Relaxed);

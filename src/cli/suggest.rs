@@ -5,7 +5,8 @@
 //! that really is named `lst` still works with an action after it.
 
 /// Top-level commands.
-const COMMANDS: &[&str] = &["onboard", "list", "recover", "journal", "demo", "help"];
+const COMMANDS: &[&str] =
+    &["onboard", "list", "recover", "journal", "demo", "completion", "man", "help"];
 
 /// NemoClaw's own sandbox actions that nemoclaw does not implement.
 const NEMOCLAW_ONLY: &[&str] = &[

@@ -25,6 +25,8 @@ const HELP: &[&[&str]] = &[
     &["journal", "verify"],
     &["journal", "prune"],
     &["demo"],
+    &["completion"],
+    &["man"],
     &["alpha"],
     &["alpha", "status"],
     &["alpha", "rebuild"],
@@ -122,4 +124,99 @@ fn json_errors_and_nothing_to_do_are_documents() {
     assert!(o.status.success(), "{}", stderr(&o));
     let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(doc["data"]["nothing_to_do"], true);
+}
+
+/// Ask the binary for completions as bash's registration script does (`_CLAP_COMPLETE_INDEX`
+/// = the word being completed), returning the candidates.
+fn complete(h: &Home, words: &[&str]) -> Vec<String> {
+    let o = h
+        .cmd()
+        .env("NEMOCLAW_COMPLETE", "bash")
+        .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
+        .env("_CLAP_IFS", "\n")
+        .arg("--")
+        .args(words)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{words:?}: {}", stderr(&o));
+    stdout(&o).lines().map(str::to_owned).collect()
+}
+
+/// Completion knows the home: sandbox names in the `<NAME>` position and for `--sandbox`, run
+/// ids after `recover` and `journal show`, the actions after a name; and the registration
+/// scripts are what each shell sources.
+#[test]
+fn completion_offers_sandboxes_runs_and_actions() {
+    let h = Home::new();
+    for n in ["alpha", "beta"] {
+        let o = h.run(&["onboard", n, "--gateway", "local"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = h.run(&["--json", "alpha", "rebuild", "--yes"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let run = doc["data"]["run_id"].as_str().expect("run_id").to_owned();
+
+    let top = complete(&h, &["nemoclaw", ""]);
+    for w in ["onboard", "recover", "journal", "completion", "alpha", "beta"] {
+        assert!(top.contains(&w.to_owned()), "{w} not in {top:?}");
+    }
+    assert!(!top.contains(&"internal".to_owned()), "hidden command offered: {top:?}");
+    assert_eq!(complete(&h, &["nemoclaw", "al"]), ["alpha"]);
+    let actions = complete(&h, &["nemoclaw", "beta", ""]);
+    assert_eq!(actions[..4], ["status", "rebuild", "shields", "destroy"], "{actions:?}");
+    assert_eq!(complete(&h, &["nemoclaw", "alpha", "shields", "d"]), ["down"]);
+    for words in [&["nemoclaw", "recover", ""][..], &["nemoclaw", "journal", "show", ""]] {
+        let c = complete(&h, words);
+        assert_eq!(c.first(), Some(&run), "{words:?}: {c:?}");
+    }
+    assert_eq!(complete(&h, &["nemoclaw", "recover", "--sandbox", ""]), ["alpha", "beta"]);
+
+    for (shell, marker) in
+        [("bash", "complete -o nospace"), ("zsh", "compdef"), ("fish", "complete --keep-order")]
+    {
+        let o = h.run(&["completion", shell]);
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let script = stdout(&o);
+        assert!(
+            script.contains(marker) && script.contains("NEMOCLAW_COMPLETE"),
+            "{shell}: {script}"
+        );
+    }
+    // The bash script really registers: sourced in bash, `complete -p` shows it.
+    if std::process::Command::new("bash").arg("--version").output().is_ok() {
+        let o = std::process::Command::new("bash")
+            .args(["-c", "source /dev/stdin; complete -p nemoclaw"])
+            .stdin(
+                std::fs::File::open({
+                    let p = h.path().join("nemoclaw.bash");
+                    std::fs::write(&p, stdout(&h.run(&["completion", "bash"]))).unwrap();
+                    p
+                })
+                .unwrap(),
+            )
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&o.stdout).contains("_clap_complete_nemoclaw"), "{o:?}");
+    }
+}
+
+/// The man page is generated from the same definitions: every command and sandbox action is
+/// in it.
+#[test]
+fn man_page_covers_every_command() {
+    let h = Home::new();
+    let o = run(&h, &["man"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let page = stdout(&o);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH nemoclaw"),
+        "{}",
+        &page[..200.min(page.len())]
+    );
+    for w in
+        ["onboard", "recover", "journal", "completion", "<NAME>", "rebuild", "shields", "destroy"]
+    {
+        assert!(page.contains(w), "man page lacks {w}");
+    }
 }
