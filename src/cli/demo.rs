@@ -11,6 +11,7 @@ use super::{CliError, CmdResult, Ctx};
 use crate::exit::Exit;
 
 struct Demo {
+    printer: super::Printer,
     exe: PathBuf,
     home: PathBuf,
 }
@@ -26,7 +27,7 @@ impl Demo {
 
     /// Run a step of the story, echoing the command line; returns its exit code.
     fn run(&self, args: &[&str], crash: Option<&str>) -> Result<i32, CliError> {
-        eprintln!("\n$ nemoclaw {}", args.join(" "));
+        self.printer.say(format!("\n$ nemoclaw {}", args.join(" ")));
         let mut c = self.cmd(args);
         if let Some(point) = crash {
             c.env(crate::engine::crash::ENV, point);
@@ -90,7 +91,7 @@ pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
     };
     crate::util::create_private_dir(&home)
         .map_err(|e| CliError::new(Exit::Io, format!("cannot create {}: {e}", home.display())))?;
-    let d = Demo { exe, home: home.clone() };
+    let d = Demo { printer: ctx.printer.clone(), exe, home: home.clone() };
     let p = &ctx.printer;
     p.info(format!("nemoclaw demo — scratch NemoClaw home: {}", home.display()));
 

@@ -8,10 +8,9 @@ use serde_json::json;
 
 use super::args::{InternalCmd, SyntheticArgs};
 use super::{CliError, CmdResult, Ctx};
-use crate::engine::{self, synthetic, EngineError, LockDir, RunReport, RunSpec};
+use crate::engine::synthetic::{self, Action, DriveError};
+use crate::engine::{EngineError, RunReport};
 use crate::exit::Exit;
-use crate::journal::runs::{self, UnfinishedFilter};
-use crate::journal::Journal;
 
 /// `nemoclaw internal ...`.
 pub fn dispatch(ctx: &Ctx, i: InternalCmd) -> CmdResult {
@@ -20,7 +19,12 @@ pub fn dispatch(ctx: &Ctx, i: InternalCmd) -> CmdResult {
     }
 }
 
-fn engine_err(e: EngineError) -> CliError {
+fn drive_err(e: DriveError) -> CliError {
+    let e = match e {
+        DriveError::Engine(e) => e,
+        DriveError::Steps => return CliError::new(Exit::Usage, e.to_string()),
+        DriveError::NothingUnfinished(_) => return CliError::new(Exit::Refused, e.to_string()),
+    };
     let hint = match &e {
         EngineError::Busy { .. } => Some("wait for the other run to finish, then retry".to_owned()),
         EngineError::Unfinished { run_id, .. } => Some(format!(
@@ -39,58 +43,23 @@ fn engine_err(e: EngineError) -> CliError {
 }
 
 fn synthetic_cmd(ctx: &Ctx, a: SyntheticArgs) -> CmdResult {
-    let mut journal = Journal::open_home(&ctx.home)?;
-    let locks = LockDir::new(&ctx.home);
     let opts = synthetic::Options { fail_at: a.fail_at, step_ms: a.step_ms };
-    let resolver = synthetic::Resolver { opts };
-    let report = match a.action.as_str() {
-        "run" => {
-            if a.steps == 0 || a.steps > synthetic::STEP_NAMES.len() {
-                return Err(CliError::new(
-                    Exit::Usage,
-                    format!("--steps must be 1..={}", synthetic::STEP_NAMES.len()),
-                ));
-            }
-            let ledger = a.ledger.clone().unwrap_or_else(|| ctx.home.join("synthetic-ledger.txt"));
-            let plan = synthetic::plan(a.steps, &ledger, opts);
-            let spec = RunSpec {
-                lock_key: a.key.clone(),
-                params: synthetic::params(a.steps, &ledger),
-                argv: std::env::args().collect(),
-                ..RunSpec::default()
-            };
-            engine::start(&mut journal, &locks, &plan, spec, &engine::Quiet)
-        }
-        "resume" | "rollback" => {
-            let run_id = match &a.run {
-                Some(r) => r.clone(),
-                None => {
-                    let filter = UnfinishedFilter { lock_key: Some(&a.key), sandbox: None };
-                    match runs::unfinished_runs(journal.conn(), &filter)?.into_iter().next() {
-                        Some(r) => r.id,
-                        None => {
-                            return Err(CliError::new(
-                                Exit::Refused,
-                                format!("no unfinished run on `{}`", a.key),
-                            ))
-                        }
-                    }
-                }
-            };
-            if a.action == "resume" {
-                engine::resume(&mut journal, &locks, &run_id, &resolver, &engine::Quiet)
-            } else {
-                engine::rollback(&mut journal, &locks, &run_id, &resolver, &engine::Quiet)
-            }
-        }
+    let action = match a.action.as_str() {
+        "run" => Action::Run {
+            steps: a.steps,
+            ledger: a.ledger.clone().unwrap_or_else(|| ctx.home.join("synthetic-ledger.txt")),
+            argv: std::env::args().collect(),
+        },
+        "resume" => Action::Resume(a.run.clone()),
+        "rollback" => Action::Rollback(a.run.clone()),
         other => {
             return Err(CliError::new(
                 Exit::Usage,
                 format!("unknown action `{other}`; expected run, resume or rollback"),
             ))
         }
-    }
-    .map_err(engine_err)?;
+    };
+    let report = synthetic::drive(&ctx.home, &a.key, action, opts).map_err(drive_err)?;
     print_report(ctx, &report);
     Ok(report.exit())
 }

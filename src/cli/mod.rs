@@ -135,7 +135,7 @@ pub fn main() -> ExitCode {
                         argv.iter().map(|w| w.to_string_lossy().into_owned()).collect();
                     let hint = if marked { None } else { suggest::explain(&words) };
                     let Some(msg) = hint else { return usage_error(json, e) };
-                    eprintln!("{msg}");
+                    Printer::plain().say(&msg);
                     if json {
                         let first = msg.lines().next().unwrap_or("").trim_start_matches("error: ");
                         Printer::plain().json_doc("error", error_doc(Exit::Usage, first, &[]));

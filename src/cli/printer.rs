@@ -198,6 +198,22 @@ impl Printer {
         self.paint(self.color_stdout, "2", &clean(s))
     }
 
+    /// Ask a yes/no question on stderr and read the answer from stdin: `y` or `yes` in any
+    /// case is yes, anything else (an empty line, end of input) is no, answered with
+    /// `Aborted: nothing was changed.`. Callers refuse first when stdin is not a terminal.
+    pub fn confirm(&self, question: &str) -> bool {
+        use std::io::BufRead;
+        eprint!("{} [y/N] ", clean(question));
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        let read = std::io::stdin().lock().read_line(&mut line).is_ok();
+        let yes = read && is_yes(&line);
+        if !yes {
+            self.say("Aborted: nothing was changed.");
+        }
+        yes
+    }
+
     /// Bytes on stdout as they are (a generated script or man page, not foreign text).
     pub fn raw(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
@@ -217,9 +233,25 @@ impl Printer {
     }
 }
 
+/// The answers [`Printer::confirm`] takes as yes.
+fn is_yes(answer: &str) -> bool {
+    let a = answer.trim();
+    a.eq_ignore_ascii_case("y") || a.eq_ignore_ascii_case("yes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yes_is_y_or_yes_in_any_case_and_nothing_else() {
+        for a in ["y", "Y", "yes", "YES", "Yes\n", " yEs "] {
+            assert!(is_yes(a), "{a:?}");
+        }
+        for a in ["", "\n", "n", "no", "yess", "ye", "sure", "y y"] {
+            assert!(!is_yes(a), "{a:?}");
+        }
+    }
 
     #[test]
     fn control_characters_are_escaped_and_only_our_styling_survives() {

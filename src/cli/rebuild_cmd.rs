@@ -1,6 +1,6 @@
 //! `nemoclaw <name> rebuild` and `nemoclaw recover`.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -303,14 +303,7 @@ fn confirm(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) -> Result
         ),
     };
     p.say(what);
-    eprint!("Proceed? [y/N] ");
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
-    let yes = matches!(line.trim(), "y" | "Y" | "yes" | "YES" | "Yes");
-    if !yes {
-        p.info("Aborted: nothing was changed.");
-    }
+    let yes = p.confirm("Proceed?");
     Ok(yes)
 }
 

@@ -4,7 +4,7 @@
 //! files through `crate::host` (corrupt files are reported, never overwritten) and reaches live
 //! sandboxes only through a `Gateway` scoped to the entry's recorded binding.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -451,13 +451,6 @@ fn refusal(name: &SandboxName, binding: &Binding, live: &Liveness) -> CliError {
     }
 }
 
-fn confirm(question: &str) -> bool {
-    eprint!("{question} [y/N] ");
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).is_ok() && matches!(line.trim(), "y" | "Y" | "yes")
-}
-
 fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
     let p = &ctx.printer;
     let reg = Registry::load(&ctx.home)?;
@@ -483,8 +476,7 @@ fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
             )
             .hint(format!("run `nemoclaw {name} destroy --yes`")));
         }
-        if !confirm(&format!("This will {plan}. Continue?")) {
-            p.info("Cancelled; nothing was changed.");
+        if !p.confirm(&format!("This will {plan}. Continue?")) {
             return Ok(Exit::Refused);
         }
     }

@@ -170,3 +170,83 @@ impl PlanResolver for Resolver {
         Some(plan(steps, &ledger, self.opts))
     }
 }
+
+/// What `nemoclaw internal synthetic` asks for.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Start a new run of `steps` ledger steps under `key`.
+    Run {
+        /// Number of steps (1..=[`STEP_NAMES`]`.len()`).
+        steps: usize,
+        /// The ledger file.
+        ledger: PathBuf,
+        /// The journaled command line.
+        argv: Vec<String>,
+    },
+    /// Resume `run`, or the unfinished run under the key.
+    Resume(Option<String>),
+    /// Roll back `run`, or the unfinished run under the key.
+    Rollback(Option<String>),
+}
+
+/// Why a synthetic command did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    /// The engine refused or failed.
+    #[error(transparent)]
+    Engine(#[from] super::EngineError),
+    /// `--steps` out of range.
+    #[error("--steps must be 1..={}", STEP_NAMES.len())]
+    Steps,
+    /// Resume or rollback with no run id, and none unfinished under the key.
+    #[error("no unfinished run on `{0}`")]
+    NothingUnfinished(String),
+}
+
+/// Run, resume or roll back a synthetic plan in the journal and lock directory of `home`,
+/// with one runner per `key`.
+pub fn drive(
+    home: &Path,
+    key: &str,
+    action: Action,
+    opts: Options,
+) -> Result<super::RunReport, DriveError> {
+    use crate::journal::runs::{unfinished_runs, UnfinishedFilter};
+    let mut journal = crate::journal::Journal::open_home(home).map_err(super::EngineError::from)?;
+    let locks = super::LockDir::new(home);
+    let resolver = Resolver { opts };
+    let unfinished = |journal: &crate::journal::Journal, run: Option<String>| match run {
+        Some(r) => Ok(r),
+        None => {
+            let filter = UnfinishedFilter { lock_key: Some(key), sandbox: None };
+            unfinished_runs(journal.conn(), &filter)
+                .map_err(super::EngineError::from)?
+                .into_iter()
+                .next()
+                .map(|r| r.id)
+                .ok_or_else(|| DriveError::NothingUnfinished(key.to_owned()))
+        }
+    };
+    Ok(match action {
+        Action::Run { steps, ledger, argv } => {
+            if steps == 0 || steps > STEP_NAMES.len() {
+                return Err(DriveError::Steps);
+            }
+            let spec = super::RunSpec {
+                lock_key: key.to_owned(),
+                params: params(steps, &ledger),
+                argv,
+                ..super::RunSpec::default()
+            };
+            super::start(&mut journal, &locks, &plan(steps, &ledger, opts), spec, &super::Quiet)?
+        }
+        Action::Resume(run) => {
+            let id = unfinished(&journal, run)?;
+            super::resume(&mut journal, &locks, &id, &resolver, &super::Quiet)?
+        }
+        Action::Rollback(run) => {
+            let id = unfinished(&journal, run)?;
+            super::rollback(&mut journal, &locks, &id, &resolver, &super::Quiet)?
+        }
+    })
+}

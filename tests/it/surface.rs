@@ -220,3 +220,62 @@ fn man_page_covers_every_command() {
         assert!(page.contains(w), "man page lacks {w}");
     }
 }
+
+/// Every `src/**/*.rs` file with its text.
+fn sources() -> Vec<(String, String)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let rel = p.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap();
+                out.push((rel.display().to_string(), std::fs::read_to_string(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut out);
+    assert!(out.len() > 20, "found only {} source files", out.len());
+    out
+}
+
+/// All output goes through the printer: no `print!`/`eprint!` family anywhere else in `src/`.
+#[test]
+fn only_the_printer_writes_to_the_terminal() {
+    let macros = ["println!(", "eprintln!(", "print!(", "eprint!("];
+    let offenders: Vec<String> = sources()
+        .into_iter()
+        .filter(|(path, _)| path != "src/cli/printer.rs")
+        .flat_map(|(path, text)| {
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| {
+                    macros.iter().any(|m| l.contains(m)) && !l.trim_start().starts_with("//")
+                })
+                .map(|(i, l)| format!("{path}:{}: {}", i + 1, l.trim()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(offenders.is_empty(), "output outside the printer:\n{}", offenders.join("\n"));
+}
+
+/// The CLI edge calls the library; it does not take locks, build step contexts or query the
+/// journal's run tables itself.
+#[test]
+fn the_cli_does_not_reach_into_the_engine_or_the_run_tables() {
+    let forbidden =
+        ["engine::lock", "LockDir", "StepCtx", "journal::runs", "engine::start", "engine::resume"];
+    let offenders: Vec<String> = sources()
+        .into_iter()
+        .filter(|(path, _)| path.starts_with("src/cli/"))
+        .flat_map(|(path, text)| {
+            forbidden
+                .iter()
+                .filter(|f| text.contains(*f))
+                .map(|f| format!("{path} uses {f}"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(offenders.is_empty(), "{}", offenders.join("\n"));
+}
