@@ -104,12 +104,8 @@ fn documented_command(names: Option<&[String]>) -> clap::Command {
 /// The home completion reads: `NEMOCLAW_HOME`, else `~/.nemoclaw` (a `--home` on the command
 /// line being completed is not seen).
 fn home() -> Option<PathBuf> {
-    match std::env::var_os("NEMOCLAW_HOME") {
-        Some(h) if !h.is_empty() => Some(PathBuf::from(h)),
-        _ => std::env::var_os("HOME")
-            .filter(|h| !h.is_empty())
-            .map(|h| PathBuf::from(h).join(".nemoclaw")),
-    }
+    let home = std::env::var_os("NEMOCLAW_HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
+    super::resolve_home(&super::args::Global { home, ..Default::default() }).ok()
 }
 
 /// Registered sandbox names that are valid names and not command words (an unreadable registry
