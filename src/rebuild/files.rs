@@ -180,7 +180,9 @@ pub fn prune(
     for b in &report.files.backups_removed {
         let pb = PathBuf::from(b);
         match std::fs::symlink_metadata(&pb) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&pb)
+            // Backups keep the sandbox's modes: a read-only directory in one must not stop a
+            // non-root owner from removing it.
+            Ok(m) if m.is_dir() => crate::host::fstree::remove_tree(&pb)
                 .map_err(|source| PruneError::Backup { path: pb.clone(), source })?,
             Ok(_) => std::fs::remove_file(&pb)
                 .map_err(|source| PruneError::Backup { path: pb.clone(), source })?,

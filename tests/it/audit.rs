@@ -709,6 +709,50 @@ fn prune_removes_a_finished_prefix_only_and_keeps_the_chain_verifiable() {
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
 
+/// Backups keep the sandbox's modes, read-only directories included, and prune must still
+/// remove them when it does not run as root. Root ignores directory permissions, so as root the
+/// prune runs as `nobody` (through `setpriv`) in a home handed to it.
+#[test]
+fn prune_removes_backups_holding_read_only_directories_without_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Home::new();
+    let home = h.path();
+    let run = rebuild(home, "alpha", false, json!({}));
+    let backup = home.join("rebuild-backups/sb").join(&run);
+    let ro = backup.join("workspace/ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("kept.txt"), b"x").unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+
+    let future = (nemoclaw::util::now_ms() + 40 * DAY).to_string();
+    let args = ["--json", "journal", "prune", "--older-than", "30d"];
+    let mut c = h.cmd();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            eprintln!("skipped: running as root without `setpriv` to drop to an unprivileged user");
+            return;
+        }
+        let st = Command::new("chown").args(["-R", "65534:65534"]).arg(home).status().unwrap();
+        assert!(st.success());
+        c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(crate::common::bin())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", home)
+            .env("NEMOCLAW_HOME", home)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null());
+    }
+    let o = c.env("NEMOCLAW_NOW_MS", &future).args(args).output().unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let d: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["data"]["runs_removed"], json!([run]));
+    assert!(!backup.exists(), "the pruned run's backup is removed: {}", stderr(&o));
+    assert_eq!(count(home, "SELECT count(*) FROM runs"), 0);
+}
+
 #[test]
 fn output_is_aligned_coloured_only_when_asked_and_json_is_stable() {
     let h = Home::new();
