@@ -73,6 +73,14 @@ pub fn syncfs(path: &Path) -> io::Result<()> {
 /// `statfs(2)` `f_type` of a FUSE file system (sshfs, rclone, s3fs, ...).
 pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
+/// `statfs(2)` `f_type`s of file systems whose `syncfs` is not trusted to reach the server that
+/// stores the data: FUSE (verified by the power-loss tests); 9p (`V9FS_MAGIC`: QEMU shares,
+/// WSL 2's Windows drives) and SMB (`CIFS_SUPER_MAGIC`, `SMB2_SUPER_MAGIC`), whose kernel
+/// clients have no `sync_fs` operation and send their flush request (`TFSYNC`, SMB `FLUSH`)
+/// only from a file's `fsync`. These two are read from the kernel source, not tested here;
+/// the per-file path they take instead is always correct, only slower.
+pub const SYNCFS_UNTRUSTED: &[i64] = &[FUSE_SUPER_MAGIC, 0x0102_1997, 0xFF53_4D42, 0xFE53_4D42];
+
 /// Test hook: `NEMOCLAW_SYNC_TREE=fsync` makes [`sync_tree`] take the per-file path on every
 /// file system, `syncfs` forces the `syncfs` path; unset, the file system decides.
 pub const ENV_SYNC_TREE: &str = "NEMOCLAW_SYNC_TREE";
@@ -80,7 +88,7 @@ pub const ENV_SYNC_TREE: &str = "NEMOCLAW_SYNC_TREE";
 /// Whether one `syncfs(2)` on the file system holding `path` makes what was written there
 /// durable.
 //
-// Not on FUSE: Linux sends `FUSE_SYNCFS` only to servers that ask for it (virtiofs), so on
+// Not on the file systems in `SYNCFS_UNTRUSTED`. FUSE, for one: Linux sends `FUSE_SYNCFS` only to servers that ask for it (virtiofs), so on
 // sshfs and every ordinary FUSE daemon `syncfs` flushes the kernel's pages to the daemon and
 // returns success without the daemon ever being asked to make anything durable. Only `fsync`
 // of each file (`FUSE_FSYNC`) and of each directory (`FUSE_FSYNCDIR`) reaches it. A statfs
@@ -101,7 +109,7 @@ pub fn syncfs_is_trusted(path: &Path) -> bool {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return false;
     }
-    st.f_type as i64 != FUSE_SUPER_MAGIC
+    !SYNCFS_UNTRUSTED.contains(&(st.f_type as i64))
 }
 
 /// Make the freshly written tree `root` durable: every file and directory under it, and the
