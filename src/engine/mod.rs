@@ -12,7 +12,7 @@ pub mod signals;
 pub mod step;
 pub mod synthetic;
 
-pub use crash::CRASH_POINTS;
+pub use crash::CrashPoint;
 pub use lock::LockDir;
 pub use runner::{
     resume, rollback, start, EngineError, Observer, PlanResolver, Quiet, RunReport, RunSpec,

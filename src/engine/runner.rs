@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::crash;
+use super::crash::{self, CrashPoint};
 use super::lock::{process_start_ms, KernelLock, LockDir};
 use super::signals;
 use super::step::{Plan, StepCtx};
@@ -149,7 +149,7 @@ fn acquire(journal: &mut Journal, locks: &LockDir, key: &str) -> Result<Held, En
         }
         runs::set_holder(tx, &me)
     })?;
-    crash::point(crash::AFTER_LOCK);
+    crash::point(CrashPoint::AfterLock);
     Ok(Held { key: key.to_owned(), _lock: lock })
 }
 
@@ -212,7 +212,7 @@ fn start_locked(
         runs::create_run(tx, &new, now)?;
         runs::set_holder_run(tx, &new.lock_key, &new.id)
     })?;
-    crash::point(crash::AFTER_RUN_CREATED);
+    crash::point(CrashPoint::AfterRunCreated);
     let rows = runs::steps(journal.conn(), &new.id)?;
     Exec::new(journal, plan, &new.id, new.params.clone(), obs).forward(rows)
 }

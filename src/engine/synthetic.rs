@@ -120,7 +120,7 @@ impl Step for LedgerStep {
             append_line(&self.ledger, &format!("={}", self.k))?;
         }
         // The ledger line is the effect; the step's output is its second part.
-        crate::engine::crash::point(crate::engine::crash::MID_EFFECT);
+        crate::engine::crash::point(crate::engine::CrashPoint::MidEffect);
         Ok(json!({ "k": self.k }))
     }
 
@@ -129,7 +129,7 @@ impl Step for LedgerStep {
         if self.net()? == 1 {
             append_line(&self.ledger, &format!("-{}", self.k))?;
         }
-        crate::engine::crash::point(crate::engine::crash::MID_EFFECT);
+        crate::engine::crash::point(crate::engine::CrashPoint::MidEffect);
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::snapshot::{self, Snapshot};
 use super::{messages, Mode};
-use crate::engine::crash::{self, MID_EFFECT};
+use crate::engine::crash::{self, CrashPoint};
 use crate::engine::{Probe, Step, StepCtx, StepError};
 use crate::gateway::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec};
 use crate::host::backup::{self, Backup, BackupMeta};
@@ -339,7 +339,7 @@ impl Step for BackupStep {
                     return Err(HostError::Invalid(msg));
                 }
             };
-            crash::point(MID_EFFECT);
+            crash::point(CrashPoint::MidEffect);
             Ok(listed)
         })
         .map_err(|e| gw_failure.take().map(gw_err).unwrap_or_else(|| host_err(e)))?;
@@ -431,7 +431,7 @@ impl Step for RemoveStep {
                 }
             }
         }
-        crash::point(MID_EFFECT);
+        crash::point(CrashPoint::MidEffect);
         // Absence is confirmed (above); only then is the registry row removed, so a crash in
         // between leaves the row (resume finishes it).
         registry::update(&env.home, |reg| {
@@ -476,7 +476,7 @@ impl Step for RemoveStep {
                                 .and_then(Value::as_str)
                                 .unwrap_or(&env.image);
                             create(env, &s, image, &label)?;
-                            crash::point(MID_EFFECT);
+                            crash::point(CrashPoint::MidEffect);
                         }
                         // (Or created by an earlier attempt of this compensation: make sure the
                         // state is in.)
@@ -601,7 +601,7 @@ fn restore_checked(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepE
     let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
     b.link_out_verified(&staging).map_err(host_err)?;
     env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
-    crash::point(MID_EFFECT);
+    crash::point(CrashPoint::MidEffect);
     let _ = crate::host::fstree::remove_tree(&staging);
     verify_restored(env, ctx, b)
 }
@@ -670,7 +670,7 @@ impl Step for OnboardStep {
                 create(env, &s, &env.image, ctx.run_id)?.id
             }
         };
-        crash::point(MID_EFFECT);
+        crash::point(CrashPoint::MidEffect);
         put_row(env, &s, self.fresh_entry(&s))?;
         Ok(json!({"id": id, "image": env.image}))
     }
@@ -681,7 +681,7 @@ impl Step for OnboardStep {
         if carries_run_label(&live, ctx.run_id) {
             env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
         }
-        crash::point(MID_EFFECT);
+        crash::point(CrashPoint::MidEffect);
         registry::update(&env.home, |reg| {
             reg.remove_entry(&env.name);
             Ok(())

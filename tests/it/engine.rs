@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nemoclaw::engine::CRASH_POINTS;
+use nemoclaw::engine::CrashPoint;
 use nemoclaw::journal::chain::{event_hash, EventFields, GENESIS};
 use nemoclaw::journal::runs::{self, RunRecord, RunState, StepState};
 use nemoclaw::journal::Journal;
@@ -173,28 +173,28 @@ enum Phase {
     Compensation { per_step: bool },
 }
 
-/// Where the matrix makes each crash point happen. A new point must be added here or the
-/// matrix fails.
-fn phase(point: &str) -> Phase {
+/// Where the matrix makes each crash point happen. No wildcard: a new point does not compile
+/// until it is placed here.
+fn phase(point: CrashPoint) -> Phase {
+    use CrashPoint::*;
     match point {
-        "after_run_created" | "before_finish" => Phase::Forward { per_step: false },
+        AfterRunCreated | BeforeFinish => Phase::Forward { per_step: false },
         // `mid_effect` is reached inside the synthetic step's apply (after its ledger line) and
         // compensate; on the forward path it is the apply's.
-        "before_intent" | "after_intent" | "mid_effect" | "after_effect" | "after_outcome" => {
+        BeforeIntent | AfterIntent | MidEffect | AfterEffect | AfterOutcome => {
             Phase::Forward { per_step: true }
         }
-        "after_lock" => Phase::Lock,
-        "before_rollback_finish" => Phase::Compensation { per_step: false },
-        "before_comp_intent" | "after_comp_intent" | "after_comp_effect" | "after_comp_outcome" => {
+        AfterLock => Phase::Lock,
+        BeforeRollbackFinish => Phase::Compensation { per_step: false },
+        BeforeCompIntent | AfterCompIntent | AfterCompEffect | AfterCompOutcome => {
             Phase::Compensation { per_step: true }
         }
-        other => panic!("crash point `{other}` is not covered by the crash matrix"),
     }
 }
 
 /// One matrix case (`hit`: which arrival at a per-step point crashes; default the middle
 /// step); returns the final run state.
-fn crash_case(point: &str, recovery: &str, n: usize, hit: Option<usize>) -> RunState {
+fn crash_case(point: CrashPoint, recovery: &str, n: usize, hit: Option<usize>) -> RunState {
     let home = Home::new();
     let ledger_path = home.path().join("ledger");
     let lp = ledger_path.to_str().unwrap().to_owned();
@@ -220,7 +220,7 @@ fn crash_case(point: &str, recovery: &str, n: usize, hit: Option<usize>) -> RunS
                 None,
             );
             assert_eq!(code(&o), Some(1), "{ctx}: {}", stderr(&o));
-            let o = synth(&home, &[recovery], Some(point));
+            let o = synth(&home, &[recovery], Some(point.name()));
             assert!(killed(&o.status), "{ctx}: {recovery} was not killed: {}", stderr(&o));
         }
         Phase::Compensation { per_step } => {
@@ -267,13 +267,13 @@ fn crash_case(point: &str, recovery: &str, n: usize, hit: Option<usize>) -> RunS
     got
 }
 
-fn matrix(n: usize) -> BTreeSet<&'static str> {
+fn matrix(n: usize) -> BTreeSet<CrashPoint> {
     let mut covered = BTreeSet::new();
-    for point in CRASH_POINTS {
+    for &point in CrashPoint::ALL {
         for recovery in ["resume", "rollback"] {
             crash_case(point, recovery, n, None);
         }
-        covered.insert(*point);
+        covered.insert(point);
     }
     covered
 }
@@ -284,16 +284,15 @@ fn matrix(n: usize) -> BTreeSet<&'static str> {
 #[case::six_steps(6)]
 fn crash_matrix(#[case] n: usize) {
     let covered = matrix(n);
-    let all: BTreeSet<&str> = CRASH_POINTS.iter().copied().collect();
+    let all: BTreeSet<CrashPoint> = CrashPoint::ALL.iter().copied().collect();
     assert_eq!(covered, all);
-    // Every listed point must have a phase (panics otherwise), and the list has no duplicates.
-    assert_eq!(all.len(), CRASH_POINTS.len());
+    assert_eq!(all.len(), CrashPoint::ALL.len(), "no point is listed twice");
 }
 
 #[test]
 fn crash_matrix_every_hit_of_per_step_points() {
     // On 3 steps, crash at every arrival (first, middle, last step) of each per-step point.
-    for point in CRASH_POINTS {
+    for &point in CrashPoint::ALL {
         let per_step = matches!(
             phase(point),
             Phase::Forward { per_step: true } | Phase::Compensation { per_step: true }
