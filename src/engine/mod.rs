@@ -15,7 +15,7 @@ pub mod synthetic;
 pub use crash::CrashPoint;
 pub use lock::LockDir;
 pub use runner::{
-    resume, rollback, start, EngineError, Observer, PlanResolver, Quiet, RunReport, RunSpec,
-    StepOutcome,
+    resume, rollback, start, EngineError, Observer, PlanError, PlanResolver, Quiet, RunReport,
+    RunSpec, StepOutcome,
 };
-pub use step::{Plan, Probe, Step, StepCtx, StepError};
+pub use step::{decode, DataError, Plan, Probe, Step, StepCtx, StepError};

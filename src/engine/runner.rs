@@ -30,7 +30,7 @@ use crate::journal::runs::{
 use crate::journal::Journal;
 
 // The runner's vocabulary stays reachable where callers have always found it.
-pub use super::error::EngineError;
+pub use super::error::{EngineError, PlanError};
 pub use super::report::{Observer, Quiet, RunReport, StepOutcome};
 
 /// What a new run is about.
@@ -53,8 +53,9 @@ pub struct RunSpec {
 
 /// Rebuilds the plan of a journaled run (from its plan name and params).
 pub trait PlanResolver {
-    /// The plan for `run`, or `None` when this binary does not know the plan.
-    fn plan_for(&self, run: &RunRecord) -> Option<Plan>;
+    /// The plan for `run`: [`PlanError::Unknown`] when this binary does not know the plan,
+    /// [`PlanError::Data`] when the run's params do not decode.
+    fn plan_for(&self, run: &RunRecord) -> Result<Plan, PlanError>;
 }
 
 /// A runner lock held by this process: the kernel lock plus our `holders` row.
@@ -230,9 +231,14 @@ fn open_run(
     let held = acquire(journal, locks, &run.lock_key)?;
     let checked = (|| {
         let run = runs::find_run(journal.conn(), &run.id)?;
-        let plan = plans.plan_for(&run).ok_or_else(|| EngineError::UnknownPlan {
-            run_id: run.id.clone(),
-            plan: run.plan.clone(),
+        let plan = plans.plan_for(&run).map_err(|e| match e {
+            PlanError::Unknown => {
+                EngineError::UnknownPlan { run_id: run.id.clone(), plan: run.plan.clone() }
+            }
+            PlanError::Data(source) => EngineError::Data { run_id: run.id.clone(), source },
+            PlanError::Unavailable { message, exit } => {
+                EngineError::PlanUnavailable { run_id: run.id.clone(), message, exit }
+            }
         })?;
         let current = plan.fingerprint();
         if current != run.plan_fingerprint || plan.name != run.plan {
@@ -242,6 +248,17 @@ fn open_run(
                 recorded: run.plan_fingerprint.clone(),
                 current,
             });
+        }
+        // Every journaled output the plan will read must still decode: a run whose journal
+        // this binary cannot read is refused here, before anything is written or moved.
+        for row in runs::steps(journal.conn(), &run.id)? {
+            let (Some(out), Some(step)) =
+                (&row.output, plan.steps.iter().find(|s| s.name() == row.name))
+            else {
+                continue;
+            };
+            step.check_output(out)
+                .map_err(|source| EngineError::Data { run_id: run.id.clone(), source })?;
         }
         journal.write("record the lock holder's run", |tx| {
             runs::set_holder_run(tx, &run.lock_key, &run.id)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nemoclaw::engine::{
-    self, LockDir, Plan, PlanResolver, Probe, RunSpec, Step, StepCtx, StepError,
+    self, LockDir, Plan, PlanError, PlanResolver, Probe, RunSpec, Step, StepCtx, StepError,
 };
 use nemoclaw::journal::audit::{list_query_plan, RunFilter};
 use nemoclaw::journal::runs::RunRecord;
@@ -75,8 +75,8 @@ pub(crate) fn plan(home: &Path, stale: bool) -> Plan {
 
 struct Resolver(PathBuf);
 impl PlanResolver for Resolver {
-    fn plan_for(&self, run: &RunRecord) -> Option<Plan> {
-        Some(plan(&self.0, run.mode.as_deref() == Some("stale")))
+    fn plan_for(&self, run: &RunRecord) -> Result<Plan, PlanError> {
+        Ok(plan(&self.0, run.mode.as_deref() == Some("stale")))
     }
 }
 

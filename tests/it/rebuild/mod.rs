@@ -448,6 +448,7 @@ fn forward_matrix(mode: Mode, resume: bool) {
 }
 
 mod crash;
+mod data;
 mod edges;
 mod live;
 mod scenarios;
