@@ -2,9 +2,9 @@
 //! the crash matrix, a seeded SIGKILL soak, the lock race, signals, bad journals, tampering.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nemoclaw::engine::CrashPoint;
@@ -13,7 +13,7 @@ use nemoclaw::journal::runs::{self, RunRecord, RunState, StepState};
 use nemoclaw::journal::Journal;
 use rusqlite::Connection;
 
-use crate::common::{stderr, stdout, Home};
+use crate::common::{killed, need_sqlite3, sqlite, stderr, stdout, Home, XorShift};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -38,10 +38,6 @@ fn synth(home: &Home, args: &[&str], crash: Option<&str>) -> Output {
 
 fn code(o: &Output) -> Option<i32> {
     o.status.code()
-}
-
-fn killed(s: &ExitStatus) -> bool {
-    s.signal() == Some(libc::SIGKILL)
 }
 
 fn db(home: &Home) -> PathBuf {
@@ -352,21 +348,6 @@ fn crash_during_resume_and_during_rollback() {
     assert_eq!(check(&home, &run.id, &lp, 6), RunState::RolledBack);
 }
 
-/// xorshift64*: enough randomness for a reproducible soak without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Spawn and SIGKILL after `delay` (if still running). Returns whether it was killed.
 fn spawn_and_kill(home: &Home, args: &[&str], delay: Duration) -> bool {
     let mut c = home.cmd();
@@ -391,7 +372,7 @@ fn sigkill_soak() {
     // after the process exited does not count).
     let want_kills: usize =
         std::env::var("NEMOCLAW_SOAK_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
-    let mut rng = Rng(seed);
+    let mut rng = XorShift(seed | 1);
     let home = Home::new();
     let t0 = Instant::now();
     let mut kills = 0;
@@ -789,15 +770,9 @@ fn full_journal_is_an_io_error_and_keeps_what_was_recorded() {
     }
 }
 
-fn sqlite3(db: &Path, sql: &str) {
-    let out = Command::new("sqlite3").arg(db).arg(sql).output().unwrap_or_else(|e| {
-        panic!("this test needs the `sqlite3` shell on PATH (apt-get install sqlite3): {e}")
-    });
-    assert!(out.status.success(), "sqlite3: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[test]
 fn tampered_event_breaks_the_hash_chain() {
+    need_sqlite3!();
     let home = Home::new();
     one_good_run(&home);
     let c = conn(&home);
@@ -805,8 +780,8 @@ fn tampered_event_breaks_the_hash_chain() {
     assert!(total >= 6);
     drop(c);
     // The append-only trigger stops an honest mistake; a tamperer drops it first.
-    sqlite3(
-        &db(&home),
+    sqlite(
+        home.path(),
         "DROP TRIGGER events_no_update; UPDATE events SET data = '{\"name\":\"s9\"}' WHERE id = 3;",
     );
     let brk = nemoclaw::journal::verify_chain(&conn(&home)).unwrap_err();
@@ -834,7 +809,7 @@ fn tampered_event_breaks_the_hash_chain() {
         &EventFields { id, run_id: run_id.as_deref(), step_seq: seq, at, kind: &kind, data: &data },
     );
     drop(c);
-    sqlite3(&db(&home), &format!("UPDATE events SET hash = '{forged}' WHERE id = 3;"));
+    sqlite(home.path(), &format!("UPDATE events SET hash = '{forged}' WHERE id = 3;"));
     let brk = nemoclaw::journal::verify_chain(&conn(&home)).unwrap_err();
     assert_eq!(brk.event_id, 4, "{brk}");
 }

@@ -135,7 +135,7 @@ fn kill9_soak() {
         }
         let st = child.wait().unwrap();
         let ctx = format!("seed {seed} cycle {cycle} after {delay:?} resume={resume}");
-        if st.signal() == Some(9) {
+        if killed(&st) {
             killed_runs += 1;
             let r = w.home.run(&recover_args(resume));
             assert!(r.status.success(), "{ctx}: recover failed\n{}", stderr(&r));

@@ -14,7 +14,7 @@ use nemoclaw::journal::{events, Journal};
 use nemoclaw::names::SandboxName;
 use serde_json::{json, Value};
 
-use crate::common::{nanos, stderr, stdout, Home, XorShift};
+use crate::common::{killed, nanos, stderr, stdout, Home, XorShift};
 
 /// A registered sandbox on the local gateway with a small workspace, next to a second
 /// sandbox whose row must never change.
@@ -287,8 +287,6 @@ fn check_rolled_back(w: &World, b: &Before, mode: &str) {
 // ---------------------------------------------------------------------------------------------
 // Crash matrix over the real rebuild plan.
 
-use std::os::unix::process::ExitStatusExt;
-
 use nemoclaw::engine::CrashPoint;
 
 /// Where the rebuild's crash matrix makes a point happen: during the rebuild (then a recovery),
@@ -343,10 +341,6 @@ fn world(mode: Mode) -> (World, Before) {
 
 fn run_with_crash(w: &World, args: &[&str], point: CrashPoint, hit: u32) -> Output {
     w.home.cmd().env("NEMOCLAW_CRASHPOINT", format!("{point}:{hit}")).args(args).output().unwrap()
-}
-
-pub(crate) fn killed(o: &Output) -> bool {
-    o.status.signal() == Some(9)
 }
 
 /// Whether the last run's onboard step was attempted (a stale rollback then nulls `imageTag`).
