@@ -490,6 +490,91 @@ mod tests {
         );
     }
 
+    /// Wraps a plan's steps so every journaled output is refused by `check_output`.
+    struct Picky(Box<dyn crate::engine::Step>);
+
+    impl crate::engine::Step for Picky {
+        fn name(&self) -> &'static str {
+            self.0.name()
+        }
+        fn version(&self) -> u32 {
+            self.0.version()
+        }
+        fn probe(
+            &self,
+            ctx: &StepCtx<'_>,
+        ) -> Result<crate::engine::Probe, crate::engine::StepError> {
+            self.0.probe(ctx)
+        }
+        fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, crate::engine::StepError> {
+            self.0.apply(ctx)
+        }
+        fn check_output(&self, _: &Value) -> Result<(), crate::engine::DataError> {
+            Err(crate::engine::DataError { what: "output".into(), detail: "refused".into() })
+        }
+        fn compensate(
+            &self,
+            ctx: &StepCtx<'_>,
+            out: Option<&Value>,
+        ) -> Result<(), crate::engine::StepError> {
+            self.0.compensate(ctx, out)
+        }
+    }
+
+    struct PickyResolver;
+
+    impl PlanResolver for PickyResolver {
+        fn plan_for(&self, run: &RunRecord) -> Result<Plan, PlanError> {
+            let mut plan = synthetic::Resolver::default().plan_for(run)?;
+            plan.steps = plan.steps.into_iter().map(|s| Box::new(Picky(s)) as _).collect();
+            Ok(plan)
+        }
+    }
+
+    /// Params or a step output that do not decode: resume and rollback refuse with exit 65
+    /// (not as an unknown plan), and neither the run nor its effects move.
+    #[test]
+    fn journaled_data_that_does_not_decode_is_refused_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open_home(dir.path()).unwrap();
+        let locks = LockDir::new(dir.path());
+        let ledger = dir.path().join("ledger");
+        let opts = synthetic::Options { fail_at: Some(2), step_ms: 0 };
+        let r = start(&mut j, &locks, &synthetic::plan(3, &ledger, opts), spec(&ledger, 3), &Quiet)
+            .unwrap();
+        let good = runs::get_run(j.conn(), &r.run_id).unwrap().unwrap().params.to_string();
+        let res = synthetic::Resolver::default();
+
+        // A step output the plan refuses.
+        let e = rollback(&mut j, &locks, &r.run_id, &PickyResolver, &Quiet).unwrap_err();
+        assert!(matches!(&e, EngineError::Data { source, .. } if source.what == "output"), "{e}");
+        assert_eq!(e.exit(), Exit::Corrupt);
+
+        // Params of the wrong type.
+        j.conn()
+            .execute(
+                "UPDATE runs SET params = json_set(params, '$.steps', 'three') WHERE id = ?1",
+                [&r.run_id],
+            )
+            .unwrap();
+        for e in [
+            resume(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap_err(),
+            rollback(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap_err(),
+        ] {
+            assert_eq!(e.exit(), Exit::Corrupt, "{e}");
+            assert!(e.to_string().contains("journaled params cannot be decoded"), "{e}");
+        }
+        let run = runs::get_run(j.conn(), &r.run_id).unwrap().unwrap();
+        assert_eq!(run.state, RunState::Failed);
+        assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "+0\n+1\n");
+        assert!(runs::holder(j.conn(), "k").unwrap().is_none());
+
+        // Put back, the same run rolls back.
+        j.conn().execute("UPDATE runs SET params = ?1 WHERE id = ?2", [&good, &r.run_id]).unwrap();
+        let r = rollback(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap();
+        assert_eq!(r.state, RunState::RolledBack);
+    }
+
     #[test]
     fn rollback_compensates_in_reverse_and_busy_names_the_holder() {
         let dir = tempfile::tempdir().unwrap();
