@@ -134,3 +134,24 @@ fn a_step_output_that_does_not_decode_is_refused_as_corrupt_and_changes_nothing(
     assert_ok(&w.home.run(&["recover", "--rollback", &run]));
     check_rolled_back(&w, &b, "normal");
 }
+
+/// A run journaled before `policy_sha256` existed (its snapshot output lacks it), with fields
+/// a later nemoclaw might add (params and outputs carry keys this one does not know): still
+/// read as it was written, and resumed to a finished rebuild.
+#[test]
+fn older_and_newer_journals_still_resume() {
+    let (w, b, run) = failed_after_remove();
+    edit(
+        w.path(),
+        "UPDATE steps SET output = json_set(json_remove(output, '$.policy_sha256'), '$.later', 1) WHERE run_id = ?1 AND name = 'snapshot'",
+        &run,
+    );
+    edit(
+        w.path(),
+        "UPDATE runs SET params = json_set(params, '$.later', json('{\"x\": 1}')) WHERE id = ?1",
+        &run,
+    );
+    assert_ok(&w.home.run(&["recover", "--resume", &run]));
+    check_rebuilt(&w, &b, "normal");
+    assert_eq!(runs(w.path()), vec![(run, "succeeded".to_owned())]);
+}
