@@ -340,8 +340,8 @@ impl Step for BackupStep {
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
-        let rb = &self.0;
-        let target = rb.backup_path();
+        let env = &self.0;
+        let target = env.backup_path();
         if let Ok(b) = Backup::open(&target) {
             return Self::output(&b);
         }
@@ -353,9 +353,9 @@ impl Step for BackupStep {
                     .io()
             })?;
         }
-        let s = snap(rb, ctx)?;
+        let s = snap(env, ctx)?;
         let meta = BackupMeta {
-            sandbox: rb.name.clone(),
+            sandbox: env.name.clone(),
             agent_type: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
             agent_version: s.entry.get("agentVersion").and_then(Value::as_str).map(str::to_owned),
             policy_presets: string_list(s.entry.get("policies")),
@@ -366,9 +366,9 @@ impl Step for BackupStep {
         // files itself (local) also lists what it read, so the manifest describes the source
         // and a copy damaged on its way is refused here, before anything is deleted.
         let mut gw_failure = None;
-        let keeps = rb.gateway.download_keeps();
-        let b = Backup::create_with(&rb.home, &meta, &rb.backup_ts, keeps, |dir| {
-            let listed = match rb.gateway.download_listed(&rb.name, dir) {
+        let keeps = env.gateway.download_keeps();
+        let b = Backup::create_with(&env.home, &meta, &env.backup_ts, keeps, |dir| {
+            let listed = match env.gateway.download_listed(&env.name, dir) {
                 Ok(l) => l,
                 Err(e) => {
                     let msg = e.to_string();
@@ -595,13 +595,13 @@ fn create(rb: &Rebuild, s: &Snapshot, image: &str, label: &str) -> Result<LiveSa
 
 /// Upload a backup's files into the sandbox and verify them against the manifest.
 fn restore_backup(
-    rb: &Rebuild,
+    env: &Rebuild,
     ctx: &StepCtx<'_>,
     out: Option<&BackupOutput>,
 ) -> Result<(), StepError> {
     let Some(out) = out else { return Ok(()) };
     match checked_backup(out)? {
-        Ok(b) => restore_checked(rb, ctx, &b),
+        Ok(b) => restore_checked(env, ctx, &b),
         Err(why) => Err(damaged(ctx, &why)),
     }
 }
@@ -643,25 +643,25 @@ fn damaged(ctx: &StepCtx<'_>, why: &str) -> StepError {
 }
 
 /// Upload a backup that was just verified, then verify what the sandbox holds.
-fn restore_checked(rb: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
-    let staging = staging_dir(&rb.home, ctx.run_id, "restore")?;
+fn restore_checked(env: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+    let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
     b.link_out_verified(&staging).map_err(host_err)?;
-    rb.gateway.upload_state(&rb.name, &staging).map_err(gw_err)?;
+    env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
     crash::point(CrashPoint::MidEffect);
     let _ = crate::host::fstree::remove_tree(&staging);
-    verify_restored(rb, ctx, b)
+    verify_restored(env, ctx, b)
 }
 
 /// The sandbox holds every backed-up file with its bytes and the metadata that can survive the
 /// trip (the upload, and for a check through a download, the download too).
-fn verify_restored(rb: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
-    let up = rb.gateway.upload_keeps();
-    if let Some(live) = rb.gateway.local_state_path(&rb.name) {
+fn verify_restored(env: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+    let up = env.gateway.upload_keeps();
+    if let Some(live) = env.gateway.local_state_path(&env.name) {
         return b.verify_tree(&live, up).map_err(host_err);
     }
-    let check = staging_dir(&rb.home, ctx.run_id, "verify")?;
-    rb.gateway.download_state(&rb.name, &check).map_err(gw_err)?;
-    let r = b.verify_tree(&check, up.and(rb.gateway.download_keeps())).map_err(host_err);
+    let check = staging_dir(&env.home, ctx.run_id, "verify")?;
+    env.gateway.download_state(&env.name, &check).map_err(gw_err)?;
+    let r = b.verify_tree(&check, up.and(env.gateway.download_keeps())).map_err(host_err);
     let _ = crate::host::fstree::remove_tree(&check);
     r
 }
@@ -752,12 +752,12 @@ impl Step for RestoreStep {
         "restore"
     }
     fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
-        let rb = &self.0;
+        let env = &self.0;
         let Some(out) = ctx.output_as::<BackupOutput>("backup")? else {
             return Ok(Probe::NotDone);
         };
         let b = Backup::open(Path::new(&out.backup_path)).map_err(host_err)?;
-        Ok(match verify_restored(rb, ctx, &b) {
+        Ok(match verify_restored(env, ctx, &b) {
             Ok(()) => {
                 Probe::Done(encode(&RestoreOutput { verified_files: b.manifest.files.len() })?)
             }
