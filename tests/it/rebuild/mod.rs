@@ -315,20 +315,7 @@ fn comp_points() -> Vec<CrashPoint> {
     CrashPoint::ALL.iter().copied().filter(|&p| matrix_phase(p).1).collect()
 }
 
-#[derive(Clone, Copy, PartialEq, Debug)]
-pub(crate) enum Mode {
-    Normal,
-    Stale,
-}
-
-impl Mode {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Mode::Normal => "normal",
-            Mode::Stale => "stale",
-        }
-    }
-}
+pub(crate) use nemoclaw::rebuild::Mode;
 
 fn world(mode: Mode) -> (World, Before) {
     let w = World::new(Opts { locked: true, files: 6 });
