@@ -8,7 +8,7 @@ use crate::exit::{Exit, ExitCoded};
 use crate::journal::runs::{HolderRecord, RunState};
 use crate::journal::JournalError;
 
-/// Runner failures (step failures are not errors: they are in the [`RunReport`]).
+/// Runner failures (step failures are not errors: they are in the [`super::RunReport`]).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The journal failed (names the file).

@@ -2,7 +2,7 @@
 //! compensate (spec §4.1). They share one [`Rebuild`] and read each other's journaled outputs
 //! as the types in [`super::data`].
 //!
-//! Order: snapshot → [shields_down] → [backup] → remove → onboard → [restore] → policies →
+//! Order: snapshot → \[shields_down\] → \[backup\] → remove → onboard → \[restore\] → policies →
 //! shields (brackets: normal mode only).
 
 use std::collections::BTreeMap;
