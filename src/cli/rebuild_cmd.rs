@@ -497,7 +497,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     )?;
     let report = &out.report;
     let name = run.sandbox.as_deref().and_then(|s| SandboxName::parse(s).ok());
-    let shields_locked = run.params["shields_locked"].as_bool().unwrap_or(false);
+    let shields_locked = saga::run_params(&run)?.shields_locked;
     match (report.state, name) {
         (RunState::Succeeded, Some(n)) => succeeded(p, &n, mode, &out, shields_locked),
         (RunState::RolledBack, Some(n)) if damaged_at.is_some() => {

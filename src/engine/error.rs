@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 
+use super::step::DataError;
 use crate::exit::{Exit, ExitCoded};
 use crate::journal::runs::{HolderRecord, RunState};
 use crate::journal::JournalError;
 
-/// Runner failures (step failures are not errors: they are in the [`RunReport`]).
+/// Runner failures (step failures are not errors: they are in the [`super::RunReport`]).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The journal failed (names the file).
@@ -50,6 +51,25 @@ pub enum EngineError {
         run_id: String,
         /// Journaled plan name.
         plan: String,
+    },
+    /// The run's journaled params or a step's journaled output do not decode as its plan
+    /// reads them: corrupt input, refused before anything changes.
+    #[error("run {run_id}: {source}; refusing to touch it")]
+    Data {
+        /// Run id.
+        run_id: String,
+        /// What did not decode.
+        source: DataError,
+    },
+    /// Something the run's plan needs could not be opened (its gateway driver, say).
+    #[error("run {run_id}: {message}")]
+    PlanUnavailable {
+        /// Run id.
+        run_id: String,
+        /// What failed.
+        message: String,
+        /// The exit code of the cause.
+        exit: Exit,
     },
     /// The run was made by a different version of its plan.
     #[error("run {run_id} was made by a different `{plan}` plan (fingerprint {recorded}, this nemoclaw has {current}); refusing to continue it with different steps")]
@@ -94,10 +114,31 @@ impl ExitCoded for EngineError {
             EngineError::Journal(e) => e.exit(),
             EngineError::Busy { .. } => Exit::Busy,
             EngineError::Lock { .. } => Exit::Io,
+            EngineError::Data { .. } => Exit::Corrupt,
+            EngineError::PlanUnavailable { exit, .. } => *exit,
             EngineError::Unfinished { .. }
             | EngineError::UnknownPlan { .. }
             | EngineError::PlanChanged { .. }
             | EngineError::Refused { .. } => Exit::Refused,
         }
     }
+}
+
+/// Why a [`super::PlanResolver`] could not give a journaled run its plan.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// This binary does not know the run's plan (refused, exit 3).
+    #[error("unknown plan")]
+    Unknown,
+    /// The run's params do not decode (exit 65).
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// Something the plan needs could not be opened; `exit` is the cause's code.
+    #[error("{message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+        /// The cause's exit code.
+        exit: Exit,
+    },
 }

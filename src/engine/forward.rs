@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::crash;
+use super::crash::{self, CrashPoint};
 use super::error::EngineError;
 use super::report::{RunReport, StepOutcome};
 use super::runner::Exec;
@@ -47,13 +47,13 @@ impl Exec<'_> {
         let mut k = 0;
         loop {
             if k == n {
-                crash::point(crash::BEFORE_FINISH);
+                crash::point(CrashPoint::BeforeFinish);
                 self.commit("finish the run", &carry, |tx, id, now| {
                     runs::set_run_state(tx, id, RunState::Succeeded, None, now, json!({}))
                         .map(|_| ())
                 })?;
                 if carry.is_some() {
-                    crash::point(crash::AFTER_OUTCOME);
+                    crash::point(CrashPoint::AfterOutcome);
                 }
                 return Ok(self.report(RunState::Succeeded));
             }
@@ -150,23 +150,23 @@ impl Exec<'_> {
                 }
             }
             // Intent: durable before the effect. Carries the previous step's outcome.
-            crash::point(crash::BEFORE_INTENT);
+            crash::point(CrashPoint::BeforeIntent);
             let input = intent_input();
             self.commit("record the step intent", &carry, |tx, id, now| {
                 let change = StepChange { input: Some(&input), ..Default::default() };
                 runs::set_step_state(tx, id, k, StepState::Started, change, now).map(|_| ())
             })?;
             if carry.take().is_some() {
-                crash::point(crash::AFTER_OUTCOME);
+                crash::point(CrashPoint::AfterOutcome);
             }
-            crash::point(crash::AFTER_INTENT);
+            crash::point(CrashPoint::AfterIntent);
             if !resumed {
                 self.obs.step_started(k, name, false);
             }
             let t = Instant::now();
             let attempt = rows[k].attempt + 1;
             let result = step.apply(&self.ctx(k, attempt));
-            crash::point(crash::AFTER_EFFECT);
+            crash::point(CrashPoint::AfterEffect);
             match result {
                 Ok(out) => {
                     self.obs.step_finished(k, name, t.elapsed(), &StepOutcome::Done);
@@ -211,7 +211,7 @@ impl Exec<'_> {
             runs::set_run_state(tx, id, RunState::Failed, Some(&msg), now, json!({ "step": name }))
                 .map(|_| ())
         })?;
-        crash::point(crash::AFTER_OUTCOME);
+        crash::point(CrashPoint::AfterOutcome);
         let mut r = self.report(RunState::Failed);
         r.failed_step = Some(name.to_owned());
         r.error = Some(e);

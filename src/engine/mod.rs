@@ -12,10 +12,10 @@ pub mod signals;
 pub mod step;
 pub mod synthetic;
 
-pub use crash::CRASH_POINTS;
+pub use crash::CrashPoint;
 pub use lock::LockDir;
 pub use runner::{
-    resume, rollback, start, EngineError, Observer, PlanResolver, Quiet, RunReport, RunSpec,
-    StepOutcome,
+    resume, rollback, start, EngineError, Observer, PlanError, PlanResolver, Quiet, RunReport,
+    RunSpec, StepOutcome,
 };
-pub use step::{Plan, Probe, Step, StepCtx, StepError};
+pub use step::{decode, DataError, Plan, Probe, Step, StepCtx, StepError};

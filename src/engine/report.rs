@@ -69,7 +69,8 @@ impl RunReport {
     }
 
     /// The exit code this report maps to: 0 succeeded/rolled back, 130 interrupted,
-    /// 74 a step's local I/O failure, 1 anything else unfinished.
+    /// 74 a step's local I/O failure, 65 journaled data that does not decode, 1 anything else
+    /// unfinished.
     pub fn exit(&self) -> Exit {
         if self.interrupted {
             Exit::Interrupted
@@ -77,6 +78,8 @@ impl RunReport {
             Exit::Ok
         } else if self.error.as_ref().is_some_and(|e| e.io) {
             Exit::Io
+        } else if self.error.as_ref().is_some_and(|e| e.corrupt) {
+            Exit::Corrupt
         } else {
             Exit::Failed
         }

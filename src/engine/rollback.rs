@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::crash;
+use super::crash::{self, CrashPoint};
 use super::error::EngineError;
 use super::report::RunReport;
 use super::runner::Exec;
@@ -70,7 +70,7 @@ impl Exec<'_> {
                 return Ok(r);
             }
             if row.state != StepState::Compensating || carry.is_some() || !rolling {
-                crash::point(crash::BEFORE_COMP_INTENT);
+                crash::point(CrashPoint::BeforeCompIntent);
                 let already = row.state == StepState::Compensating;
                 let had_carry = carry.is_some();
                 self.commit_comp(
@@ -95,9 +95,9 @@ impl Exec<'_> {
                 )?;
                 rolling = true;
                 if had_carry {
-                    crash::point(crash::AFTER_COMP_OUTCOME);
+                    crash::point(CrashPoint::AfterCompOutcome);
                 }
-                crash::point(crash::AFTER_COMP_INTENT);
+                crash::point(CrashPoint::AfterCompIntent);
             }
             self.obs.compensating(k, name);
             let t = Instant::now();
@@ -105,7 +105,7 @@ impl Exec<'_> {
             // is compensated "blind" (compensate is a no-op when the effect is not in place).
             let output = row.output.clone();
             let result = step.compensate(&self.ctx(k, row.attempt), output.as_ref());
-            crash::point(crash::AFTER_COMP_EFFECT);
+            crash::point(CrashPoint::AfterCompEffect);
             match result {
                 Ok(()) => {
                     self.obs.compensated(k, name, t.elapsed());
@@ -135,13 +135,13 @@ impl Exec<'_> {
                 }
             }
         }
-        crash::point(crash::BEFORE_ROLLBACK_FINISH);
+        crash::point(CrashPoint::BeforeRollbackFinish);
         let had_carry = carry.is_some();
         self.commit_comp("finish the rollback", carry, !rolling, |tx, id, now| {
             runs::set_run_state(tx, id, RunState::RolledBack, None, now, json!({})).map(|_| ())
         })?;
         if had_carry {
-            crash::point(crash::AFTER_COMP_OUTCOME);
+            crash::point(CrashPoint::AfterCompOutcome);
         }
         Ok(self.report(RunState::RolledBack))
     }

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::crash;
+use super::crash::{self, CrashPoint};
 use super::lock::{process_start_ms, KernelLock, LockDir};
 use super::signals;
 use super::step::{Plan, StepCtx};
@@ -30,7 +30,7 @@ use crate::journal::runs::{
 use crate::journal::Journal;
 
 // The runner's vocabulary stays reachable where callers have always found it.
-pub use super::error::EngineError;
+pub use super::error::{EngineError, PlanError};
 pub use super::report::{Observer, Quiet, RunReport, StepOutcome};
 
 /// What a new run is about.
@@ -53,8 +53,9 @@ pub struct RunSpec {
 
 /// Rebuilds the plan of a journaled run (from its plan name and params).
 pub trait PlanResolver {
-    /// The plan for `run`, or `None` when this binary does not know the plan.
-    fn plan_for(&self, run: &RunRecord) -> Option<Plan>;
+    /// The plan for `run`: [`PlanError::Unknown`] when this binary does not know the plan,
+    /// [`PlanError::Data`] when the run's params do not decode.
+    fn plan_for(&self, run: &RunRecord) -> Result<Plan, PlanError>;
 }
 
 /// A runner lock held by this process: the kernel lock plus our `holders` row.
@@ -149,7 +150,7 @@ fn acquire(journal: &mut Journal, locks: &LockDir, key: &str) -> Result<Held, En
         }
         runs::set_holder(tx, &me)
     })?;
-    crash::point(crash::AFTER_LOCK);
+    crash::point(CrashPoint::AfterLock);
     Ok(Held { key: key.to_owned(), _lock: lock })
 }
 
@@ -212,7 +213,7 @@ fn start_locked(
         runs::create_run(tx, &new, now)?;
         runs::set_holder_run(tx, &new.lock_key, &new.id)
     })?;
-    crash::point(crash::AFTER_RUN_CREATED);
+    crash::point(CrashPoint::AfterRunCreated);
     let rows = runs::steps(journal.conn(), &new.id)?;
     Exec::new(journal, plan, &new.id, new.params.clone(), obs).forward(rows)
 }
@@ -230,9 +231,14 @@ fn open_run(
     let held = acquire(journal, locks, &run.lock_key)?;
     let checked = (|| {
         let run = runs::find_run(journal.conn(), &run.id)?;
-        let plan = plans.plan_for(&run).ok_or_else(|| EngineError::UnknownPlan {
-            run_id: run.id.clone(),
-            plan: run.plan.clone(),
+        let plan = plans.plan_for(&run).map_err(|e| match e {
+            PlanError::Unknown => {
+                EngineError::UnknownPlan { run_id: run.id.clone(), plan: run.plan.clone() }
+            }
+            PlanError::Data(source) => EngineError::Data { run_id: run.id.clone(), source },
+            PlanError::Unavailable { message, exit } => {
+                EngineError::PlanUnavailable { run_id: run.id.clone(), message, exit }
+            }
         })?;
         let current = plan.fingerprint();
         if current != run.plan_fingerprint || plan.name != run.plan {
@@ -242,6 +248,17 @@ fn open_run(
                 recorded: run.plan_fingerprint.clone(),
                 current,
             });
+        }
+        // Every journaled output the plan will read must still decode: a run whose journal
+        // this binary cannot read is refused here, before anything is written or moved.
+        for row in runs::steps(journal.conn(), &run.id)? {
+            let (Some(out), Some(step)) =
+                (&row.output, plan.steps.iter().find(|s| s.name() == row.name))
+            else {
+                continue;
+            };
+            step.check_output(out)
+                .map_err(|source| EngineError::Data { run_id: run.id.clone(), source })?;
         }
         journal.write("record the lock holder's run", |tx| {
             runs::set_holder_run(tx, &run.lock_key, &run.id)
@@ -471,6 +488,91 @@ mod tests {
             rollback(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap_err().exit(),
             Exit::Refused
         );
+    }
+
+    /// Wraps a plan's steps so every journaled output is refused by `check_output`.
+    struct Picky(Box<dyn crate::engine::Step>);
+
+    impl crate::engine::Step for Picky {
+        fn name(&self) -> &'static str {
+            self.0.name()
+        }
+        fn version(&self) -> u32 {
+            self.0.version()
+        }
+        fn probe(
+            &self,
+            ctx: &StepCtx<'_>,
+        ) -> Result<crate::engine::Probe, crate::engine::StepError> {
+            self.0.probe(ctx)
+        }
+        fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, crate::engine::StepError> {
+            self.0.apply(ctx)
+        }
+        fn check_output(&self, _: &Value) -> Result<(), crate::engine::DataError> {
+            Err(crate::engine::DataError { what: "output".into(), detail: "refused".into() })
+        }
+        fn compensate(
+            &self,
+            ctx: &StepCtx<'_>,
+            out: Option<&Value>,
+        ) -> Result<(), crate::engine::StepError> {
+            self.0.compensate(ctx, out)
+        }
+    }
+
+    struct PickyResolver;
+
+    impl PlanResolver for PickyResolver {
+        fn plan_for(&self, run: &RunRecord) -> Result<Plan, PlanError> {
+            let mut plan = synthetic::Resolver::default().plan_for(run)?;
+            plan.steps = plan.steps.into_iter().map(|s| Box::new(Picky(s)) as _).collect();
+            Ok(plan)
+        }
+    }
+
+    /// Params or a step output that do not decode: resume and rollback refuse with exit 65
+    /// (not as an unknown plan), and neither the run nor its effects move.
+    #[test]
+    fn journaled_data_that_does_not_decode_is_refused_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open_home(dir.path()).unwrap();
+        let locks = LockDir::new(dir.path());
+        let ledger = dir.path().join("ledger");
+        let opts = synthetic::Options { fail_at: Some(2), step_ms: 0 };
+        let r = start(&mut j, &locks, &synthetic::plan(3, &ledger, opts), spec(&ledger, 3), &Quiet)
+            .unwrap();
+        let good = runs::get_run(j.conn(), &r.run_id).unwrap().unwrap().params.to_string();
+        let res = synthetic::Resolver::default();
+
+        // A step output the plan refuses.
+        let e = rollback(&mut j, &locks, &r.run_id, &PickyResolver, &Quiet).unwrap_err();
+        assert!(matches!(&e, EngineError::Data { source, .. } if source.what == "output"), "{e}");
+        assert_eq!(e.exit(), Exit::Corrupt);
+
+        // Params of the wrong type.
+        j.conn()
+            .execute(
+                "UPDATE runs SET params = json_set(params, '$.steps', 'three') WHERE id = ?1",
+                [&r.run_id],
+            )
+            .unwrap();
+        for e in [
+            resume(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap_err(),
+            rollback(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap_err(),
+        ] {
+            assert_eq!(e.exit(), Exit::Corrupt, "{e}");
+            assert!(e.to_string().contains("journaled params cannot be decoded"), "{e}");
+        }
+        let run = runs::get_run(j.conn(), &r.run_id).unwrap().unwrap();
+        assert_eq!(run.state, RunState::Failed);
+        assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "+0\n+1\n");
+        assert!(runs::holder(j.conn(), "k").unwrap().is_none());
+
+        // Put back, the same run rolls back.
+        j.conn().execute("UPDATE runs SET params = ?1 WHERE id = ?2", [&good, &r.run_id]).unwrap();
+        let r = rollback(&mut j, &locks, &r.run_id, &res, &Quiet).unwrap();
+        assert_eq!(r.state, RunState::RolledBack);
     }
 
     #[test]

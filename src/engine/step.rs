@@ -1,9 +1,14 @@
 //! The step contract. A plan is an ordered list of steps; each step can tell whether its
 //! effect already happened (`probe`), make it happen idempotently (`apply`) and undo it
 //! idempotently (`compensate`). The runner journals intent before `apply` and the outcome after.
+//!
+//! Steps read journaled data (their run's params, earlier steps' outputs) as serde types through
+//! [`decode`] and [`StepCtx::output_as`]: a value that does not decode is corrupt input
+//! ([`DataError`], exit 65), never a default.
 
 use std::collections::BTreeMap;
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// What a probe found out about a step's effect.
@@ -28,12 +33,14 @@ pub struct StepError {
     pub hints: Vec<String>,
     /// Whether the failure was an I/O error on this host (exit 74) rather than a step failure.
     pub io: bool,
+    /// Whether the step stopped on journaled data that does not decode (exit 65).
+    pub corrupt: bool,
 }
 
 impl StepError {
     /// A step failure with a message.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into(), hints: Vec::new(), io: false }
+        Self { message: message.into(), hints: Vec::new(), io: false, corrupt: false }
     }
 
     /// Add a hint line.
@@ -47,6 +54,30 @@ impl StepError {
         self.io = true;
         self
     }
+}
+
+impl From<DataError> for StepError {
+    fn from(e: DataError) -> Self {
+        let mut s = StepError::new(e.to_string());
+        s.corrupt = true;
+        s
+    }
+}
+
+/// A journaled value (a run's params, a step's output) that does not decode into the type its
+/// plan reads it as. Corrupt input: exit 65, and nothing is guessed in its place.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("the journaled {what} cannot be decoded: {detail}")]
+pub struct DataError {
+    /// What was read (`params`, `output of step \`backup\``).
+    pub what: String,
+    /// What serde said.
+    pub detail: String,
+}
+
+/// Decode the journaled value `v` (described by `what`, for the error) as a `T`.
+pub fn decode<T: DeserializeOwned>(what: &str, v: &Value) -> Result<T, DataError> {
+    T::deserialize(v).map_err(|e| DataError { what: what.to_owned(), detail: e.to_string() })
 }
 
 /// Read-only view a step gets of its run.
@@ -68,6 +99,17 @@ impl StepCtx<'_> {
     /// The output of an earlier finished step, if any.
     pub fn output(&self, step: &str) -> Option<&Value> {
         self.outputs.get(step)
+    }
+
+    /// The output of an earlier finished step, decoded as a `T`; `Ok(None)` when that step has
+    /// not finished, [`DataError`] when its journaled output does not decode.
+    pub fn output_as<T: DeserializeOwned>(&self, step: &str) -> Result<Option<T>, DataError> {
+        self.outputs.get(step).map(|v| decode(&format!("output of step `{step}`"), v)).transpose()
+    }
+
+    /// The run's params, decoded as a `T`.
+    pub fn params_as<T: DeserializeOwned>(&self) -> Result<T, DataError> {
+        decode("params", self.params)
     }
 }
 
@@ -92,6 +134,13 @@ pub trait Step: Send + Sync {
     /// Make the effect happen. Idempotent: applying twice is the same as applying once.
     /// Returns the output to journal (secrets are redacted by the journal).
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError>;
+
+    /// Whether `output`, journaled by this step, still decodes as what the step and the steps
+    /// after it read. The runner asks before it resumes or rolls back a run, so a run whose
+    /// journal holds data this binary cannot read is refused (exit 65) before anything moves.
+    fn check_output(&self, _output: &Value) -> Result<(), DataError> {
+        Ok(())
+    }
 
     /// Undo the effect. Idempotent, and a no-op when the effect is not in place.
     /// `output` is the journaled output when the step finished, `None` when it only started.

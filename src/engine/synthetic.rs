@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::runner::PlanResolver;
-use super::step::{Plan, Probe, Step, StepCtx, StepError};
+use super::runner::{PlanError, PlanResolver};
+use super::step::{decode, Plan, Probe, Step, StepCtx, StepError};
 use crate::journal::runs::RunRecord;
 
 /// Plan name journaled for synthetic runs.
@@ -120,7 +120,7 @@ impl Step for LedgerStep {
             append_line(&self.ledger, &format!("={}", self.k))?;
         }
         // The ledger line is the effect; the step's output is its second part.
-        crate::engine::crash::point(crate::engine::crash::MID_EFFECT);
+        crate::engine::crash::point(crate::engine::CrashPoint::MidEffect);
         Ok(json!({ "k": self.k }))
     }
 
@@ -129,14 +129,21 @@ impl Step for LedgerStep {
         if self.net()? == 1 {
             append_line(&self.ledger, &format!("-{}", self.k))?;
         }
-        crate::engine::crash::point(crate::engine::crash::MID_EFFECT);
+        crate::engine::crash::point(crate::engine::CrashPoint::MidEffect);
         Ok(())
     }
 }
 
 /// The run parameters of a synthetic plan (what [`Resolver`] needs to rebuild it).
 pub fn params(steps: usize, ledger: &Path) -> Value {
-    json!({ "steps": steps, "ledger": ledger.to_string_lossy() })
+    json!(Params { steps, ledger: ledger.to_string_lossy().into_owned() })
+}
+
+/// A synthetic run's journaled params (`{"steps": 3, "ledger": "<path>"}`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Params {
+    steps: usize,
+    ledger: String,
 }
 
 /// A synthetic plan of `steps` (at most [`STEP_NAMES`]`.len()`) ledger steps.
@@ -161,13 +168,12 @@ pub struct Resolver {
 }
 
 impl PlanResolver for Resolver {
-    fn plan_for(&self, run: &RunRecord) -> Option<Plan> {
+    fn plan_for(&self, run: &RunRecord) -> Result<Plan, PlanError> {
         if run.plan != PLAN_NAME {
-            return None;
+            return Err(PlanError::Unknown);
         }
-        let steps = run.params.get("steps")?.as_u64()? as usize;
-        let ledger = PathBuf::from(run.params.get("ledger")?.as_str()?);
-        Some(plan(steps, &ledger, self.opts))
+        let p: Params = decode("params", &run.params)?;
+        Ok(plan(p.steps, Path::new(&p.ledger), self.opts))
     }
 }
 

@@ -11,8 +11,11 @@
 
 use serde_json::json;
 
+use super::data::BackupOutput;
+use super::saga::SagaError;
 use super::steps::checked_backup;
-use crate::journal::{runs, Journal, JournalError};
+use crate::engine::decode;
+use crate::journal::{runs, Journal};
 
 /// What `recover` found when asked to accept a damaged backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,21 +37,20 @@ pub enum BackupCheck {
 }
 
 /// Check the backup of `run_id` and, when it is damaged, journal that the operator accepted
-/// rolling back without it (one event, written before the rollback changes anything).
+/// rolling back without it (one event, written before the rollback changes anything). A backup
+/// output that does not decode is corrupt input ([`SagaError::Data`]), and nothing is journaled.
 pub fn accept_damaged_backup(
     journal: &mut Journal,
     run_id: &str,
-) -> Result<BackupCheck, JournalError> {
+) -> Result<BackupCheck, SagaError> {
     let steps = runs::steps(journal.conn(), run_id)?;
-    let Some(out) = steps
-        .iter()
-        .find(|s| s.name == "backup")
-        .and_then(|s| s.output.clone())
-        .filter(|o| o["backup_path"].is_string())
+    let Some(out) = steps.iter().find(|s| s.name == "backup").and_then(|s| s.output.as_ref())
     else {
         return Ok(BackupCheck::NoBackup);
     };
-    let path = out["backup_path"].as_str().unwrap_or_default().to_owned();
+    let out: BackupOutput = decode("output of step `backup`", out)
+        .map_err(|source| SagaError::Data { run_id: run_id.to_owned(), source })?;
+    let path = out.backup_path.clone();
     let why = match checked_backup(&out) {
         Ok(Ok(_)) => return Ok(BackupCheck::Intact { path }),
         Ok(Err(why)) => why,

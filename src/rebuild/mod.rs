@@ -5,6 +5,7 @@
 //! the generic engine; [`Resolver`] rebuilds it from the journaled params for `recover`.
 
 pub mod damaged;
+pub mod data;
 pub mod files;
 pub mod messages;
 pub mod saga;
@@ -15,16 +16,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::engine::runner::PlanResolver;
-use crate::engine::{Plan, Step};
+use crate::engine::runner::{PlanError, PlanResolver};
+use crate::engine::{decode, Plan, Step};
 use crate::gateway::{Gateway, Liveness, Unhealthy};
 use crate::host::registry::{self, Binding};
 use crate::host::{shields, HostError};
 use crate::journal::runs::RunRecord;
 use crate::names::SandboxName;
-use steps::Env;
+use data::{Evidence, PriorPolicy, RebuildParams, SnapshotOutput};
+use steps::Rebuild;
 
 /// Name of the rebuild plan in the journal.
 pub const PLAN_NAME: &str = "rebuild";
@@ -32,8 +34,9 @@ pub const PLAN_NAME: &str = "rebuild";
 /// Image used for a recreate when `NEMOCLAW_SANDBOX_IMAGE` is not set.
 pub const DEFAULT_IMAGE: &str = "openshell/sandbox-base:latest";
 
-/// Normal rebuild or stale recovery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Normal rebuild or stale recovery (journaled as `normal` / `stale`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The sandbox is live: backup → replace → restore.
     Normal,
@@ -242,30 +245,45 @@ pub fn lock_key(binding: &str, name: &SandboxName) -> String {
 }
 
 /// Params journaled with a new run: enough to rebuild the plan in another process.
-pub fn params(pf: &Preflight, mode: Mode, now_ms: i64) -> Value {
+pub fn params(pf: &Preflight, mode: Mode, now_ms: i64) -> RebuildParams {
+    let gateway = pf.binding.name().to_owned();
     let evidence = match &pf.liveness {
-        Liveness::Present(s) => {
-            json!({"gateway": pf.binding.name(), "status": "present", "id": s.id, "phase": s.phase})
-        }
-        Liveness::Missing => json!({"gateway": pf.binding.name(), "status": "missing"}),
-        other => json!({"gateway": pf.binding.name(), "status": format!("{other:?}")}),
+        Liveness::Present(s) => Evidence {
+            gateway: gateway.clone(),
+            status: "present".to_owned(),
+            id: Some(s.id.clone()),
+            phase: Some(s.phase.clone()),
+        },
+        Liveness::Missing => Evidence {
+            gateway: gateway.clone(),
+            status: "missing".to_owned(),
+            id: None,
+            phase: None,
+        },
+        other => Evidence {
+            gateway: gateway.clone(),
+            status: format!("{other:?}"),
+            id: None,
+            phase: None,
+        },
     };
-    json!({
-        "sandbox": pf.name.as_str(),
-        "gateway": pf.binding.name(),
-        "mode": mode.as_str(),
-        "image": current_image(),
-        "backup_ts": crate::host::backup::backup_timestamp(now_ms),
-        "shields_locked": pf.shields_locked,
-        "evidence": evidence,
-    })
+    RebuildParams {
+        sandbox: pf.name.clone(),
+        gateway,
+        mode,
+        image: current_image(),
+        backup_ts: crate::host::backup::backup_timestamp(now_ms),
+        shields_locked: pf.shields_locked,
+        evidence: Some(evidence),
+        prior_policy: None,
+    }
 }
 
 /// The last policy a succeeded run of `name` captured or created the sandbox with: the run id
 /// and its snapshot digest, for a stale recovery to recreate with exactly that policy (the
 /// journal is the only record of it once the sandbox is gone). `None` when no run has one, or
 /// the journal cannot be read (the stale recovery then falls back to the registry's presets).
-pub fn prior_policy(home: &Path, name: &SandboxName) -> Option<Value> {
+pub fn prior_policy(home: &Path, name: &SandboxName) -> Option<PriorPolicy> {
     let j = crate::journal::Journal::open_readonly(&home.join(crate::journal::store::FILE_NAME))
         .ok()??;
     let filter = crate::journal::audit::RunFilter {
@@ -283,55 +301,40 @@ pub fn prior_policy(home: &Path, name: &SandboxName) -> Option<Value> {
     runs.sort();
     for id in runs.iter().rev() {
         let steps = crate::journal::runs::steps(j.conn(), id).ok()?;
-        let Some(out) = steps.iter().find(|s| s.name == "snapshot").and_then(|s| s.output.clone())
+        let Some(out) = steps.iter().find(|s| s.name == "snapshot").and_then(|s| s.output.as_ref())
         else {
             continue;
         };
-        if out.get("policy_sha256").is_some_and(|v| v.is_string()) {
-            return Some(json!({"run": id, "snapshot_sha256": out["snapshot_sha256"]}));
+        // An older run's output that does not decode names no policy this recovery could
+        // check; the search goes on to the run before it.
+        match decode::<SnapshotOutput>("output of step `snapshot`", out) {
+            Ok(o) if o.policy_sha256.is_some() => {
+                return Some(PriorPolicy { run: id.clone(), snapshot_sha256: o.snapshot_sha256 })
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("run {id}: {e}"),
         }
     }
     None
 }
 
 /// Build the plan for a mode. `shields_locked` decides whether `shields_down` is in it.
-pub fn plan(env: Arc<Env>, shields_locked: bool) -> Plan {
-    let mut steps: Vec<Box<dyn Step>> = vec![Box::new(steps::SnapshotStep(env.clone()))];
-    if env.mode == Mode::Normal {
+pub fn plan(rb: Arc<Rebuild>, shields_locked: bool) -> Plan {
+    let mut steps: Vec<Box<dyn Step>> = vec![Box::new(steps::SnapshotStep(rb.clone()))];
+    if rb.mode == Mode::Normal {
         if shields_locked {
-            steps.push(Box::new(steps::ShieldsDownStep(env.clone())));
+            steps.push(Box::new(steps::ShieldsDownStep(rb.clone())));
         }
-        steps.push(Box::new(steps::BackupStep(env.clone())));
+        steps.push(Box::new(steps::BackupStep(rb.clone())));
     }
-    steps.push(Box::new(steps::RemoveStep(env.clone())));
-    steps.push(Box::new(steps::OnboardStep(env.clone())));
-    if env.mode == Mode::Normal {
-        steps.push(Box::new(steps::RestoreStep(env.clone())));
+    steps.push(Box::new(steps::RemoveStep(rb.clone())));
+    steps.push(Box::new(steps::OnboardStep(rb.clone())));
+    if rb.mode == Mode::Normal {
+        steps.push(Box::new(steps::RestoreStep(rb.clone())));
     }
-    steps.push(Box::new(steps::PoliciesStep(env.clone())));
-    steps.push(Box::new(steps::ShieldsStep(env)));
+    steps.push(Box::new(steps::PoliciesStep(rb.clone())));
+    steps.push(Box::new(steps::ShieldsStep(rb)));
     Plan { name: PLAN_NAME.to_owned(), steps }
-}
-
-/// The step environment from journaled params.
-pub fn env_from_params(
-    home: &Path,
-    params: &Value,
-    gateway: Arc<dyn Gateway>,
-    stale_image_failed: bool,
-) -> Option<Env> {
-    Some(Env {
-        home: home.to_path_buf(),
-        name: SandboxName::parse(params["sandbox"].as_str()?).ok()?,
-        gateway,
-        mode: Mode::parse(params["mode"].as_str()?)?,
-        image: params["image"].as_str()?.to_owned(),
-        prior_policy: params.get("prior_policy").filter(|v| v.is_object()).cloned(),
-        backup_ts: params["backup_ts"].as_str()?.to_owned(),
-        delete_timeout: delete_timeout(),
-        stale_image_failed,
-        accept_damaged_backup: false,
-    })
 }
 
 /// Rebuilds the rebuild plan of a journaled run, for `recover`.
@@ -340,24 +343,30 @@ pub struct Resolver {
     pub home: PathBuf,
     /// `--openshell`, when given.
     pub openshell: Option<PathBuf>,
-    /// Whether the run's onboard step was attempted (decides `imageTag: null` on a stale
-    /// rollback: the recorded image just failed to produce a sandbox).
+    /// See [`Rebuild::onboard_attempted`].
     pub onboard_attempted: bool,
-    /// `recover --rollback --accept-damaged-backup` (see [`Env::accept_damaged_backup`]).
+    /// `recover --rollback --accept-damaged-backup` (see [`Rebuild::accept_damaged_backup`]).
     pub accept_damaged_backup: bool,
 }
 
 impl PlanResolver for Resolver {
-    fn plan_for(&self, run: &RunRecord) -> Option<Plan> {
+    fn plan_for(&self, run: &RunRecord) -> Result<Plan, PlanError> {
         if run.plan != PLAN_NAME {
-            return None;
+            return Err(PlanError::Unknown);
         }
-        let binding = run.params["gateway"].as_str()?;
-        let gw: Arc<dyn Gateway> =
-            Arc::from(crate::gateway::open(&self.home, binding, self.openshell.as_deref()).ok()?);
-        let mut env = env_from_params(&self.home, &run.params, gw, self.onboard_attempted)?;
-        env.accept_damaged_backup = self.accept_damaged_backup;
-        let locked = run.params["shields_locked"].as_bool()?;
-        Some(plan(Arc::new(env), locked))
+        let params: RebuildParams = decode("params", &run.params)?;
+        let gw: Arc<dyn Gateway> = Arc::from(
+            crate::gateway::open(&self.home, &params.gateway, self.openshell.as_deref()).map_err(
+                |e| {
+                    use crate::exit::ExitCoded;
+                    PlanError::Unavailable { message: e.to_string(), exit: e.exit() }
+                },
+            )?,
+        );
+        let locked = params.shields_locked;
+        let mut rb = Rebuild::new(&self.home, params, gw);
+        rb.onboard_attempted = self.onboard_attempted;
+        rb.accept_damaged_backup = self.accept_damaged_backup;
+        Ok(plan(Arc::new(rb), locked))
     }
 }

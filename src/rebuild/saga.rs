@@ -10,10 +10,12 @@ use std::sync::Arc;
 use serde_json::Value;
 
 pub use super::damaged::BackupCheck;
+use super::data::RebuildParams;
+use super::steps::Rebuild;
 use super::{Mode, Preflight, Resolver};
 use crate::engine::lock::LockDir;
 use crate::engine::runner::{self, EngineError, Observer, RunReport, RunSpec};
-use crate::engine::{Plan, Probe, StepCtx};
+use crate::engine::{DataError, Plan, Probe, StepCtx};
 use crate::exit::{Exit, ExitCoded};
 use crate::journal::runs::{self, StepState, UnfinishedFilter};
 pub use crate::journal::runs::{HolderRecord, RunRecord, RunState};
@@ -29,9 +31,15 @@ pub enum SagaError {
     /// The engine (busy, lock, unknown plan…).
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// The run's parameters do not describe a rebuild this binary can build.
-    #[error("internal error: the rebuild's parameters are incomplete")]
-    Params,
+    /// A journaled value the saga reads itself (a run's params, its backup's output) does not
+    /// decode: corrupt input.
+    #[error("run {run_id}: {source}")]
+    Data {
+        /// The run.
+        run_id: String,
+        /// What did not decode.
+        source: DataError,
+    },
 }
 
 impl ExitCoded for SagaError {
@@ -39,14 +47,14 @@ impl ExitCoded for SagaError {
         match self {
             SagaError::Journal(e) => e.exit(),
             SagaError::Engine(e) => e.exit(),
-            SagaError::Params => Exit::Failed,
+            SagaError::Data { .. } => Exit::Corrupt,
         }
     }
     fn hint(&self) -> Option<String> {
         match self {
             SagaError::Journal(e) => e.hint(),
             SagaError::Engine(e) => e.hint(),
-            SagaError::Params => None,
+            SagaError::Data { .. } => None,
         }
     }
 }
@@ -131,7 +139,7 @@ pub struct Prepared {
     /// Normal or stale.
     pub mode: Mode,
     /// The run's parameters (journaled with it).
-    pub params: Value,
+    pub params: RebuildParams,
     /// The steps.
     pub plan: Plan,
 }
@@ -147,13 +155,10 @@ impl Prepared {
 pub fn prepare(home: &Path, pf: Preflight, mode: Mode) -> Result<Prepared, SagaError> {
     let mut params = super::params(&pf, mode, crate::util::now_ms());
     if mode == Mode::Stale {
-        if let Some(prior) = super::prior_policy(home, &pf.name) {
-            params["prior_policy"] = prior;
-        }
+        params.prior_policy = super::prior_policy(home, &pf.name);
     }
-    let env = super::env_from_params(home, &params, pf.gateway.clone(), false)
-        .ok_or(SagaError::Params)?;
-    let plan = super::plan(Arc::new(env), pf.shields_locked);
+    let rb = Rebuild::new(home, params.clone(), pf.gateway.clone());
+    let plan = super::plan(Arc::new(rb), pf.shields_locked);
     Ok(Prepared { pf, mode, params, plan })
 }
 
@@ -173,13 +178,14 @@ pub struct ProbeLine {
 /// Each step's probe, changing nothing.
 pub fn dry_run(p: &Prepared) -> Vec<ProbeLine> {
     let empty = Default::default();
+    let params = serde_json::json!(p.params);
     p.plan
         .steps
         .iter()
         .enumerate()
         .map(|(seq, s)| {
             let sc =
-                StepCtx { run_id: "dry-run", seq, params: &p.params, outputs: &empty, attempt: 0 };
+                StepCtx { run_id: "dry-run", seq, params: &params, outputs: &empty, attempt: 0 };
             let probe = match s.probe(&sc) {
                 Ok(Probe::Done(_)) => "done".to_owned(),
                 Ok(Probe::NotDone) => "to do".to_owned(),
@@ -235,7 +241,7 @@ pub fn run(
         sandbox: Some(name.to_string()),
         gateway: Some(p.pf.binding.name().to_owned()),
         mode: Some(p.mode.as_str().to_owned()),
-        params: p.params.clone(),
+        params: serde_json::json!(p.params),
         argv,
     };
     let report = runner::start(&mut journal, &locks, &p.plan, spec, obs)?;
@@ -341,7 +347,13 @@ pub fn select_run(
 /// really fails verification is accepted, and the acceptance is journaled.
 pub fn accept_damaged_backup(home: &Path, run: &RunRecord) -> Result<BackupCheck, SagaError> {
     let mut journal = Journal::open_home(home)?;
-    Ok(super::damaged::accept_damaged_backup(&mut journal, &run.id)?)
+    super::damaged::accept_damaged_backup(&mut journal, &run.id)
+}
+
+/// A rebuild run's journaled params; [`SagaError::Data`] (exit 65) when they do not decode.
+pub fn run_params(run: &RunRecord) -> Result<RebuildParams, SagaError> {
+    crate::engine::decode("params", &run.params)
+        .map_err(|source| SagaError::Data { run_id: run.id.clone(), source })
 }
 
 /// Resume (forward) or roll back `run`; `accept_damaged`: the rollback skips restoring a backup

@@ -1,7 +1,8 @@
 //! The concrete rebuild steps. Each has a real probe, an idempotent apply and an idempotent
-//! compensate (spec §4.1). They share one [`Env`] and read each other's journaled outputs.
+//! compensate (spec §4.1). They share one [`Rebuild`] and read each other's journaled outputs
+//! as the types in [`super::data`].
 //!
-//! Order: snapshot → [shields_down] → [backup] → remove → onboard → [restore] → policies →
+//! Order: snapshot → \[shields_down\] → \[backup\] → remove → onboard → \[restore\] → policies →
 //! shields (brackets: normal mode only).
 
 use std::collections::BTreeMap;
@@ -11,10 +12,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::data::{
+    encode, BackupOutput, Evidence, OnboardOutput, PoliciesOutput, PriorPolicy, RebuildParams,
+    RemoveOutput, RestoreOutput, ShieldsDownOutput, ShieldsOutput, SnapshotOutput,
+};
 use super::snapshot::{self, Snapshot};
 use super::{messages, Mode};
-use crate::engine::crash::{self, MID_EFFECT};
-use crate::engine::{Probe, Step, StepCtx, StepError};
+use crate::engine::crash::{self, CrashPoint};
+use crate::engine::{decode, DataError, Probe, Step, StepCtx, StepError};
 use crate::gateway::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec};
 use crate::host::backup::{self, Backup, BackupMeta};
 use crate::host::{registry, shields, HostError};
@@ -23,8 +28,9 @@ use crate::names::SandboxName;
 /// Label put on a replacement sandbox so a retried create can adopt it, and only it.
 pub const RUN_LABEL: &str = "rebuild-run";
 
-/// What every step of one run shares.
-pub struct Env {
+/// One rebuild of one sandbox, as every step of its run sees it: the host and gateway it works
+/// on, the run's journaled params, and what this process was told about the run.
+pub struct Rebuild {
     /// NemoClaw home.
     pub home: PathBuf,
     /// The sandbox.
@@ -35,25 +41,51 @@ pub struct Env {
     pub mode: Mode,
     /// Image for the recreate.
     pub image: String,
-    /// Stale mode: the earlier run whose snapshot holds the sandbox's last policy
-    /// (`{"run", "snapshot_sha256"}`), from the journaled params.
-    pub prior_policy: Option<Value>,
+    /// Stale mode: the earlier run whose snapshot holds the sandbox's last policy, from the
+    /// journaled params.
+    pub prior_policy: Option<PriorPolicy>,
     /// Backup directory name (fixed at run creation so a retried backup lands in the same place).
     pub backup_ts: String,
+    /// Preflight's classification, from the journaled params: `remove` deletes only the
+    /// sandbox with this id.
+    pub evidence: Option<Evidence>,
     /// How long to wait for a delete to be confirmed.
     pub delete_timeout: Duration,
-    /// Stale mode: the recreate with the recorded image was attempted, so a rollback puts the
-    /// entry back with `imageTag: null` (the image cannot be trusted to exist).
-    pub stale_image_failed: bool,
+    /// The run's `onboard` step was attempted (its journaled state is past `pending`). A stale
+    /// rollback then puts the entry back with `imageTag: null`: the recorded image was tried
+    /// and cannot be trusted to produce a sandbox.
+    pub onboard_attempted: bool,
     /// `recover --rollback --accept-damaged-backup`: a rollback whose backup fails
     /// verification finishes without restoring it (the registry row comes back, the sandbox
     /// stays absent) instead of stopping. A backup that verifies is restored regardless.
     pub accept_damaged_backup: bool,
 }
 
-impl Env {
+impl Rebuild {
+    /// The rebuild a run's params describe, on `gateway` (nothing attempted, nothing accepted).
+    pub fn new(home: &Path, params: RebuildParams, gateway: Arc<dyn Gateway>) -> Self {
+        Rebuild {
+            home: home.to_path_buf(),
+            name: params.sandbox,
+            gateway,
+            mode: params.mode,
+            image: params.image,
+            prior_policy: params.prior_policy,
+            backup_ts: params.backup_ts,
+            evidence: params.evidence,
+            delete_timeout: super::delete_timeout(),
+            onboard_attempted: false,
+            accept_damaged_backup: false,
+        }
+    }
+
     fn backup_path(&self) -> PathBuf {
         backup::backups_dir(&self.home, &self.name).join(&self.backup_ts)
+    }
+
+    /// The journaled id of the sandbox preflight saw, if it saw one.
+    fn evidence_id(&self) -> Option<&str> {
+        self.evidence.as_ref().and_then(|e| e.id.as_deref())
     }
 }
 
@@ -86,14 +118,16 @@ fn test_delay() {
 }
 
 /// The snapshot this run took, verified against the journaled digest.
-fn snap(env: &Env, ctx: &StepCtx<'_>) -> Result<Snapshot, StepError> {
-    let out = ctx
-        .output("snapshot")
+fn snap(rb: &Rebuild, ctx: &StepCtx<'_>) -> Result<Snapshot, StepError> {
+    let out: SnapshotOutput = ctx
+        .output_as("snapshot")?
         .ok_or_else(|| StepError::new("the snapshot step has no journaled output"))?;
-    let sha = out["snapshot_sha256"]
-        .as_str()
-        .ok_or_else(|| StepError::new("the snapshot output has no digest"))?;
-    snapshot::read(&env.home, ctx.run_id, sha)
+    snapshot::read(&rb.home, ctx.run_id, &out.snapshot_sha256)
+}
+
+/// Whether a step's journaled output decodes as `T` (see [`Step::check_output`]).
+fn check<T: serde::de::DeserializeOwned>(step: &str, out: &Value) -> Result<(), DataError> {
+    decode::<T>(&format!("output of step `{step}`"), out).map(drop)
 }
 
 fn unknown_liveness(l: &Liveness) -> Option<String> {
@@ -106,11 +140,11 @@ fn unknown_liveness(l: &Liveness) -> Option<String> {
 
 /// Classify the sandbox before acting on it; a gateway that cannot tell fails the step (the run
 /// stops `failed`, nothing guessed).
-fn confirm(env: &Env) -> Result<Liveness, StepError> {
-    let live = env.gateway.classify(&env.name);
+fn confirm(rb: &Rebuild) -> Result<Liveness, StepError> {
+    let live = rb.gateway.classify(&rb.name);
     match unknown_liveness(&live) {
         Some(why) => {
-            Err(StepError::new(format!("cannot confirm the state of '{}': {why}", env.name)))
+            Err(StepError::new(format!("cannot confirm the state of '{}': {why}", rb.name)))
         }
         None => Ok(live),
     }
@@ -118,15 +152,15 @@ fn confirm(env: &Env) -> Result<Liveness, StepError> {
 
 /// The sandbox's classification and whether its registry row exists, for a probe; `Err` is the
 /// probe's *unknown* answer when the gateway cannot tell.
-fn observe(env: &Env, what: &str) -> Result<Result<(Liveness, bool), Probe>, StepError> {
-    let live = env.gateway.classify(&env.name);
+fn observe(rb: &Rebuild, what: &str) -> Result<Result<(Liveness, bool), Probe>, StepError> {
+    let live = rb.gateway.classify(&rb.name);
     if let Some(why) = unknown_liveness(&live) {
         return Ok(Err(Probe::Unknown(format!(
             "cannot tell whether sandbox '{}' was {what}: {why}",
-            env.name
+            rb.name
         ))));
     }
-    let row = registry::Registry::load(&env.home).map_err(host_err)?.entry(&env.name).is_some();
+    let row = registry::Registry::load(&rb.home).map_err(host_err)?.entry(&rb.name).is_some();
     Ok(Ok((live, row)))
 }
 
@@ -137,22 +171,22 @@ fn carries_run_label(l: &Liveness, run_id: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 /// Step 1: Record the registry entry verbatim, the default flag, shields files and session.
-pub struct SnapshotStep(pub Arc<Env>);
+pub struct SnapshotStep(pub Arc<Rebuild>);
 
 impl SnapshotStep {
     fn take(&self) -> Result<Snapshot, StepError> {
-        let env = &self.0;
-        let reg = registry::Registry::load(&env.home).map_err(host_err)?;
-        let entry = reg.entry(&env.name).cloned().ok_or_else(|| {
-            StepError::new(format!("sandbox '{}' is not in the registry", env.name))
+        let rb = &self.0;
+        let reg = registry::Registry::load(&rb.home).map_err(host_err)?;
+        let entry = reg.entry(&rb.name).cloned().ok_or_else(|| {
+            StepError::new(format!("sandbox '{}' is not in the registry", rb.name))
         })?;
-        let was_default = reg.default_sandbox() == Some(env.name.as_str());
-        let sh = shields::ShieldsState::load_strict(&env.home, &env.name).map_err(host_err)?;
+        let was_default = reg.default_sandbox() == Some(rb.name.as_str());
+        let sh = shields::ShieldsState::load_strict(&rb.home, &rb.name).map_err(host_err)?;
         let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
-        let timer = std::fs::read(shields::timer_path(&env.home, &env.name)).ok();
-        let session = crate::host::session::OnboardSession::load(&env.home)
+        let timer = std::fs::read(shields::timer_path(&rb.home, &rb.name)).ok();
+        let session = crate::host::session::OnboardSession::load(&rb.home)
             .map_err(host_err)?
-            .filter(|s| s.belongs_to(env.name.as_str()))
+            .filter(|s| s.belongs_to(rb.name.as_str()))
             .map(|s| s.doc);
         Ok(Snapshot {
             entry,
@@ -162,7 +196,7 @@ impl SnapshotStep {
             shields_timer_raw: text(timer),
             session,
             policy: self.capture_policy()?,
-            position: reg.position(&env.name),
+            position: reg.position(&rb.name),
         })
     }
 
@@ -170,29 +204,27 @@ impl SnapshotStep {
     /// policies but cannot say what this one is stops the run here, before the delete: a
     /// replacement with a guessed policy is not the sandbox that was deleted.
     fn capture_policy(&self) -> Result<Option<String>, StepError> {
-        let env = &self.0;
-        if env.mode != Mode::Normal {
+        let rb = &self.0;
+        if rb.mode != Mode::Normal {
             // No live sandbox to read: the last policy a journaled run captured, checked against
             // that run's journaled snapshot digest.
-            let Some(prior) = &env.prior_policy else { return Ok(None) };
-            let (run, sha) = (prior["run"].as_str(), prior["snapshot_sha256"].as_str());
-            let (Some(run), Some(sha)) = (run, sha) else { return Ok(None) };
-            return Ok(snapshot::read(&env.home, run, sha)?.policy);
+            let Some(prior) = &rb.prior_policy else { return Ok(None) };
+            return Ok(snapshot::read(&rb.home, &prior.run, &prior.snapshot_sha256)?.policy);
         }
-        env.gateway.live_policy(&env.name).map_err(|e| {
-            StepError::new(format!("cannot read the live policy of '{}': {e}", env.name))
+        rb.gateway.live_policy(&rb.name).map_err(|e| {
+            StepError::new(format!("cannot read the live policy of '{}': {e}", rb.name))
                 .hint("nothing was changed; fix the gateway and run the rebuild again")
         })
     }
 
-    fn output(snap: &Snapshot, sha: &str, path: &Path, params: &Value) -> Value {
-        json!({
-            "snapshot_path": path.display().to_string(),
-            "snapshot_sha256": sha,
-            "was_default": snap.was_default,
-            "shields_locked": snap.shields_locked,
-            "evidence": params.get("evidence").cloned().unwrap_or(Value::Null),
-            "policy_sha256": snap.policy.as_deref().map(|p| crate::util::sha256_hex(p.as_bytes())),
+    fn output(&self, snap: &Snapshot, sha: &str, run_id: &str) -> Result<Value, StepError> {
+        encode(&SnapshotOutput {
+            snapshot_path: snapshot::path(&self.0.home, run_id).display().to_string(),
+            snapshot_sha256: sha.to_owned(),
+            was_default: snap.was_default,
+            shields_locked: snap.shields_locked,
+            evidence: self.0.evidence.clone(),
+            policy_sha256: snap.policy.as_deref().map(|p| crate::util::sha256_hex(p.as_bytes())),
         })
     }
 }
@@ -205,12 +237,7 @@ impl Step for SnapshotStep {
         // Nothing on the host changes before this step is done, so a missing or unreadable
         // snapshot file simply means: take it (again).
         Ok(match snapshot::read_unchecked(&self.0.home, ctx.run_id) {
-            Some((snap, sha)) => Probe::Done(Self::output(
-                &snap,
-                &sha,
-                &snapshot::path(&self.0.home, ctx.run_id),
-                ctx.params,
-            )),
+            Some((snap, sha)) => Probe::Done(self.output(&snap, &sha, ctx.run_id)?),
             None => Probe::NotDone,
         })
     }
@@ -218,7 +245,10 @@ impl Step for SnapshotStep {
         test_delay();
         let snap = self.take()?;
         let sha = snapshot::write(&self.0.home, ctx.run_id, &snap)?;
-        Ok(Self::output(&snap, &sha, &snapshot::path(&self.0.home, ctx.run_id), ctx.params))
+        self.output(&snap, &sha, ctx.run_id)
+    }
+    fn check_output(&self, output: &Value) -> Result<(), DataError> {
+        check::<SnapshotOutput>(self.name(), output)
     }
     fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         // The snapshot changed nothing; the file stays as part of the run's record.
@@ -229,7 +259,7 @@ impl Step for SnapshotStep {
 // ---------------------------------------------------------------------------------------------
 
 /// Step 2: (normal, only when locked) Unlock shields so the state can be read.
-pub struct ShieldsDownStep(pub Arc<Env>);
+pub struct ShieldsDownStep(pub Arc<Rebuild>);
 
 impl Step for ShieldsDownStep {
     fn name(&self) -> &'static str {
@@ -237,7 +267,11 @@ impl Step for ShieldsDownStep {
     }
     fn probe(&self, _ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
         let sh = shields::ShieldsState::load(&self.0.home, &self.0.name).map_err(host_err)?;
-        Ok(if sh.locked() { Probe::NotDone } else { Probe::Done(json!({"unlocked": true})) })
+        Ok(if sh.locked() {
+            Probe::NotDone
+        } else {
+            Probe::Done(encode(&ShieldsDownOutput { unlocked: true })?)
+        })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
@@ -246,7 +280,10 @@ impl Step for ShieldsDownStep {
             let reason = format!("nemoclaw rebuild {}", ctx.run_id);
             shields::lower(&self.0.home, &self.0.name, Some(&reason)).map_err(host_err)?;
         }
-        Ok(json!({"unlocked": true}))
+        encode(&ShieldsDownOutput { unlocked: true })
+    }
+    fn check_output(&self, output: &Value) -> Result<(), DataError> {
+        check::<ShieldsDownOutput>(self.name(), output)
     }
     fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         let s = snap(&self.0, ctx)?;
@@ -254,10 +291,10 @@ impl Step for ShieldsDownStep {
     }
 }
 
-fn restore_shields(env: &Env, s: &Snapshot) -> Result<(), StepError> {
-    shields::restore_raw(&env.home, &env.name, s.shields_raw.clone().map(String::into_bytes))
+fn restore_shields(rb: &Rebuild, s: &Snapshot) -> Result<(), StepError> {
+    shields::restore_raw(&rb.home, &rb.name, s.shields_raw.clone().map(String::into_bytes))
         .map_err(host_err)?;
-    let timer = shields::timer_path(&env.home, &env.name);
+    let timer = shields::timer_path(&rb.home, &rb.name);
     match &s.shields_timer_raw {
         Some(t) => crate::util::atomic_write(&timer, t.as_bytes())
             .map_err(|e| StepError::new(format!("cannot write {}: {e}", timer.display())).io()),
@@ -269,23 +306,23 @@ fn restore_shields(env: &Env, s: &Snapshot) -> Result<(), StepError> {
     }
 }
 
-fn shields_match(env: &Env, raw: Option<&str>) -> Result<bool, StepError> {
-    let sh = shields::ShieldsState::load(&env.home, &env.name).map_err(host_err)?;
+fn shields_match(rb: &Rebuild, raw: Option<&str>) -> Result<bool, StepError> {
+    let sh = shields::ShieldsState::load(&rb.home, &rb.name).map_err(host_err)?;
     Ok(sh.raw.as_deref() == raw.map(str::as_bytes))
 }
 
 // ---------------------------------------------------------------------------------------------
 
 /// Step 3: (normal) Copy the live state into a verified backup; commit its manifest.
-pub struct BackupStep(pub Arc<Env>);
+pub struct BackupStep(pub Arc<Rebuild>);
 
 impl BackupStep {
-    fn output(b: &Backup) -> Value {
-        json!({
-            "backup_path": b.path.display().to_string(),
-            "manifest_sha256": b.manifest_digest,
-            "files": b.manifest.files.len(),
-            "bytes": b.manifest.files.iter().map(|f| f.size).sum::<u64>(),
+    fn output(b: &Backup) -> Result<Value, StepError> {
+        encode(&BackupOutput {
+            backup_path: b.path.display().to_string(),
+            manifest_sha256: b.manifest_digest.clone(),
+            files: b.manifest.files.len(),
+            bytes: b.manifest.files.iter().map(|f| f.size).sum::<u64>(),
         })
     }
 }
@@ -297,7 +334,7 @@ impl Step for BackupStep {
     fn probe(&self, _ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
         // Only a complete manifest counts: a half-copied directory is not a backup.
         Ok(match Backup::open(&self.0.backup_path()) {
-            Ok(b) => Probe::Done(Self::output(&b)),
+            Ok(b) => Probe::Done(Self::output(&b)?),
             Err(_) => Probe::NotDone,
         })
     }
@@ -306,7 +343,7 @@ impl Step for BackupStep {
         let env = &self.0;
         let target = env.backup_path();
         if let Ok(b) = Backup::open(&target) {
-            return Ok(Self::output(&b));
+            return Self::output(&b);
         }
         // A previous attempt died mid-copy: its directory has no manifest and is nobody's
         // backup, so it is removed and the copy starts again.
@@ -339,11 +376,14 @@ impl Step for BackupStep {
                     return Err(HostError::Invalid(msg));
                 }
             };
-            crash::point(MID_EFFECT);
+            crash::point(CrashPoint::MidEffect);
             Ok(listed)
         })
         .map_err(|e| gw_failure.take().map(gw_err).unwrap_or_else(|| host_err(e)))?;
-        Ok(Self::output(&b))
+        Self::output(&b)
+    }
+    fn check_output(&self, output: &Value) -> Result<(), DataError> {
+        check::<BackupOutput>(self.name(), output)
     }
     fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         // A backup is never destroyed by a rollback: it is the operator's safety net, and
@@ -372,14 +412,14 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 
 /// Step 4: Delete the sandbox, confirm absence, then remove the registry row. Point of no return.
-pub struct RemoveStep(pub Arc<Env>);
+pub struct RemoveStep(pub Arc<Rebuild>);
 
 impl RemoveStep {
     /// The sandbox on the gateway is the one this run snapshotted (or there is none).
     fn check_identity(&self, ctx: &StepCtx<'_>, live: &Liveness) -> Result<(), StepError> {
         if let Liveness::Present(s) = live {
-            let journaled = ctx.params["evidence"]["id"].as_str();
-            if ctx.params["mode"] == "stale" || journaled.is_some_and(|id| id != s.id) {
+            let journaled = self.0.evidence_id();
+            if self.0.mode == Mode::Stale || journaled.is_some_and(|id| id != s.id) {
                 return Err(StepError::new(format!(
                     "a different sandbox named '{}' (id {}) is on gateway '{}'; it was not created by this rebuild and will not be deleted",
                     self.0.name, s.id, self.0.gateway.name()
@@ -404,67 +444,71 @@ impl Step for RemoveStep {
             Err(unknown) => return Ok(unknown),
         };
         Ok(if live == Liveness::Missing && !row {
-            Probe::Done(json!({"deleted": true}))
+            Probe::Done(encode(&RemoveOutput { deleted: true })?)
         } else {
             Probe::NotDone
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
-        let env = &self.0;
-        let live = confirm(env)?;
+        let rb = &self.0;
+        let live = confirm(rb)?;
         self.check_identity(ctx, &live)?;
         if matches!(live, Liveness::Present(_)) {
-            env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
+            rb.gateway.delete(&rb.name, rb.delete_timeout).map_err(gw_err)?;
             // Two guards before the row goes: the driver's delete polls until not-found, and
             // then the gateway is asked once more here, so a delete that reports success
             // without taking effect cannot cost the operator the registry entry.
-            match confirm(env)? {
+            match confirm(rb)? {
                 Liveness::Missing => {}
                 other => {
                     return Err(StepError::new(format!(
                         "sandbox '{}' is still on gateway '{}' after its delete reported success ({}); the registry entry was kept",
-                        env.name,
-                        env.gateway.name(),
+                        rb.name,
+                        rb.gateway.name(),
                         crate::gateway::openshell::describe(&other)
                     )))
                 }
             }
         }
-        crash::point(MID_EFFECT);
+        crash::point(CrashPoint::MidEffect);
         // Absence is confirmed (above); only then is the registry row removed, so a crash in
         // between leaves the row (resume finishes it).
-        registry::update(&env.home, |reg| {
-            reg.remove_entry(&env.name);
+        registry::update(&rb.home, |reg| {
+            reg.remove_entry(&rb.name);
             Ok(())
         })
         .map_err(host_err)?;
-        Ok(json!({"deleted": true}))
+        encode(&RemoveOutput { deleted: true })
+    }
+    fn check_output(&self, output: &Value) -> Result<(), DataError> {
+        check::<RemoveOutput>(self.name(), output)
     }
     fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         // Put the old sandbox back: recreate it from the snapshot (normal mode), restore the
         // backup into it, then the registry row verbatim and the default pointer.
-        let env = &self.0;
-        let s = snap(env, ctx)?;
-        if env.mode == Mode::Normal {
-            let live = confirm(env)?;
+        let rb = &self.0;
+        let s = snap(rb, ctx)?;
+        if rb.mode == Mode::Normal {
+            let live = confirm(rb)?;
             let label = format!("{}-rollback", ctx.run_id);
             let present_ok = match &live {
                 Liveness::Present(l) => {
                     // Either the old sandbox was never deleted, or our rollback recreate exists.
                     l.labels.get(RUN_LABEL) == Some(&label)
-                        || ctx.params["evidence"]["id"].as_str() == Some(l.id.as_str())
+                        || rb.evidence_id() == Some(l.id.as_str())
                 }
                 _ => false,
             };
             if matches!(live, Liveness::Present(_)) && !present_ok {
                 return Err(StepError::new(format!(
                     "a sandbox named '{}' exists that this rollback did not create; not touching it",
-                    env.name
+                    rb.name
                 )));
             }
             let ours = carries_run_label(&live, &label);
-            if let (true, Some(out)) = (live == Liveness::Missing || ours, ctx.output("backup")) {
+            let backup = ctx.output_as::<BackupOutput>("backup")?;
+            if let (true, Some(out)) = (live == Liveness::Missing || ours, &backup) {
                 // The backup is checked before a replacement is created for it, so a damaged one
                 // never leaves an empty replacement behind.
                 match checked_backup(out)? {
@@ -474,20 +518,20 @@ impl Step for RemoveStep {
                                 .entry
                                 .get("imageTag")
                                 .and_then(Value::as_str)
-                                .unwrap_or(&env.image);
-                            create(env, &s, image, &label)?;
-                            crash::point(MID_EFFECT);
+                                .unwrap_or(&rb.image);
+                            create(rb, &s, image, &label)?;
+                            crash::point(CrashPoint::MidEffect);
                         }
                         // (Or created by an earlier attempt of this compensation: make sure the
                         // state is in.)
-                        restore_checked(env, ctx, &b)?;
+                        restore_checked(rb, ctx, &b)?;
                     }
-                    Err(why) if env.accept_damaged_backup => {
+                    Err(why) if rb.accept_damaged_backup => {
                         // The operator accepted (journaled by `recover`) that nothing is restored
                         // from this backup: no sandbox is left, only the registry row comes back.
                         tracing::warn!("{why}; rolling back without restoring it");
                         if ours {
-                            env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
+                            rb.gateway.delete(&rb.name, rb.delete_timeout).map_err(gw_err)?;
                         }
                     }
                     Err(why) => return Err(damaged(ctx, &why)),
@@ -495,33 +539,33 @@ impl Step for RemoveStep {
             }
         }
         let mut entry = s.entry.clone();
-        if env.mode == Mode::Stale && env.stale_image_failed {
+        if rb.mode == Mode::Stale && rb.onboard_attempted {
             if let Some(o) = entry.as_object_mut() {
                 if o.contains_key("imageTag") {
                     o.insert("imageTag".into(), Value::Null);
                 }
             }
         }
-        put_row(env, &s, entry)
+        put_row(rb, &s, entry)
     }
 }
 
 /// Register `entry` under the sandbox's name and reclaim the default pointer if it was ours.
-fn put_row(env: &Env, s: &Snapshot, entry: Value) -> Result<(), StepError> {
-    registry::update(&env.home, |reg| {
+fn put_row(rb: &Rebuild, s: &Snapshot, entry: Value) -> Result<(), StepError> {
+    registry::update(&rb.home, |reg| {
         match s.position {
-            Some(i) => reg.insert_entry_at(&env.name, entry, i),
-            None => reg.set_entry(&env.name, entry),
+            Some(i) => reg.insert_entry_at(&rb.name, entry, i),
+            None => reg.set_entry(&rb.name, entry),
         }
         if s.was_default {
-            reg.set_default(Some(&env.name));
+            reg.set_default(Some(&rb.name));
         }
         Ok(())
     })
     .map_err(host_err)
 }
 
-fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandbox, StepError> {
+fn create(rb: &Rebuild, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandbox, StepError> {
     // A sandbox built from a Dockerfile is rebuilt from it (`--from <Dockerfile>`), as
     // NemoClaw's `onboard --resume` does; preflight checked that it exists.
     let dockerfile = s
@@ -531,7 +575,7 @@ fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandb
         .and_then(Value::as_str)
         .filter(|p| !p.is_empty());
     let spec = CreateSpec {
-        name: env.name.clone(),
+        name: rb.name.clone(),
         image: dockerfile.unwrap_or(image).to_owned(),
         labels: BTreeMap::from([(RUN_LABEL.to_owned(), label.to_owned())]),
         agent: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
@@ -546,11 +590,15 @@ fn create(env: &Env, s: &Snapshot, image: &str, label: &str) -> Result<LiveSandb
             .collect(),
     };
     // The driver returns once the sandbox is ready, with its id: no second query needed.
-    env.gateway.create(&spec).map_err(gw_err)
+    rb.gateway.create(&spec).map_err(gw_err)
 }
 
 /// Upload a backup's files into the sandbox and verify them against the manifest.
-fn restore_backup(env: &Env, ctx: &StepCtx<'_>, out: Option<&Value>) -> Result<(), StepError> {
+fn restore_backup(
+    env: &Rebuild,
+    ctx: &StepCtx<'_>,
+    out: Option<&BackupOutput>,
+) -> Result<(), StepError> {
     let Some(out) = out else { return Ok(()) };
     match checked_backup(out)? {
         Ok(b) => restore_checked(env, ctx, &b),
@@ -561,15 +609,13 @@ fn restore_backup(env: &Env, ctx: &StepCtx<'_>, out: Option<&Value>) -> Result<(
 /// The run's backup (from the backup step's output), opened and verified in full against the
 /// journaled manifest digest and its own manifest. `Ok(Err(why))`: it is damaged and must not
 /// be restored; `why` names the backup and every file that failed.
-pub(crate) fn checked_backup(out: &Value) -> Result<Result<Backup, String>, StepError> {
-    let path = out["backup_path"]
-        .as_str()
-        .ok_or_else(|| StepError::new("the backup step output has no backup_path"))?;
+pub(crate) fn checked_backup(out: &BackupOutput) -> Result<Result<Backup, String>, StepError> {
+    let path = &out.backup_path;
     let b = match Backup::open(Path::new(path)) {
         Ok(b) => b,
         Err(e) => return Ok(Err(e.to_string())),
     };
-    if Some(b.manifest_digest.as_str()) != out["manifest_sha256"].as_str() {
+    if b.manifest_digest != out.manifest_sha256 {
         return Ok(Err(format!(
             "backup {path} does not match the journaled manifest digest (its manifest was changed)"
         )));
@@ -597,18 +643,18 @@ fn damaged(ctx: &StepCtx<'_>, why: &str) -> StepError {
 }
 
 /// Upload a backup that was just verified, then verify what the sandbox holds.
-fn restore_checked(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+fn restore_checked(env: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
     let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
     b.link_out_verified(&staging).map_err(host_err)?;
     env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
-    crash::point(MID_EFFECT);
+    crash::point(CrashPoint::MidEffect);
     let _ = crate::host::fstree::remove_tree(&staging);
     verify_restored(env, ctx, b)
 }
 
 /// The sandbox holds every backed-up file with its bytes and the metadata that can survive the
 /// trip (the upload, and for a check through a download, the download too).
-fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+fn verify_restored(env: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
     let up = env.gateway.upload_keeps();
     if let Some(live) = env.gateway.local_state_path(&env.name) {
         return b.verify_tree(&live, up).map_err(host_err);
@@ -624,7 +670,7 @@ fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepE
 
 /// Step 5: Recreate the sandbox from the snapshot with the current image, labelled with the run id;
 /// register a fresh entry that keeps the snapshot's fields.
-pub struct OnboardStep(pub Arc<Env>);
+pub struct OnboardStep(pub Arc<Rebuild>);
 
 impl OnboardStep {
     fn fresh_entry(&self, s: &Snapshot) -> Value {
@@ -647,43 +693,49 @@ impl Step for OnboardStep {
         };
         Ok(match &live {
             Liveness::Present(l) if carries_run_label(&live, ctx.run_id) && row => {
-                Probe::Done(json!({"id": l.id, "image": self.0.image}))
+                Probe::Done(encode(&OnboardOutput {
+                    id: l.id.clone(),
+                    image: self.0.image.clone(),
+                })?)
             }
             _ => Probe::NotDone,
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
-        let env = &self.0;
-        let s = snap(env, ctx)?;
-        let live = confirm(env)?;
+        let rb = &self.0;
+        let s = snap(rb, ctx)?;
+        let live = confirm(rb)?;
         let id = match &live {
             // Created by an earlier attempt of this run (e.g. a create that timed out): adopt it.
             Liveness::Present(l) if carries_run_label(&live, ctx.run_id) => l.id.clone(),
             Liveness::Present(l) => {
                 return Err(StepError::new(format!(
                     "a sandbox named '{}' (id {}) appeared on gateway '{}' that this rebuild did not create; not touching it",
-                    env.name, l.id, env.gateway.name()
+                    rb.name, l.id, rb.gateway.name()
                 )))
             }
             _ => {
-                create(env, &s, &env.image, ctx.run_id)?.id
+                create(rb, &s, &rb.image, ctx.run_id)?.id
             }
         };
-        crash::point(MID_EFFECT);
-        put_row(env, &s, self.fresh_entry(&s))?;
-        Ok(json!({"id": id, "image": env.image}))
+        crash::point(CrashPoint::MidEffect);
+        put_row(rb, &s, self.fresh_entry(&s))?;
+        encode(&OnboardOutput { id, image: rb.image.clone() })
+    }
+    fn check_output(&self, output: &Value) -> Result<(), DataError> {
+        check::<OnboardOutput>(self.name(), output)
     }
     fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
-        let env = &self.0;
-        let live = confirm(env)?;
+        let rb = &self.0;
+        let live = confirm(rb)?;
         // Only ever delete the sandbox this run created.
         if carries_run_label(&live, ctx.run_id) {
-            env.gateway.delete(&env.name, env.delete_timeout).map_err(gw_err)?;
+            rb.gateway.delete(&rb.name, rb.delete_timeout).map_err(gw_err)?;
         }
-        crash::point(MID_EFFECT);
-        registry::update(&env.home, |reg| {
-            reg.remove_entry(&env.name);
+        crash::point(CrashPoint::MidEffect);
+        registry::update(&rb.home, |reg| {
+            reg.remove_entry(&rb.name);
             Ok(())
         })
         .map_err(host_err)
@@ -693,7 +745,7 @@ impl Step for OnboardStep {
 // ---------------------------------------------------------------------------------------------
 
 /// Step 6: (normal) Put the backup into the new sandbox and verify every digest.
-pub struct RestoreStep(pub Arc<Env>);
+pub struct RestoreStep(pub Arc<Rebuild>);
 
 impl Step for RestoreStep {
     fn name(&self) -> &'static str {
@@ -701,21 +753,27 @@ impl Step for RestoreStep {
     }
     fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
         let env = &self.0;
-        let Some(out) = ctx.output("backup") else { return Ok(Probe::NotDone) };
-        let Some(path) = out["backup_path"].as_str() else { return Ok(Probe::NotDone) };
-        let b = Backup::open(Path::new(path)).map_err(host_err)?;
+        let Some(out) = ctx.output_as::<BackupOutput>("backup")? else {
+            return Ok(Probe::NotDone);
+        };
+        let b = Backup::open(Path::new(&out.backup_path)).map_err(host_err)?;
         Ok(match verify_restored(env, ctx, &b) {
-            Ok(()) => Probe::Done(json!({"verified_files": b.manifest.files.len()})),
+            Ok(()) => {
+                Probe::Done(encode(&RestoreOutput { verified_files: b.manifest.files.len() })?)
+            }
             Err(_) => Probe::NotDone,
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
-        let out = ctx
-            .output("backup")
+        let out: BackupOutput = ctx
+            .output_as("backup")?
             .ok_or_else(|| StepError::new("restore needs the backup step's output"))?;
-        restore_backup(&self.0, ctx, Some(out))?;
-        Ok(json!({"verified_files": out["files"]}))
+        restore_backup(&self.0, ctx, Some(&out))?;
+        encode(&RestoreOutput { verified_files: out.files })
+    }
+    fn check_output(&self, output: &Value) -> Result<(), DataError> {
+        check::<RestoreOutput>(self.name(), output)
     }
     fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         // The restored files live in the new sandbox, which onboard's compensation deletes.
@@ -726,11 +784,12 @@ impl Step for RestoreStep {
 // ---------------------------------------------------------------------------------------------
 
 /// Step 7: Re-apply `policies` and `customPolicies` (NemoClaw never re-applied custom ones).
-pub struct PoliciesStep(pub Arc<Env>);
+pub struct PoliciesStep(pub Arc<Rebuild>);
 
 impl PoliciesStep {
-    fn output(wanted: &[PolicySpec]) -> Value {
-        json!({"applied": wanted.iter().map(PolicySpec::name).collect::<Vec<_>>()})
+    fn output(wanted: &[PolicySpec], warnings: Vec<String>) -> Result<Value, StepError> {
+        let applied = wanted.iter().map(|p| p.name().to_owned()).collect();
+        encode(&PoliciesOutput::Applied { applied, warnings })
     }
 
     fn wanted(s: &Snapshot) -> Vec<PolicySpec> {
@@ -756,26 +815,30 @@ impl PoliciesStep {
 }
 
 impl PoliciesStep {
-    fn handed_off(captured: &str) -> Value {
-        json!({"handoff": true, "policy_sha256": crate::util::sha256_hex(captured.as_bytes()), "verified": true})
+    fn handed_off(captured: &str) -> Result<Value, StepError> {
+        encode(&PoliciesOutput::Handoff {
+            handoff: true,
+            policy_sha256: crate::util::sha256_hex(captured.as_bytes()),
+            verified: true,
+        })
     }
 
     /// The replacement was created with the captured policy: check that the gateway enforces
     /// exactly it. One `set` of the captured policy if it does not (a live sandbox accepts it
     /// only when static fields agree), then the check again; a difference fails the step.
-    fn verify_handoff(env: &Env, captured: &str) -> Result<Value, StepError> {
-        let live = env.gateway.live_policy(&env.name).map_err(gw_err)?;
+    fn verify_handoff(rb: &Rebuild, captured: &str) -> Result<Value, StepError> {
+        let live = rb.gateway.live_policy(&rb.name).map_err(gw_err)?;
         if live.as_deref() == Some(captured) {
-            return Ok(Self::handed_off(captured));
+            return Self::handed_off(captured);
         }
-        env.gateway.set_policy(&env.name, captured).map_err(gw_err)?;
-        let live = env.gateway.live_policy(&env.name).map_err(gw_err)?;
+        rb.gateway.set_policy(&rb.name, captured).map_err(gw_err)?;
+        let live = rb.gateway.live_policy(&rb.name).map_err(gw_err)?;
         if live.as_deref() == Some(captured) {
-            return Ok(Self::handed_off(captured));
+            return Self::handed_off(captured);
         }
         Err(StepError::new(format!(
             "the live policy of '{}' differs from the policy captured before the delete",
-            env.name
+            rb.name
         ))
         .hint("compare `openshell policy get --full` with the run's snapshot file"))
     }
@@ -786,28 +849,28 @@ impl Step for PoliciesStep {
         "policies"
     }
     fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
-        let env = &self.0;
-        let s = snap(env, ctx)?;
+        let rb = &self.0;
+        let s = snap(rb, ctx)?;
         if let Some(captured) = &s.policy {
-            return Ok(match env.gateway.live_policy(&env.name) {
-                Ok(Some(live)) if &live == captured => Probe::Done(Self::handed_off(captured)),
+            return Ok(match rb.gateway.live_policy(&rb.name) {
+                Ok(Some(live)) if &live == captured => Probe::Done(Self::handed_off(captured)?),
                 Ok(_) => Probe::NotDone,
                 Err(e) => Probe::Unknown(format!("cannot read the live policy: {e}")),
             });
         }
         let wanted = Self::wanted(&s);
-        Ok(match env.gateway.missing_policies(&env.name, &wanted) {
-            Ok(missing) if missing.is_empty() => Probe::Done(Self::output(&wanted)),
+        Ok(match rb.gateway.missing_policies(&rb.name, &wanted) {
+            Ok(missing) if missing.is_empty() => Probe::Done(Self::output(&wanted, Vec::new())?),
             Ok(_) => Probe::NotDone,
             Err(e) => Probe::Unknown(format!("cannot read the policies in force: {e}")),
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
-        let env = &self.0;
-        let s = snap(env, ctx)?;
+        let rb = &self.0;
+        let s = snap(rb, ctx)?;
         if let Some(captured) = &s.policy {
-            return Self::verify_handoff(env, captured);
+            return Self::verify_handoff(rb, captured);
         }
         let wanted = Self::wanted(&s);
         // As NemoClaw: a preset that cannot be re-applied is a warning with the command to
@@ -815,21 +878,20 @@ impl Step for PoliciesStep {
         // One call for all of them: a gateway keeping one whole policy writes the merge once.
         let mut applied = Vec::new();
         let mut warnings = Vec::new();
-        for (p, r) in wanted.iter().zip(env.gateway.apply_policies(&env.name, &wanted)) {
+        for (p, r) in wanted.iter().zip(rb.gateway.apply_policies(&rb.name, &wanted)) {
             match r {
                 Ok(()) => applied.push(p.clone()),
                 Err(e) => warnings.push(messages::preset_restore_failed(
                     p.name(),
                     &e.to_string(),
-                    env.name.as_str(),
+                    rb.name.as_str(),
                 )),
             }
         }
-        let mut out = Self::output(&applied);
-        if !warnings.is_empty() {
-            out["warnings"] = json!(warnings);
-        }
-        Ok(out)
+        Self::output(&applied, warnings)
+    }
+    fn check_output(&self, output: &Value) -> Result<(), DataError> {
+        check::<PoliciesOutput>(self.name(), output)
     }
     fn compensate(&self, _ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         // Policies belong to the new sandbox, which onboard's compensation deletes.
@@ -840,16 +902,16 @@ impl Step for PoliciesStep {
 // ---------------------------------------------------------------------------------------------
 
 /// Step 8: Normal: re-lock shields if they were locked. Stale: clear the stale seal.
-pub struct ShieldsStep(pub Arc<Env>);
+pub struct ShieldsStep(pub Arc<Rebuild>);
 
 impl ShieldsStep {
     /// What the step reports, whether it did the work or found it done.
-    fn output(&self, s: &Snapshot) -> Value {
+    fn output(&self, s: &Snapshot) -> Result<Value, StepError> {
         let stale = self.0.mode == Mode::Stale;
-        json!({
-            "locked": !stale && s.shields_locked,
-            "stale_seal_cleared": stale && s.shields_raw.is_some(),
-            "was_locked": s.shields_locked,
+        encode(&ShieldsOutput {
+            locked: !stale && s.shields_locked,
+            stale_seal_cleared: stale && s.shields_raw.is_some(),
+            was_locked: s.shields_locked,
         })
     }
 
@@ -871,20 +933,23 @@ impl Step for ShieldsStep {
     fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
         let s = snap(&self.0, ctx)?;
         Ok(if shields_match(&self.0, self.target(&s).as_deref())? {
-            Probe::Done(self.output(&s))
+            Probe::Done(self.output(&s)?)
         } else {
             Probe::NotDone
         })
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
-        let env = &self.0;
-        let s = snap(env, ctx)?;
-        match env.mode {
-            Mode::Normal => restore_shields(env, &s)?,
-            Mode::Stale => shields::clear(&env.home, &env.name).map_err(host_err)?,
+        let rb = &self.0;
+        let s = snap(rb, ctx)?;
+        match rb.mode {
+            Mode::Normal => restore_shields(rb, &s)?,
+            Mode::Stale => shields::clear(&rb.home, &rb.name).map_err(host_err)?,
         }
-        Ok(self.output(&s))
+        self.output(&s)
+    }
+    fn check_output(&self, output: &Value) -> Result<(), DataError> {
+        check::<ShieldsOutput>(self.name(), output)
     }
     fn compensate(&self, ctx: &StepCtx<'_>, _output: Option<&Value>) -> Result<(), StepError> {
         let s = snap(&self.0, ctx)?;

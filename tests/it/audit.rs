@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nemoclaw::engine::{
-    self, LockDir, Plan, PlanResolver, Probe, RunSpec, Step, StepCtx, StepError,
+    self, LockDir, Plan, PlanError, PlanResolver, Probe, RunSpec, Step, StepCtx, StepError,
 };
 use nemoclaw::journal::audit::{list_query_plan, RunFilter};
 use nemoclaw::journal::runs::RunRecord;
@@ -15,7 +15,7 @@ use nemoclaw::journal::Journal;
 use rstest::rstest;
 use serde_json::{json, Value};
 
-use crate::common::{stderr, stdout, Home};
+use crate::common::{need_sqlite3, sqlite, stderr, stdout, Home};
 
 const NORMAL: &[&str] =
     &["snapshot", "shields_down", "backup", "remove", "onboard", "restore", "policies", "shields"];
@@ -75,8 +75,8 @@ pub(crate) fn plan(home: &Path, stale: bool) -> Plan {
 
 struct Resolver(PathBuf);
 impl PlanResolver for Resolver {
-    fn plan_for(&self, run: &RunRecord) -> Option<Plan> {
-        Some(plan(&self.0, run.mode.as_deref() == Some("stale")))
+    fn plan_for(&self, run: &RunRecord) -> Result<Plan, PlanError> {
+        Ok(plan(&self.0, run.mode.as_deref() == Some("stale")))
     }
 }
 
@@ -147,15 +147,6 @@ pub(crate) fn json_out(home: &Home, args: &[&str]) -> Value {
 fn run_state(home: &Path, run: &str) -> String {
     let j = Journal::open_readonly(&home.join("journal.sqlite3")).unwrap().unwrap();
     j.conn().query_row("SELECT state FROM runs WHERE id = ?1", [run], |r| r.get(0)).unwrap()
-}
-
-pub(crate) fn sqlite(home: &Path, sql: &str) {
-    let o = Command::new("/usr/bin/sqlite3")
-        .arg(home.join("journal.sqlite3"))
-        .arg(sql)
-        .output()
-        .expect("sqlite3 shell");
-    assert!(o.status.success(), "sqlite3: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 pub(crate) fn count(home: &Path, sql: &str) -> i64 {
@@ -427,6 +418,7 @@ fn synthetic_run_stopped(h: &Home, key: &str, signal: i32) -> String {
 
 #[test]
 fn show_takeover_after_a_killed_runner_and_verify_wants_a_holder_for_running_runs() {
+    need_sqlite3!();
     let h = Home::new();
     let run = synthetic_run_stopped(&h, "kill", libc::SIGKILL);
     assert_eq!(run_state(h.path(), &run), "running");
@@ -557,6 +549,7 @@ fn export_round_trips_into_the_same_events() {
     5
 )]
 fn verify_catches_tampering(#[case] attack: &str, #[case] first_bad: i64) {
+    need_sqlite3!();
     let h = Home::new();
     rebuild(h.path(), "alpha", true, json!({}));
     let o = h.run(&["journal", "verify"]);
@@ -573,6 +566,7 @@ fn verify_catches_tampering(#[case] attack: &str, #[case] first_bad: i64) {
 
 #[test]
 fn verify_catches_inconsistent_rows() {
+    need_sqlite3!();
     let h = Home::new();
     fail(h.path(), "onboard", true);
     let run = rebuild(h.path(), "alpha", true, json!({}));

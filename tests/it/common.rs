@@ -1,9 +1,12 @@
-//! Shared helpers: a scratch NemoClaw home and a way to run the binary in it.
+//! Shared helpers: a scratch NemoClaw home and a way to run the binary in it, the one seeded
+//! PRNG, the one "was it killed" check, and the `sqlite3` shell (found on PATH; tests that need
+//! it skip, saying so, when it is absent).
 
 #![allow(dead_code)]
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output};
 
 /// Path of the built `nemoclaw` binary.
 pub fn bin() -> PathBuf {
@@ -106,6 +109,83 @@ impl XorShift {
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo + 1)
     }
+
+    /// Uniform in [0, n).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What [`killed`] accepts: an exit status, or a command's whole output.
+pub trait HasStatus {
+    /// The exit status.
+    fn exit_status(&self) -> ExitStatus;
+}
+
+impl HasStatus for ExitStatus {
+    fn exit_status(&self) -> ExitStatus {
+        *self
+    }
+}
+
+impl HasStatus for Output {
+    fn exit_status(&self) -> ExitStatus {
+        self.status
+    }
+}
+
+/// Whether the process died of SIGKILL (an armed crash point, or `kill -9`).
+pub fn killed(s: &impl HasStatus) -> bool {
+    s.exit_status().signal() == Some(libc::SIGKILL)
+}
+
+/// The `sqlite3` shell on PATH, if there is one.
+pub fn sqlite3_path() -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("sqlite3")).find(|p| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// The full name of the function this is expanded in (for skip messages).
+macro_rules! function_name {
+    () => {{
+        fn f() {}
+        let name = std::any::type_name_of_val(&f);
+        name.strip_suffix("::f").unwrap_or(name)
+    }};
+}
+pub(crate) use function_name;
+
+/// Return from the calling test, saying so on stderr, when the `sqlite3` shell is not on PATH.
+/// Every test that uses [`sqlite`], [`sqlite3_cmd`] starts with it.
+macro_rules! need_sqlite3 {
+    () => {
+        if $crate::common::sqlite3_path().is_none() {
+            eprintln!(
+                "{}: SKIPPED: needs the `sqlite3` shell on PATH (e.g. `apt-get install sqlite3`)",
+                $crate::common::function_name!()
+            );
+            return;
+        }
+    };
+}
+pub(crate) use need_sqlite3;
+
+/// A command for the `sqlite3` shell on PATH. The calling test must have begun with
+/// [`need_sqlite3!`]; without the shell this panics saying so.
+pub fn sqlite3_cmd() -> Command {
+    let bin = sqlite3_path()
+        .expect("the `sqlite3` shell is not on PATH: start the test with `need_sqlite3!()`");
+    Command::new(bin)
+}
+
+/// Run `sql` with the `sqlite3` shell on the journal of `home`; its stdout, trimmed. Fails the
+/// test when the shell does.
+pub fn sqlite(home: &Path, sql: &str) -> String {
+    let o = sqlite3_cmd().arg(home.join("journal.sqlite3")).arg(sql).output().expect("sqlite3");
+    assert!(o.status.success(), "sqlite3: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
 /// Write an executable shell script (a wrapper or shim in front of a program).

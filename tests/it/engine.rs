@@ -2,18 +2,18 @@
 //! the crash matrix, a seeded SIGKILL soak, the lock race, signals, bad journals, tampering.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nemoclaw::engine::CRASH_POINTS;
+use nemoclaw::engine::CrashPoint;
 use nemoclaw::journal::chain::{event_hash, EventFields, GENESIS};
 use nemoclaw::journal::runs::{self, RunRecord, RunState, StepState};
 use nemoclaw::journal::Journal;
 use rusqlite::Connection;
 
-use crate::common::{stderr, stdout, Home};
+use crate::common::{killed, need_sqlite3, sqlite, stderr, stdout, Home, XorShift};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -38,10 +38,6 @@ fn synth(home: &Home, args: &[&str], crash: Option<&str>) -> Output {
 
 fn code(o: &Output) -> Option<i32> {
     o.status.code()
-}
-
-fn killed(s: &ExitStatus) -> bool {
-    s.signal() == Some(libc::SIGKILL)
 }
 
 fn db(home: &Home) -> PathBuf {
@@ -173,28 +169,28 @@ enum Phase {
     Compensation { per_step: bool },
 }
 
-/// Where the matrix makes each crash point happen. A new point must be added here or the
-/// matrix fails.
-fn phase(point: &str) -> Phase {
+/// Where the matrix makes each crash point happen. No wildcard: a new point does not compile
+/// until it is placed here.
+fn phase(point: CrashPoint) -> Phase {
+    use CrashPoint::*;
     match point {
-        "after_run_created" | "before_finish" => Phase::Forward { per_step: false },
+        AfterRunCreated | BeforeFinish => Phase::Forward { per_step: false },
         // `mid_effect` is reached inside the synthetic step's apply (after its ledger line) and
         // compensate; on the forward path it is the apply's.
-        "before_intent" | "after_intent" | "mid_effect" | "after_effect" | "after_outcome" => {
+        BeforeIntent | AfterIntent | MidEffect | AfterEffect | AfterOutcome => {
             Phase::Forward { per_step: true }
         }
-        "after_lock" => Phase::Lock,
-        "before_rollback_finish" => Phase::Compensation { per_step: false },
-        "before_comp_intent" | "after_comp_intent" | "after_comp_effect" | "after_comp_outcome" => {
+        AfterLock => Phase::Lock,
+        BeforeRollbackFinish => Phase::Compensation { per_step: false },
+        BeforeCompIntent | AfterCompIntent | AfterCompEffect | AfterCompOutcome => {
             Phase::Compensation { per_step: true }
         }
-        other => panic!("crash point `{other}` is not covered by the crash matrix"),
     }
 }
 
 /// One matrix case (`hit`: which arrival at a per-step point crashes; default the middle
 /// step); returns the final run state.
-fn crash_case(point: &str, recovery: &str, n: usize, hit: Option<usize>) -> RunState {
+fn crash_case(point: CrashPoint, recovery: &str, n: usize, hit: Option<usize>) -> RunState {
     let home = Home::new();
     let ledger_path = home.path().join("ledger");
     let lp = ledger_path.to_str().unwrap().to_owned();
@@ -220,7 +216,7 @@ fn crash_case(point: &str, recovery: &str, n: usize, hit: Option<usize>) -> RunS
                 None,
             );
             assert_eq!(code(&o), Some(1), "{ctx}: {}", stderr(&o));
-            let o = synth(&home, &[recovery], Some(point));
+            let o = synth(&home, &[recovery], Some(point.name()));
             assert!(killed(&o.status), "{ctx}: {recovery} was not killed: {}", stderr(&o));
         }
         Phase::Compensation { per_step } => {
@@ -267,13 +263,13 @@ fn crash_case(point: &str, recovery: &str, n: usize, hit: Option<usize>) -> RunS
     got
 }
 
-fn matrix(n: usize) -> BTreeSet<&'static str> {
+fn matrix(n: usize) -> BTreeSet<CrashPoint> {
     let mut covered = BTreeSet::new();
-    for point in CRASH_POINTS {
+    for &point in CrashPoint::ALL {
         for recovery in ["resume", "rollback"] {
             crash_case(point, recovery, n, None);
         }
-        covered.insert(*point);
+        covered.insert(point);
     }
     covered
 }
@@ -284,16 +280,15 @@ fn matrix(n: usize) -> BTreeSet<&'static str> {
 #[case::six_steps(6)]
 fn crash_matrix(#[case] n: usize) {
     let covered = matrix(n);
-    let all: BTreeSet<&str> = CRASH_POINTS.iter().copied().collect();
+    let all: BTreeSet<CrashPoint> = CrashPoint::ALL.iter().copied().collect();
     assert_eq!(covered, all);
-    // Every listed point must have a phase (panics otherwise), and the list has no duplicates.
-    assert_eq!(all.len(), CRASH_POINTS.len());
+    assert_eq!(all.len(), CrashPoint::ALL.len(), "no point is listed twice");
 }
 
 #[test]
 fn crash_matrix_every_hit_of_per_step_points() {
     // On 3 steps, crash at every arrival (first, middle, last step) of each per-step point.
-    for point in CRASH_POINTS {
+    for &point in CrashPoint::ALL {
         let per_step = matches!(
             phase(point),
             Phase::Forward { per_step: true } | Phase::Compensation { per_step: true }
@@ -353,21 +348,6 @@ fn crash_during_resume_and_during_rollback() {
     assert_eq!(check(&home, &run.id, &lp, 6), RunState::RolledBack);
 }
 
-/// xorshift64*: enough randomness for a reproducible soak without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Spawn and SIGKILL after `delay` (if still running). Returns whether it was killed.
 fn spawn_and_kill(home: &Home, args: &[&str], delay: Duration) -> bool {
     let mut c = home.cmd();
@@ -392,7 +372,7 @@ fn sigkill_soak() {
     // after the process exited does not count).
     let want_kills: usize =
         std::env::var("NEMOCLAW_SOAK_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
-    let mut rng = Rng(seed);
+    let mut rng = XorShift(seed | 1);
     let home = Home::new();
     let t0 = Instant::now();
     let mut kills = 0;
@@ -790,15 +770,9 @@ fn full_journal_is_an_io_error_and_keeps_what_was_recorded() {
     }
 }
 
-fn sqlite3(db: &Path, sql: &str) {
-    let out = Command::new("sqlite3").arg(db).arg(sql).output().unwrap_or_else(|e| {
-        panic!("this test needs the `sqlite3` shell on PATH (apt-get install sqlite3): {e}")
-    });
-    assert!(out.status.success(), "sqlite3: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[test]
 fn tampered_event_breaks_the_hash_chain() {
+    need_sqlite3!();
     let home = Home::new();
     one_good_run(&home);
     let c = conn(&home);
@@ -806,8 +780,8 @@ fn tampered_event_breaks_the_hash_chain() {
     assert!(total >= 6);
     drop(c);
     // The append-only trigger stops an honest mistake; a tamperer drops it first.
-    sqlite3(
-        &db(&home),
+    sqlite(
+        home.path(),
         "DROP TRIGGER events_no_update; UPDATE events SET data = '{\"name\":\"s9\"}' WHERE id = 3;",
     );
     let brk = nemoclaw::journal::verify_chain(&conn(&home)).unwrap_err();
@@ -835,7 +809,7 @@ fn tampered_event_breaks_the_hash_chain() {
         &EventFields { id, run_id: run_id.as_deref(), step_seq: seq, at, kind: &kind, data: &data },
     );
     drop(c);
-    sqlite3(&db(&home), &format!("UPDATE events SET hash = '{forged}' WHERE id = 3;"));
+    sqlite(home.path(), &format!("UPDATE events SET hash = '{forged}' WHERE id = 3;"));
     let brk = nemoclaw::journal::verify_chain(&conn(&home)).unwrap_err();
     assert_eq!(brk.event_id, 4, "{brk}");
 }

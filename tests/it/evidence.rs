@@ -4,14 +4,13 @@
 //! written before events recorded whole rows still opens and verifies.
 
 use std::path::Path;
-use std::process::Command;
 
 use nemoclaw::journal::chain::{event_hash, EventFields, GENESIS};
 use rstest::rstest;
 use serde_json::{json, Value};
 
-use crate::audit::{fail, json_out, rebuild, sqlite};
-use crate::common::{stderr, stdout, Home};
+use crate::audit::{fail, json_out, rebuild};
+use crate::common::{need_sqlite3, sqlite, sqlite3_cmd, stderr, stdout, Home};
 
 fn db(home: &Path) -> std::path::PathBuf {
     home.join("journal.sqlite3")
@@ -19,13 +18,6 @@ fn db(home: &Path) -> std::path::PathBuf {
 
 fn digest(home: &Path) -> String {
     nemoclaw::util::sha256_hex(&std::fs::read(db(home)).unwrap())
-}
-
-/// One value from the journal, read with the `sqlite3` shell.
-fn query(home: &Path, sql: &str) -> String {
-    let o = Command::new("/usr/bin/sqlite3").arg(db(home)).arg(sql).output().expect("sqlite3");
-    assert!(o.status.success(), "sqlite3: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
 /// `journal verify` on a journal whose rows were edited: exit 65, the first problem is a
@@ -127,6 +119,7 @@ fn verify_names_every_edited_column(
     #[case] kind: &str,
     #[case] seq: Option<i64>,
 ) {
+    need_sqlite3!();
     let h = Home::new();
     let run = rebuild(h.path(), "alpha", false, json!({}));
     let o = h.run(&["journal", "verify"]);
@@ -134,22 +127,23 @@ fn verify_names_every_edited_column(
     assert!(stdout(&o).contains("rows         ok"), "{}", stdout(&o));
     // The event that recorded the true value: the last one of `kind` about that row.
     let seq_cond = seq.map(|s| format!("step_seq = {s}")).unwrap_or("step_seq IS NULL".into());
-    let event: i64 = query(
+    let event: i64 = sqlite(
         h.path(),
         &format!("SELECT max(id) FROM events WHERE kind = '{kind}' AND {seq_cond}"),
     )
     .parse()
     .unwrap();
-    let before = query(h.path(), "SELECT count(*), sum(length(data)) FROM events");
+    let before = sqlite(h.path(), "SELECT count(*), sum(length(data)) FROM events");
     // The journal holds this one run, so the edit needs no run condition.
     sqlite(h.path(), edit);
-    assert_eq!(query(h.path(), "SELECT count(*), sum(length(data)) FROM events"), before);
+    assert_eq!(sqlite(h.path(), "SELECT count(*), sum(length(data)) FROM events"), before);
     assert_caught(&h, &run, column, event);
 }
 
 /// A step row deleted: the run's `run_created` says how many steps it had.
 #[test]
 fn verify_counts_the_steps_run_created_recorded() {
+    need_sqlite3!();
     let h = Home::new();
     fail(h.path(), "remove", true);
     let run = rebuild(h.path(), "alpha", false, json!({}));
@@ -202,6 +196,7 @@ fn rewrite_consistently(home: &Path, run: &str) {
 
 #[test]
 fn an_anchor_outside_the_file_detects_a_chain_rewritten_as_a_whole() {
+    need_sqlite3!();
     let h = Home::new();
     let run = rebuild(h.path(), "alpha", false, json!({}));
     let v = json_out(&h, &["journal", "verify"]);
@@ -212,7 +207,7 @@ fn an_anchor_outside_the_file_detects_a_chain_rewritten_as_a_whole() {
     assert_eq!(head.len(), 64);
     assert_eq!(
         head,
-        query(h.path(), "SELECT hash FROM events ORDER BY id DESC LIMIT 1"),
+        sqlite(h.path(), "SELECT hash FROM events ORDER BY id DESC LIMIT 1"),
         "the head is the last event's hash"
     );
     let o = h.run(&["journal", "verify"]);
@@ -233,7 +228,7 @@ fn an_anchor_outside_the_file_detects_a_chain_rewritten_as_a_whole() {
 
     // Rewritten as a whole: without the anchor nothing in the file can tell.
     rewrite_consistently(h.path(), &run);
-    assert_eq!(query(h.path(), &format!("SELECT user FROM runs WHERE id = '{run}'")), "mallory");
+    assert_eq!(sqlite(h.path(), &format!("SELECT user FROM runs WHERE id = '{run}'")), "mallory");
     let v = json_out(&h, &["journal", "verify"]);
     assert_eq!(v["data"]["ok"], true, "a consistent rewrite passes on its own: {v}");
     let before = digest(h.path());
@@ -271,8 +266,9 @@ fn an_anchor_outside_the_file_detects_a_chain_rewritten_as_a_whole() {
 /// `legacy_runs`; new runs are covered whole.
 #[test]
 fn a_journal_from_before_row_images_opens_verifies_and_says_what_is_covered() {
+    need_sqlite3!();
     let h = Home::new();
-    let o = Command::new("/usr/bin/sqlite3")
+    let o = sqlite3_cmd()
         .arg(db(h.path()))
         .stdin(
             std::fs::File::open(concat!(
@@ -284,7 +280,7 @@ fn a_journal_from_before_row_images_opens_verifies_and_says_what_is_covered() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(query(h.path(), "PRAGMA user_version"), "1");
+    assert_eq!(sqlite(h.path(), "PRAGMA user_version"), "1");
     let before = digest(h.path());
     let v = json_out(&h, &["journal", "verify"]);
     assert_eq!(v["data"]["ok"], true, "{v}");
@@ -303,8 +299,11 @@ fn a_journal_from_before_row_images_opens_verifies_and_says_what_is_covered() {
     // A writer migrates it and adds a run covered whole.
     let o = h.run(&["internal", "synthetic", "run", "--steps", "1", "--key", "fresh"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(query(h.path(), "PRAGMA user_version"), "2");
-    assert_eq!(query(h.path(), "SELECT value FROM meta WHERE key = 'row_images_from_event'"), "25");
+    assert_eq!(sqlite(h.path(), "PRAGMA user_version"), "2");
+    assert_eq!(
+        sqlite(h.path(), "SELECT value FROM meta WHERE key = 'row_images_from_event'"),
+        "25"
+    );
     let v = json_out(&h, &["journal", "verify"]);
     assert_eq!(v["data"]["ok"], true, "{v}");
     assert_eq!(
@@ -312,7 +311,7 @@ fn a_journal_from_before_row_images_opens_verifies_and_says_what_is_covered() {
         (Some(4), Some(3))
     );
     let old = "01a23762-19e0-72e1-8268-4dea9480b43f";
-    let new = query(h.path(), "SELECT id FROM runs WHERE lock_key = 'fresh'");
+    let new = sqlite(h.path(), "SELECT id FROM runs WHERE lock_key = 'fresh'");
 
     // What an old run's `run_created` recorded is covered...
     sqlite(h.path(), &format!("UPDATE runs SET host = 'elsewhere' WHERE id = '{old}'"));
@@ -328,9 +327,10 @@ fn a_journal_from_before_row_images_opens_verifies_and_says_what_is_covered() {
     assert_eq!(v["data"]["ok"], true, "{v}");
     // ...and a new run is covered whole.
     sqlite(h.path(), &format!("UPDATE runs SET user = 'mallory' WHERE id = '{new}'"));
-    let event: i64 = query(h.path(), &format!("SELECT min(id) FROM events WHERE run_id = '{new}'"))
-        .parse()
-        .unwrap();
+    let event: i64 =
+        sqlite(h.path(), &format!("SELECT min(id) FROM events WHERE run_id = '{new}'"))
+            .parse()
+            .unwrap();
     assert_eq!(event, 25);
     assert_caught(&h, &new, "runs.user", event);
 }
@@ -340,6 +340,7 @@ fn a_journal_from_before_row_images_opens_verifies_and_says_what_is_covered() {
 /// says why.
 #[test]
 fn an_anchor_survives_a_prune_only_at_the_prune_point() {
+    need_sqlite3!();
     let h = Home::new();
     rebuild(h.path(), "alpha", false, json!({}));
     let early =
@@ -354,7 +355,7 @@ fn an_anchor_survives_a_prune_only_at_the_prune_point() {
     let o = h.run(&["journal", "prune", "--older-than", "1ms"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(
-        query(h.path(), "SELECT value FROM meta WHERE key = 'pruned_head_id'"),
+        sqlite(h.path(), "SELECT value FROM meta WHERE key = 'pruned_head_id'"),
         cut_id.to_string()
     );
 

@@ -602,7 +602,6 @@ fn real_cli_recreate_failure_then_rollback_gives_the_old_files_back() {
 /// sandbox on the gateway, a consistent journal, the run finished.
 #[test]
 fn real_cli_crash_matrix_then_resume_or_rollback() {
-    use std::os::unix::process::ExitStatusExt;
     if let Err(why) = real_cli() {
         eprintln!("skipping the real-openshell crash matrix: {why}");
         return;
@@ -621,7 +620,7 @@ fn real_cli_crash_matrix_then_resume_or_rollback() {
                 .args(["alpha", "rebuild", "--yes"])
                 .output()
                 .unwrap();
-            if o.status.signal() != Some(9) {
+            if !crate::common::killed(&o) {
                 // Past the last hit of this point: the run completed.
                 ok(&o);
                 assert!(hit > 1, "{armed} was never reached");
@@ -871,7 +870,7 @@ fn real_cli_provider_is_checked_in_preflight_and_attached_to_the_replacement() {
 /// `NEMOCLAW_SOAK_SEED` replays; `NEMOCLAW_REAL_SOAK_CYCLES` changes the count (default 8).
 #[test]
 fn real_cli_kill9_soak() {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::os::unix::process::CommandExt;
     if let Err(why) = real_cli() {
         eprintln!("skipping the real-openshell soak: {why}");
         return;
@@ -910,11 +909,11 @@ fn real_cli_kill9_soak() {
         unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
         let st = child.wait().unwrap();
         let ctx = format!("seed {seed} cycle {cycle} after {delay:?}");
-        if st.signal() == Some(9) && crate::rebuild::runs(r.home.path()).len() == runs_before {
+        if crate::common::killed(&st) && crate::rebuild::runs(r.home.path()).len() == runs_before {
             // Killed before it journaled its run: nothing may have changed.
             assert_eq!((r.registry_bytes(), r.digest()), (pre.bytes, pre.digest), "{ctx}");
             assert_eq!(r.gw.sandboxes().len(), 1, "{ctx}: no orphans");
-        } else if st.signal() == Some(9) {
+        } else if crate::common::killed(&st) {
             killed += 1;
             recover_and_check(&r, resume, &ctx, &pre);
         } else {

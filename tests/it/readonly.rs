@@ -11,7 +11,7 @@ use nemoclaw::engine::{self, LockDir, RunSpec};
 use nemoclaw::journal::Journal;
 
 use crate::audit::{fail, json_out, plan, rebuild};
-use crate::common::{stderr, stdout, Home};
+use crate::common::{killed, need_sqlite3, sqlite, sqlite3_cmd, stderr, stdout, Home};
 
 /// Every file in `dir` with its size and digest: "untouched" means this is equal before and
 /// after.
@@ -191,7 +191,7 @@ fn killed_while_creating(home: &Path) {
          .system kill -9 $PPID\n",
         include_str!("../../journal-schema/0001_init.sql")
     );
-    let mut c = Command::new("/usr/bin/sqlite3")
+    let mut c = sqlite3_cmd()
         .arg(&db)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
@@ -201,14 +201,14 @@ fn killed_while_creating(home: &Path) {
     use std::io::Write;
     c.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     let st = c.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(st.signal(), Some(9), "the shell was to be killed mid-transaction");
+    assert!(killed(&st), "the shell was to be killed mid-transaction");
     let side = home.join("journal.sqlite3-journal");
     assert!(std::fs::metadata(&side).map(|m| m.len() > 0).unwrap_or(false), "no hot journal");
 }
 
 #[test]
 fn a_hot_journal_is_reported_as_such_and_recover_rolls_it_back() {
+    need_sqlite3!();
     let h = Home::new();
     killed_while_creating(h.path());
     let before = snapshot(h.path());
@@ -251,6 +251,7 @@ fn a_hot_journal_is_reported_as_such_and_recover_rolls_it_back() {
 
 #[test]
 fn a_write_command_recovers_a_journal_killed_while_being_created() {
+    need_sqlite3!();
     let h = Home::new();
     killed_while_creating(h.path());
     let o = h.run(&["internal", "synthetic", "run", "--steps", "2"]);
@@ -259,12 +260,8 @@ fn a_write_command_recovers_a_journal_killed_while_being_created() {
     let v = json_out(&h, &["journal", "verify"]);
     assert_eq!(v["data"]["ok"], true, "{v}");
     assert_eq!(v["data"]["runs_checked"], 1);
-    let tables = Command::new("/usr/bin/sqlite3")
-        .arg(h.path().join("journal.sqlite3"))
-        .arg("SELECT count(*) FROM sqlite_master WHERE name = 'spill'")
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&tables.stdout).trim(), "0", "the torn write was kept");
+    let spill = sqlite(h.path(), "SELECT count(*) FROM sqlite_master WHERE name = 'spill'");
+    assert_eq!(spill, "0", "the torn write was kept");
 }
 
 /// A copy taken while a writer had commits only in the `-wal` (not yet checkpointed into the

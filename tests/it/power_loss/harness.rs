@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::common::{cmd_in, stderr, wait_output, XorShift};
+use crate::common::{cmd_in, killed, stderr, wait_output, XorShift};
 use crate::rebuild::{
-    assert_ok, check_recovered_from, killed, recover_args, runs, Before, Mode, Opts, World,
+    assert_ok, check_recovered_from, recover_args, runs, Before, Mode, Opts, World,
 };
 
 use super::memfs::{self, Mounted};

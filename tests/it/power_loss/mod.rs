@@ -19,8 +19,9 @@ use std::time::Instant;
 use nemoclaw::host::backup::Backup;
 use nemoclaw::names::SandboxName;
 
+use crate::common::killed;
 use crate::common::{nanos, stderr};
-use crate::rebuild::{killed, Mode};
+use crate::rebuild::Mode;
 use harness::{
     copy_dir, count_rebuild, differences, env_u64, fuse_available, mount, power_cut_at_crash_point,
     run_on_power_fs, soak, template,

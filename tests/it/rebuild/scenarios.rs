@@ -250,7 +250,7 @@ fn crash_between_delete_and_registry_removal_then_resume_restores_the_backup() {
     let w = World::new(Opts::default());
     let b = w.snapshot();
     // mid_effect hits: 1 = backup (after the download), 2 = remove (after the delete).
-    let o = run_with_crash(&w, &["alpha", "rebuild", "--yes"], "mid_effect", 2);
+    let o = run_with_crash(&w, &["alpha", "rebuild", "--yes"], CrashPoint::MidEffect, 2);
     assert!(killed(&o), "{}", stderr(&o));
     assert_eq!(w.live_id(), None, "the old sandbox is gone");
     assert_eq!(w.row(), Some(b.row.clone()), "its registry row is still there");
@@ -301,7 +301,7 @@ fn rollback_puts_the_registry_row_back_at_its_position() {
     let before = w.registry_bytes();
     assert_eq!(registry::Registry::load(w.path()).unwrap().names(), ["alpha", "bystander"]);
     // after_effect hits: snapshot 1, shields_down 2, backup 3, remove 4 (row gone).
-    let o = run_with_crash(&w, &["alpha", "rebuild", "--yes"], "after_effect", 4);
+    let o = run_with_crash(&w, &["alpha", "rebuild", "--yes"], CrashPoint::AfterEffect, 4);
     assert!(killed(&o), "not killed: {}", stderr(&o));
     assert!(w.row().is_none(), "the row was removed before the kill");
     let r = w.home.run(&["recover", "--rollback", "--sandbox", "alpha"]);
