@@ -14,6 +14,7 @@ pub mod classify;
 pub mod local;
 pub mod openshell;
 pub mod policy;
+pub mod sandbox_tree;
 
 /// A sandbox as a gateway reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -219,6 +220,19 @@ pub trait Gateway: Send + Sync {
         dest: &Path,
     ) -> Result<Option<Vec<Node>>, GatewayError> {
         self.download_state(name, dest).map(|()| None)
+    }
+
+    /// The sandbox's state tree as listed inside the sandbox — type, mode, mtime, size,
+    /// symlink target and hard-link group of every entry, and with `digests` the SHA-256 of
+    /// every file, computed there — when the driver lists it there; `Ok(None)` when it does
+    /// not (the local gateway reads the tree in place instead, see
+    /// [`Gateway::local_state_path`]).
+    fn list_state(
+        &self,
+        _name: &SandboxName,
+        _digests: bool,
+    ) -> Result<Option<Vec<Node>>, GatewayError> {
+        Ok(None)
     }
 
     /// Which metadata [`Gateway::download_state`] carries from the sandbox to this host.

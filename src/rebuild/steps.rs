@@ -607,11 +607,16 @@ fn restore_checked(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepE
 }
 
 /// The sandbox holds every backed-up file with its bytes and the metadata that can survive the
-/// trip (the upload, and for a check through a download, the download too).
+/// trip (the upload, and for a check through a download, the download too): read in place,
+/// else listed with digests inside the sandbox, else downloaded.
 fn verify_restored(env: &Env, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
     let up = env.gateway.upload_keeps();
     if let Some(live) = env.gateway.local_state_path(&env.name) {
         return b.verify_tree(&live, up).map_err(host_err);
+    }
+    if let Some(listed) = env.gateway.list_state(&env.name, true).map_err(gw_err)? {
+        let place = format!("sandbox '{}' on gateway '{}'", env.name, env.gateway.name());
+        return b.verify_listing(&listed, &place).map_err(host_err);
     }
     let check = staging_dir(&env.home, ctx.run_id, "verify")?;
     env.gateway.download_state(&env.name, &check).map_err(gw_err)?;
