@@ -317,7 +317,8 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
         then one `exit` event. `timeout_seconds` kills it and exits 124. Faults:
         `"exec_cut": N` ends the stream N bytes before the end of the output and without the
         exit event (a stream cut short: the CLI then exits 0); `"exec_flip": N` inverts the
-        byte N bytes before the end of the output."""
+        byte N bytes before the end of the output; with `"exec_skip": K` either applies to the
+        (K+1)-th ExecSandbox call only (counted in `exec.count`), else to every call."""
         fl = self.enter("ExecSandbox", context)
         with self.lock:
             b = self.by_id(request.sandbox_id, context)
@@ -345,6 +346,16 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
             out, err, code = e.stdout or b"", e.stderr or b"", 124
         if code < 0:
             code = 128 - code
+        counter = os.path.join(self.state, "exec.count")
+        try:
+            with open(counter) as f:
+                n = int(f.read().strip() or "0")
+        except (OSError, ValueError):
+            n = 0
+        with open(counter, "w") as f:
+            f.write(str(n + 1))
+        if "exec_skip" in fl and n != int(fl["exec_skip"]):
+            fl = {}
         flip = fl.get("exec_flip")
         if flip is not None and 0 < int(flip) <= len(out):
             i = len(out) - int(flip)

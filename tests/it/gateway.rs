@@ -579,3 +579,31 @@ fn a_missing_openshell_binary_is_unknown_not_missing() {
     let e = gw.create(&spec("demo", "r")).unwrap_err();
     assert!(e.to_string().contains("no-such-openshell"), "{e}");
 }
+
+/// A fix-up call prints nothing but the script's end marker: a stream that ends without it
+/// (the CLI then exits 0) fails the upload, even though nothing in the output is parsed.
+#[test]
+fn an_upload_whose_fixup_stream_is_cut_short_fails() {
+    let Some(rig) = Rig::real("nemoclaw") else { return };
+    let gw = rig.gw.as_ref();
+    let demo = name("demo");
+    gw.create(&spec("demo", "run-1")).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let src = scratch.path().join("src");
+    sample_tree(&src);
+    // Execs of an upload: the listing after the CLI's upload (0), then the fix-up (1).
+    rig.fake().faults(json!({"exec_cut": 13, "exec_skip": 1}));
+    let e = gw.upload_state(&demo, &src).unwrap_err().to_string();
+    assert!(e.contains("metadata fix-up") && e.contains("end marker"), "{e}");
+    let log = fs::read_to_string(rig.fake().state().join("exec.log")).unwrap();
+    let execs: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(execs.len(), 2, "{log}");
+    assert!(execs[1]["stdin"].as_u64().unwrap() > 0, "the fix-up list went in on stdin");
+    rig.fake().faults(json!({}));
+    gw.upload_state(&demo, &src).unwrap();
+    let listed = gw.list_state(&demo, true).unwrap().expect("openshell lists in the sandbox");
+    let want = nemoclaw::host::fstree::walk(&src).unwrap();
+    let bad = nemoclaw::host::fstree::compare(&listed, &want, nemoclaw::host::fstree::Keeps::ALL);
+    assert!(bad.is_empty(), "{bad:?}");
+}
