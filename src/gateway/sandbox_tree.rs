@@ -38,13 +38,11 @@ pub const MAX_STDIN: usize = 3 << 20;
 /// regular file; then [`END`]. (No single quote in it: the gateway single-quotes the argv.)
 pub fn listing_script() -> String {
     format!(
-        "cd {SANDBOX_STATE_PATH} || exit 90\n\
-         find . -mindepth 1 -printf \"%y %m %T@ %s %D:%i %n %P\\0%l\\0\" || exit 91\n\
-         if [ \"$1\" = digests ]; then\n\
-         printf \"NEMOCLAW-DIGESTS\\0\"\n\
-         find . -mindepth 1 -type f -exec sha256sum -z -- {{}} + || exit 92\n\
-         fi\n\
-         printf \"NEMOCLAW-END\\n\"\n"
+        "cd {SANDBOX_STATE_PATH} || exit 90; \
+         find . -mindepth 1 -printf \"%y %m %T@ %s %D:%i %n %P\\0%l\\0\" || exit 91; \
+         if [ \"$1\" = digests ]; then printf \"NEMOCLAW-DIGESTS\\0\"; \
+         find . -mindepth 1 -type f -exec sha256sum -z -- {{}} + || exit 92; fi; \
+         printf \"NEMOCLAW-END\\n\""
     )
 }
 
@@ -54,18 +52,12 @@ pub fn listing_script() -> String {
 /// (`touch -c -h -d @S.N PATH`), applied in order. Then [`END`].
 pub fn fixup_script() -> String {
     format!(
-        "cd {SANDBOX_STATE_PATH} || exit 90\n\
-         while [ $# -gt 1 ]; do\n\
-         op=$1; n=$2; shift 2\n\
-         case $op in\n\
-         link) cmd=\"ln -f --\";;\n\
-         mode) cmd=\"chmod --\";;\n\
-         time) cmd=\"touch -c -h -d\";;\n\
-         *) exit 94;;\n\
-         esac\n\
-         dd bs=$n count=1 iflag=fullblock status=none | xargs -0 -r -n 2 $cmd || exit 93\n\
-         done\n\
-         printf \"NEMOCLAW-END\\n\"\n"
+        "cd {SANDBOX_STATE_PATH} || exit 90; \
+         while [ $# -gt 1 ]; do op=$1; n=$2; shift 2; \
+         case $op in link) cmd=\"ln -f --\";; mode) cmd=\"chmod --\";; \
+         time) cmd=\"touch -c -h -d\";; *) exit 94;; esac; \
+         dd bs=$n count=1 iflag=fullblock status=none | xargs -0 -r -n 2 $cmd || exit 93; \
+         done; printf \"NEMOCLAW-END\\n\""
     )
 }
 
@@ -360,10 +352,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scripts_have_no_single_quote_and_no_nul() {
+    fn scripts_have_no_single_quote_no_nul_and_one_line() {
         for s in [listing_script(), fixup_script()] {
-            assert!(!s.contains('\'') && !s.contains('\0'), "{s}");
+            assert!(!s.contains('\'') && !s.contains('\0') && !s.contains('\n'), "{s}");
         }
+        assert!(listing_script().contains(r#"-printf "%y %m %T@ %s %D:%i %n %P\0%l\0""#));
     }
 
     #[test]
