@@ -212,8 +212,9 @@ pub trait Gateway: Send + Sync {
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError>;
 
     /// [`Gateway::download_state`], returning the source's own listing (digests and metadata
-    /// taken while reading the sandbox's files) when the driver reads them itself, so a copy
-    /// damaged on its way can be told from the source. `None`: only the copy can be described.
+    /// taken while reading the sandbox's files, or computed inside the sandbox) when the driver
+    /// can give one, so a copy damaged on its way can be told from the source. `None`: only
+    /// the copy can be described.
     fn download_listed(
         &self,
         name: &SandboxName,

@@ -7,6 +7,10 @@
 //! captured separately up to a size bound; its own process group, killed as a whole when the
 //! call times out. A timeout is *unknown*, never *missing*.
 //!
+//! State moves with the CLI's `sandbox download` / `sandbox upload` (`tar` over `ssh`); what
+//! that pipeline loses, and the digests that let a backup describe the sandbox's own files, go
+//! through `sandbox exec` scripts (see [`super::sandbox_tree`]).
+//!
 //! Knobs (environment): `NEMOCLAW_OPENSHELL_TIMEOUT_MS` (per call, default 60 s),
 //! `NEMOCLAW_OPENSHELL_CREATE_TIMEOUT_MS` (create and wait-until-ready, default 600 s),
 //! `NEMOCLAW_OPENSHELL_POLL_MS` (delete / readiness polling interval, default 500 ms),

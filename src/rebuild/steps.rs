@@ -325,9 +325,10 @@ impl Step for BackupStep {
             custom_policies: s.entry.get("customPolicies").cloned().unwrap_or(json!([])),
         };
         // The gateway writes straight into the backup directory; the manifest is committed
-        // only after the files are durable and checked. A gateway that reads the sandbox's
-        // files itself (local) also lists what it read, so the manifest describes the source
-        // and a copy damaged on its way is refused here, before anything is deleted.
+        // only after the files are durable and checked. The gateway also lists the sandbox's
+        // files as they are at the source (local: from the read that fed the copy; openshell:
+        // digests computed inside the sandbox), so the manifest describes the source and a
+        // copy damaged on its way is refused here, before anything is deleted.
         let mut gw_failure = None;
         let keeps = env.gateway.download_keeps();
         let b = Backup::create_with(&env.home, &meta, &env.backup_ts, keeps, |dir| {

@@ -575,7 +575,16 @@ fn real_cli_normal_rebuild_restores_every_file_at_its_path_and_the_policy() {
     assert_eq!(live_policy(&r.gw, "alpha"), policy, "the replacement enforces the old policy");
     crate::rebuild::check_journal(r.home.path());
     assert_eq!(crate::rebuild::runs(r.home.path()).last().unwrap().1, "succeeded");
-    eprintln!("normal rebuild: {} openshell calls", r.invocations().len() - n);
+    let calls = r.invocations()[n..].to_vec();
+    eprintln!("normal rebuild: {} openshell calls", calls.len());
+    let count = |p: &str| calls.iter().filter(|c| c.starts_with(p)).count();
+    // The state's trips (docs/benchmarks.md): a listing with digests at backup; after the
+    // upload a listing, the fix-up and the verifying listing; one download, one upload.
+    assert_eq!(
+        (count("sandbox exec"), count("sandbox download"), count("sandbox upload")),
+        (4, 1, 1),
+        "{calls:#?}"
+    );
 }
 
 #[test]
