@@ -598,19 +598,25 @@ fn real_cli_an_upload_that_corrupts_silently_fails_restore_verification() {
 
 /// The CLI exits 0 when the exec stream ends without an exit status: a listing that arrives
 /// whole but without the script's end marker (the stream was cut after the work) is not
-/// trusted, and neither is one cut in the middle; the backup stops before anything is deleted.
+/// trusted, and neither is one cut in the middle, nor one with a byte flipped (the record
+/// separator before the marker, a digest); the backup stops before anything is deleted.
 #[test]
-fn real_cli_a_listing_cut_short_is_never_trusted() {
-    for cut in [13, 200] {
+fn real_cli_a_listing_cut_short_or_damaged_is_never_trusted() {
+    for (fault, says) in [
+        (json!({"exec_cut": 13}), "end marker"),
+        (json!({"exec_cut": 200}), "end marker"),
+        (json!({"exec_flip": 14}), "complete record"),
+        (json!({"exec_flip": 100}), "listed inside the sandbox"),
+    ] {
         let Some(r) = crate::fakegw::Real::new() else { return };
         let (id, registry, digest) =
             (r.gw.sandboxes()["alpha"]["id"].clone(), r.registry_bytes(), r.digest());
-        r.gw.faults(json!({"exec_cut": cut}));
+        r.gw.faults(fault.clone());
         let o = r.run(&["alpha", "rebuild", "--yes"]);
         let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "cut {cut}: {err}");
-        assert!(err.contains("end marker"), "cut {cut}:\n{err}");
-        nothing_removed(&r, &id, &registry, &digest, &format!("cut {cut}"));
+        assert_eq!(o.status.code(), Some(1), "{fault}: {err}");
+        assert!(err.contains(says), "{fault}:\n{err}");
+        nothing_removed(&r, &id, &registry, &digest, &fault.to_string());
     }
 }
 
