@@ -180,6 +180,7 @@ pub struct OpenShellGateway {
     timeout: Duration,
     create_timeout: Duration,
     poll: Duration,
+    exec_stdin_max: usize,
     version: OnceLock<Result<(Version, Capabilities), String>>,
 }
 
@@ -192,6 +193,7 @@ impl OpenShellGateway {
             timeout: env_ms("NEMOCLAW_OPENSHELL_TIMEOUT_MS", 60_000),
             create_timeout: env_ms("NEMOCLAW_OPENSHELL_CREATE_TIMEOUT_MS", 600_000),
             poll: env_ms("NEMOCLAW_OPENSHELL_POLL_MS", 500),
+            exec_stdin_max: sandbox_tree::MAX_STDIN,
             version: OnceLock::new(),
         }
     }
@@ -211,6 +213,13 @@ impl OpenShellGateway {
     /// Override the polling interval of delete and readiness waits.
     pub fn with_poll(mut self, p: Duration) -> Self {
         self.poll = p;
+        self
+    }
+
+    /// Override the most stdin bytes one `sandbox exec` call carries (a fix-up list longer
+    /// than this is cut into several calls).
+    pub fn with_exec_stdin_max(mut self, bytes: usize) -> Self {
+        self.exec_stdin_max = bytes.max(1);
         self
     }
 
@@ -424,7 +433,7 @@ impl OpenShellGateway {
         let got = self.listed(name, false)?;
         let ops = sandbox_tree::fixups(want, &got);
         let script = sandbox_tree::fixup_script();
-        for (args, stdin) in sandbox_tree::fixup_calls(&ops, sandbox_tree::MAX_STDIN) {
+        for (args, stdin) in sandbox_tree::fixup_calls(&ops, self.exec_stdin_max) {
             self.exec_script(name, "metadata fix-up", &script, &args, Some(stdin))?;
         }
         Ok(())
