@@ -310,8 +310,8 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
 
     def ExecSandbox(self, request, context):
         """`sandbox exec`: as the v0.0.111 gateway, the argv is joined into one shell string
-        (each argument single-quoted unless it is plain `[A-Za-z0-9./_-]+`; NUL bytes and
-        strings over 256 KiB refused with INVALID_ARGUMENT) and run with `sh -c` inside the
+        (each argument single-quoted unless it is plain `[A-Za-z0-9./_-]+`; a NUL byte, or a
+        joined command over 256 KiB, refused with INVALID_ARGUMENT) and run with `sh -c` inside the
         sandbox (here: in its directory, with `/sandbox` paths rewritten to it, as the fake
         `ssh` does), `stdin` fed to it; its output streams back as `stdout`/`stderr` events,
         then one `exit` event. `timeout_seconds` kills it and exits 124. Faults:
@@ -328,11 +328,13 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
         for arg in list(request.command) + [request.workdir]:
             if "\0" in arg:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "command contains a NUL byte")
-            if len(arg.encode()) > 256 * 1024:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "command argument is too long")
         joined = " ".join(shell_quote(a) for a in request.command)
         if request.workdir:
             joined = "cd " + shell_quote(request.workdir) + " && " + joined
+        # Stricter than an argument-by-argument bound (Linux caps one argv string at 128 KiB
+        # anyway): the joined command itself may not pass 256 KiB.
+        if len(joined.encode()) > 256 * 1024:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "command is too long")
         with open(os.path.join(self.state, "exec.log"), "a") as f:
             f.write(json.dumps({"command": list(request.command), "stdin": len(request.stdin),
                                 "timeout": request.timeout_seconds}) + "\n")

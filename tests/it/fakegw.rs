@@ -377,6 +377,11 @@ fn real_cli_exec_passes_stdin_bytes_and_exit_codes() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("exceeds 4194304 byte limit"));
     assert_eq!(std::fs::read_to_string(gw.state().join("exec.log")).unwrap().lines().count(), 2);
+    let long = "x".repeat(100 * 1024);
+    let o = exec(&["--", "echo", &long, &long, &long], b"");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.contains("Client specified an invalid argument"), "{err}");
     gw.faults(serde_json::json!({"exec_cut": 3}));
     let o = exec(&["--", "sh", "-c", "echo started; exit 9"], b"");
     assert_eq!(o.status.code(), Some(0), "no exit status in the stream: the CLI says 0");
