@@ -46,17 +46,29 @@ pub fn listing_script() -> String {
     )
 }
 
+/// Sets the mtimes of a `time` section in one process when the sandbox has `python3`
+/// (`os.utime` with integer nanoseconds, not following symlinks): `touch` costs a process per
+/// file, seconds for a few thousand files. `@S.N` always has nine fraction digits, so the
+/// digits without the dot are the nanoseconds.
+const PY_TIMES: &str = "import os,sys; d=sys.stdin.buffer.read().split(bytes(1)); \
+     [os.utime(d[i+1], ns=(int(d[i][1:].replace(b\\\".\\\", b\\\"\\\")),)*2, follow_symlinks=False) \
+     for i in range(0, len(d)-1, 2)]";
+
 /// The fix-up script: `sh -c FIXUP nemoclaw OP LEN [OP LEN]...`, stdin the concatenated
 /// sections. Each section of LEN bytes holds NUL-terminated argument pairs for one operation:
 /// `link` (`ln -f -- FIRST OTHER`), `mode` (`chmod -- MODE PATH`) or `time`
-/// (`touch -c -h -d @S.N PATH`), applied in order. Then [`END`].
+/// (`touch -c -h -d @S.N PATH`, or all at once in `python3` when there is one: [`PY_TIMES`]),
+/// applied in order. Then [`END`].
 pub fn fixup_script() -> String {
     format!(
         "cd {SANDBOX_STATE_PATH} || exit 90; \
+         py=; command -v python3 >/dev/null 2>&1 && py=1; \
          while [ $# -gt 1 ]; do op=$1; n=$2; shift 2; \
          case $op in link) cmd=\"ln -f --\";; mode) cmd=\"chmod --\";; \
          time) cmd=\"touch -c -h -d\";; *) exit 94;; esac; \
-         dd bs=$n count=1 iflag=fullblock status=none | xargs -0 -r -n 2 $cmd || exit 93; \
+         if [ $op = time ] && [ -n \"$py\" ]; then \
+         dd bs=$n count=1 iflag=fullblock status=none | python3 -c \"{PY_TIMES}\" || exit 95; \
+         else dd bs=$n count=1 iflag=fullblock status=none | xargs -0 -r -n 2 $cmd || exit 93; fi; \
          done; printf \"NEMOCLAW-END\\n\""
     )
 }

@@ -318,7 +318,9 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
         `"exec_cut": N` ends the stream N bytes before the end of the output and without the
         exit event (a stream cut short: the CLI then exits 0); `"exec_flip": N` inverts the
         byte N bytes before the end of the output; with `"exec_skip": K` either applies to the
-        (K+1)-th ExecSandbox call only (counted in `exec.count`), else to every call."""
+        (K+1)-th ExecSandbox call only (counted in `exec.count`), else to every call.
+        `"exec_without": ["python3"]` runs the command with a PATH holding only the usual
+        tools of a sandbox image minus those named (an image without them)."""
         fl = self.enter("ExecSandbox", context)
         with self.lock:
             b = self.by_id(request.sandbox_id, context)
@@ -340,8 +342,11 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
                                 "timeout": request.timeout_seconds}) + "\n")
         command = re.sub(r"(?<![\w/.-])/sandbox(?=/|\s|'|\"|$)", root, joined)
         timeout = request.timeout_seconds or None
+        env = dict(os.environ)
+        if fl.get("exec_without"):
+            env["PATH"] = self.bin_without(fl["exec_without"])
         try:
-            r = subprocess.run(["sh", "-c", command], cwd=root, input=request.stdin,
+            r = subprocess.run(["sh", "-c", command], cwd=root, input=request.stdin, env=env,
                                capture_output=True, timeout=timeout, start_new_session=True)
             out, err, code = r.stdout, r.stderr, r.returncode
         except subprocess.TimeoutExpired as e:
@@ -372,6 +377,23 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
             yield openshell_pb2.ExecSandboxEvent(stderr=openshell_pb2.ExecSandboxStderr(data=err))
         if cut is None:
             yield openshell_pb2.ExecSandboxEvent(exit=openshell_pb2.ExecSandboxExit(exit_code=code))
+
+    TOOLS = ["sh", "find", "sha256sum", "xargs", "dd", "chmod", "touch", "ln", "cat", "echo",
+             "printf", "head", "od", "wc", "sleep", "tar", "mkdir", "pwd", "realpath", "python3"]
+
+    def bin_without(self, missing):
+        """A directory of links to the usual tools but `missing`, for a PATH."""
+        d = os.path.join(self.state, "bin-without-" + "-".join(sorted(missing)))
+        if not os.path.isdir(d):
+            os.makedirs(d + ".tmp", exist_ok=True)
+            for tool in self.TOOLS:
+                found = shutil.which(tool)
+                if found and tool not in missing:
+                    link = os.path.join(d + ".tmp", tool)
+                    if not os.path.lexists(link):
+                        os.symlink(found, link)
+            os.replace(d + ".tmp", d)
+        return d
 
     def GetSandboxConfig(self, request, context):
         self.enter("GetSandboxConfig", context)

@@ -610,10 +610,16 @@ fn an_upload_whose_fixup_stream_is_cut_short_fails() {
 
 /// A fix-up list longer than one call's stdin is cut into several calls, kept in order (hard
 /// links before mtimes, directories last), and the sandbox ends up exactly as the tree that
-/// was sent: listed inside the sandbox, it matches to the nanosecond.
-#[test]
-fn a_long_fixup_is_cut_into_several_calls_and_the_upload_comes_out_exact() {
+/// was sent: listed inside the sandbox, it matches to the nanosecond — with mtimes set by
+/// `python3` in one process, and by `touch` in an image without it.
+#[rstest]
+#[case::python3(json!({}))]
+#[case::touch_without_python3(json!({"exec_without": ["python3"]}))]
+fn a_long_fixup_is_cut_into_several_calls_and_the_upload_comes_out_exact(
+    #[case] image: serde_json::Value,
+) {
     let Some(fake) = FakeGateway::start("nemoclaw") else { return };
+    fake.faults(image);
     let gw = OpenShellGateway::new(fake.wrapper(), "nemoclaw")
         .with_timeout(Duration::from_secs(20))
         .with_create_timeout(Duration::from_secs(20))
