@@ -213,14 +213,18 @@ fn hex_of(b: &[u8]) -> String {
 
 /// Through the real `openshell` CLI the tree comes back exactly too: what its `tar` pipeline
 /// drops (sub-second and directory mtimes and the setgid bit on download, hard links and
-/// sub-second mtimes on upload, holes) is put back from the listing taken inside the sandbox.
-#[test]
-fn real_cli_rebuild_keeps_modes_mtimes_empty_dirs_holes_links_and_names() {
+/// sub-second mtimes on upload, holes) is put back from the listing taken inside the sandbox —
+/// in an image with `python3` and in one without (mtimes by `touch`).
+#[rstest::rstest]
+#[case::python3(json!({}))]
+#[case::touch_without_python3(json!({"exec_without": ["python3"]}))]
+fn real_cli_rebuild_keeps_modes_mtimes_empty_dirs_holes_links_and_names(#[case] image: Value) {
     if !is_root() {
         eprintln!("skipping: the fidelity tree has a 0000 file, which needs root to read");
         return;
     }
     let Some(r) = crate::fakegw::Real::new() else { return };
+    r.gw.faults(image);
     let tree = r.tree();
     std::fs::remove_dir_all(&tree).unwrap();
     std::fs::create_dir_all(&tree).unwrap();
