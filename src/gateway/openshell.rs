@@ -164,7 +164,9 @@ pub fn run_command_io(
     }
     CallOutput {
         status,
-        stdout: classify::strip_ansi(&String::from_utf8_lossy(&out)),
+        // The text is for messages and parsers of small answers: a script's large output is
+        // read from `raw_stdout` only.
+        stdout: classify::strip_ansi(&String::from_utf8_lossy(&out[..out.len().min(MAX_OUTPUT)])),
         raw_stdout: out,
         stderr: classify::strip_ansi(&String::from_utf8_lossy(&err)),
         timed_out,
