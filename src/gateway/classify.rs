@@ -22,6 +22,8 @@ pub struct CallOutput {
     pub stdout: String,
     /// stderr text.
     pub stderr: String,
+    /// stdout as the program wrote it (for binary output; empty when not captured).
+    pub raw_stdout: Vec<u8>,
     /// The call was killed by its timeout.
     pub timed_out: bool,
     /// The program could not be started.

@@ -14,6 +14,7 @@ pub mod classify;
 pub mod local;
 pub mod openshell;
 pub mod policy;
+pub mod sandbox_tree;
 
 /// A sandbox as a gateway reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -211,14 +212,28 @@ pub trait Gateway: Send + Sync {
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError>;
 
     /// [`Gateway::download_state`], returning the source's own listing (digests and metadata
-    /// taken while reading the sandbox's files) when the driver reads them itself, so a copy
-    /// damaged on its way can be told from the source. `None`: only the copy can be described.
+    /// taken while reading the sandbox's files, or computed inside the sandbox) when the driver
+    /// can give one, so a copy damaged on its way can be told from the source. `None`: only
+    /// the copy can be described.
     fn download_listed(
         &self,
         name: &SandboxName,
         dest: &Path,
     ) -> Result<Option<Vec<Node>>, GatewayError> {
         self.download_state(name, dest).map(|()| None)
+    }
+
+    /// The sandbox's state tree as listed inside the sandbox — type, mode, mtime, size,
+    /// symlink target and hard-link group of every entry, and with `digests` the SHA-256 of
+    /// every file, computed there — when the driver lists it there; `Ok(None)` when it does
+    /// not (the local gateway reads the tree in place instead, see
+    /// [`Gateway::local_state_path`]).
+    fn list_state(
+        &self,
+        _name: &SandboxName,
+        _digests: bool,
+    ) -> Result<Option<Vec<Node>>, GatewayError> {
+        Ok(None)
     }
 
     /// Which metadata [`Gateway::download_state`] carries from the sandbox to this host.

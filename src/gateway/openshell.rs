@@ -7,6 +7,10 @@
 //! captured separately up to a size bound; its own process group, killed as a whole when the
 //! call times out. A timeout is *unknown*, never *missing*.
 //!
+//! State moves with the CLI's `sandbox download` / `sandbox upload` (`tar` over `ssh`); what
+//! that pipeline loses, and the digests that let a backup describe the sandbox's own files, go
+//! through `sandbox exec` scripts (see [`super::sandbox_tree`]).
+//!
 //! Knobs (environment): `NEMOCLAW_OPENSHELL_TIMEOUT_MS` (per call, default 60 s),
 //! `NEMOCLAW_OPENSHELL_CREATE_TIMEOUT_MS` (create and wait-until-ready, default 600 s),
 //! `NEMOCLAW_OPENSHELL_POLL_MS` (delete / readiness polling interval, default 500 ms),
@@ -20,8 +24,9 @@ use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::classify::{self, CallOutput, Capabilities, ErrorText, Version};
+use super::sandbox_tree;
 use super::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec, Unhealthy};
-use crate::host::fstree::Keeps;
+use crate::host::fstree::{Keeps, Node};
 use crate::names::SandboxName;
 
 /// Where a sandbox's state lives inside it.
@@ -42,6 +47,9 @@ pub const SCRUBBED_ENV: [&str; 4] = [
 ];
 /// At most this much of stdout and of stderr is kept (the rest is drained and dropped).
 pub const MAX_OUTPUT: usize = 4 << 20;
+/// At most this much of a script's stdout is kept (a listing of a large tree); a listing cut
+/// at the bound has no end marker and is refused.
+pub const MAX_SCRIPT_OUTPUT: usize = 512 << 20;
 
 fn env_ms(var: &str, default: u64) -> Duration {
     Duration::from_millis(std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
@@ -59,9 +67,21 @@ pub fn find_on_path() -> Option<PathBuf> {
 /// Run `program args` as openshell calls are run: scrubbed env, stdin null, own process group,
 /// bounded capture, and on timeout SIGKILL to the whole group. ANSI is stripped from the output.
 pub fn run_command(program: &Path, args: &[String], timeout: Duration) -> CallOutput {
+    run_command_io(program, args, None, MAX_OUTPUT, timeout)
+}
+
+/// [`run_command`] with `stdin` written to the child (else `/dev/null`) and up to `limit`
+/// bytes of stdout kept (also raw, in [`CallOutput::raw_stdout`]).
+pub fn run_command_io(
+    program: &Path,
+    args: &[String],
+    stdin: Option<Vec<u8>>,
+    limit: usize,
+    timeout: Duration,
+) -> CallOutput {
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -78,12 +98,20 @@ pub fn run_command(program: &Path, args: &[String], timeout: Duration) -> CallOu
         }
     };
     let pgid = child.id() as i32;
+    if let (Some(mut pipe), Some(data)) = (child.stdin.take(), stdin) {
+        // A thread of its own: the child may fill its output pipes before it reads all of it.
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = pipe.write_all(&data);
+        });
+    }
     let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
     for (is_out, pipe) in [
         (true, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
         (false, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
     ] {
         let tx = tx.clone();
+        let bound = if is_out { limit } else { MAX_OUTPUT };
         std::thread::spawn(move || {
             let mut kept = Vec::new();
             if let Some(mut p) = pipe {
@@ -93,7 +121,7 @@ pub fn run_command(program: &Path, args: &[String], timeout: Duration) -> CallOu
                     if n == 0 {
                         break;
                     }
-                    let room = MAX_OUTPUT.saturating_sub(kept.len());
+                    let room = bound.saturating_sub(kept.len());
                     kept.extend_from_slice(&buf[..n.min(room)]);
                 }
             }
@@ -136,7 +164,10 @@ pub fn run_command(program: &Path, args: &[String], timeout: Duration) -> CallOu
     }
     CallOutput {
         status,
-        stdout: classify::strip_ansi(&String::from_utf8_lossy(&out)),
+        // The text is for messages and parsers of small answers: a script's large output is
+        // read from `raw_stdout` only.
+        stdout: classify::strip_ansi(&String::from_utf8_lossy(&out[..out.len().min(MAX_OUTPUT)])),
+        raw_stdout: out,
         stderr: classify::strip_ansi(&String::from_utf8_lossy(&err)),
         timed_out,
         spawn_error: None,
@@ -151,6 +182,7 @@ pub struct OpenShellGateway {
     timeout: Duration,
     create_timeout: Duration,
     poll: Duration,
+    exec_stdin_max: usize,
     version: OnceLock<Result<(Version, Capabilities), String>>,
 }
 
@@ -163,6 +195,7 @@ impl OpenShellGateway {
             timeout: env_ms("NEMOCLAW_OPENSHELL_TIMEOUT_MS", 60_000),
             create_timeout: env_ms("NEMOCLAW_OPENSHELL_CREATE_TIMEOUT_MS", 600_000),
             poll: env_ms("NEMOCLAW_OPENSHELL_POLL_MS", 500),
+            exec_stdin_max: sandbox_tree::MAX_STDIN,
             version: OnceLock::new(),
         }
     }
@@ -182,6 +215,13 @@ impl OpenShellGateway {
     /// Override the polling interval of delete and readiness waits.
     pub fn with_poll(mut self, p: Duration) -> Self {
         self.poll = p;
+        self
+    }
+
+    /// Override the most stdin bytes one `sandbox exec` call carries (a fix-up list longer
+    /// than this is cut into several calls).
+    pub fn with_exec_stdin_max(mut self, bytes: usize) -> Self {
+        self.exec_stdin_max = bytes.max(1);
         self
     }
 
@@ -320,6 +360,136 @@ impl OpenShellGateway {
                 Err(GatewayError::Unhealthy { gateway: self.gateway.clone(), detail: describe(&l) })
             }
         }
+    }
+
+    /// Run `script` inside the sandbox: `sandbox exec -n NAME --no-tty --timeout S -g G --
+    /// sh -c SCRIPT nemoclaw ARGS...`, `stdin` piped in. Its whole stdout, which must end with
+    /// the script's end marker: the CLI exits 0 when the stream ends without an exit status,
+    /// so output without the marker is a failure, never a result.
+    fn exec_script(
+        &self,
+        name: &SandboxName,
+        what: &str,
+        script: &str,
+        args: &[String],
+        stdin: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, GatewayError> {
+        let secs = self.create_timeout.as_secs().max(1).to_string();
+        let mut argv: Vec<String> = [
+            "sandbox",
+            "exec",
+            "-n",
+            name.as_str(),
+            "--no-tty",
+            "--timeout",
+            &secs,
+            "-g",
+            &self.gateway,
+            "--",
+            "sh",
+            "-c",
+            script,
+            "nemoclaw",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        argv.extend(args.iter().cloned());
+        let started = Instant::now();
+        // A little longer than the sandbox's own timeout, so that one fires first (exit 124).
+        let out = run_command_io(
+            &self.program,
+            &argv,
+            stdin,
+            MAX_SCRIPT_OUTPUT,
+            self.create_timeout + Duration::from_secs(10),
+        );
+        tracing::info!(
+            "openshell sandbox exec -n {name} -g {} ({what}) → {} in {:.2}s",
+            self.gateway,
+            if out.timed_out { "timed out".to_owned() } else { format!("exit {:?}", out.status) },
+            started.elapsed().as_secs_f64()
+        );
+        if !out.ok() {
+            return Err(self.fail(
+                &out,
+                &format!("sandbox exec ({what})"),
+                name.as_str(),
+                self.create_timeout,
+            ));
+        }
+        if sandbox_tree::finished(&out.raw_stdout).is_none() {
+            return Err(GatewayError::Other(format!(
+                "`openshell sandbox exec -n {name} -g {}` ({what}) ended without the script's end \
+                 marker: the stream was cut short or the script did not finish, so nothing it \
+                 printed is trusted",
+                self.gateway
+            )));
+        }
+        Ok(out.raw_stdout)
+    }
+
+    /// Put the metadata of `want` (what was uploaded, in walk order) on the sandbox's state
+    /// tree where the CLI's upload lost it: one listing, then fix-up calls for what differs.
+    fn fix_state(&self, name: &SandboxName, want: &[Node]) -> Result<(), GatewayError> {
+        let got = self.listed(name, false)?;
+        let ops = sandbox_tree::fixups(want, &got);
+        let script = sandbox_tree::fixup_script();
+        for (args, stdin) in sandbox_tree::fixup_calls(&ops, self.exec_stdin_max) {
+            self.exec_script(name, "metadata fix-up", &script, &args, Some(stdin))?;
+        }
+        Ok(())
+    }
+
+    /// The state tree listed inside the sandbox (see [`Gateway::list_state`]).
+    fn listed(&self, name: &SandboxName, digests: bool) -> Result<Vec<Node>, GatewayError> {
+        let args = if digests { vec!["digests".to_owned()] } else { Vec::new() };
+        let what = if digests { "listing with digests" } else { "listing" };
+        let out = self.exec_script(name, what, &sandbox_tree::listing_script(), &args, None)?;
+        sandbox_tree::parse_listing(&out, digests).map_err(|e| {
+            GatewayError::Other(format!(
+                "the state of '{name}' listed inside the sandbox (gateway '{}'): {e}",
+                self.gateway
+            ))
+        })
+    }
+
+    /// The CLI's `sandbox download` of the state tree into `dest`, as it comes.
+    fn download_raw(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
+        crate::host::mkdir_private(dest).map_err(|e| GatewayError::Io {
+            context: format!("cannot create {}", dest.display()),
+            source: e,
+        })?;
+        let d = dest.to_string_lossy();
+        let download = || {
+            self.call(
+                &["sandbox", "download", name.as_str(), SANDBOX_STATE_PATH, &d],
+                self.create_timeout,
+            )
+        };
+        let mut out = download();
+        // The CLI stops reading the archive at its end marker and closes the pipe; the
+        // sandbox's `tar` may still be writing its record padding and die of SIGPIPE (observed
+        // with v0.0.111 on archives of tens of MiB: `ssh tar create exited with status exit
+        // status: 141`). Nothing was lost, but the unpacked tree cannot be trusted to be whole:
+        // clear it and download once more.
+        if !out.ok()
+            && classify::report_words(&out.text()).contains("exited with status exit status: 141")
+        {
+            let io = |e| GatewayError::Io {
+                context: format!("cannot clear {}", dest.display()),
+                source: e,
+            };
+            std::fs::remove_dir_all(dest).map_err(io)?;
+            crate::host::mkdir_private(dest).map_err(io)?;
+            out = download();
+        }
+        if !out.ok() {
+            return Err(self.fail(&out, "sandbox download", name.as_str(), self.create_timeout));
+        }
+        // A directory download unpacks the directory's *contents* into DEST (real CLI 0.0.111):
+        // nothing to move afterwards.
+        Ok(())
     }
 
     /// Poll `get` until the sandbox is ready (or the deadline passes).
@@ -600,55 +770,47 @@ impl Gateway for OpenShellGateway {
     }
 
     fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
-        crate::host::mkdir_private(dest).map_err(|e| GatewayError::Io {
-            context: format!("cannot create {}", dest.display()),
-            source: e,
+        self.download_listed(name, dest).map(|_| ())
+    }
+
+    /// The sandbox lists its state tree with digests (the source, as it is in the sandbox),
+    /// the CLI downloads it, and what its `tar` pipeline lost on the way — sub-second and
+    /// directory mtimes, setuid/setgid/sticky bits, holes — is put back from the listing.
+    /// The caller checks the copy against the listing.
+    fn download_listed(
+        &self,
+        name: &SandboxName,
+        dest: &Path,
+    ) -> Result<Option<Vec<Node>>, GatewayError> {
+        let listing = self.listed(name, true)?;
+        self.download_raw(name, dest)?;
+        crate::host::fstree::apply_meta(dest, &listing).map_err(|e| GatewayError::Io {
+            context: format!("cannot restore the metadata of the download in {}", dest.display()),
+            source: std::io::Error::other(e.to_string()),
         })?;
-        let d = dest.to_string_lossy();
-        let download = || {
-            self.call(
-                &["sandbox", "download", name.as_str(), SANDBOX_STATE_PATH, &d],
-                self.create_timeout,
-            )
-        };
-        let mut out = download();
-        // The CLI stops reading the archive at its end marker and closes the pipe; the
-        // sandbox's `tar` may still be writing its record padding and die of SIGPIPE (observed
-        // with v0.0.111 on archives of tens of MiB: `ssh tar create exited with status exit
-        // status: 141`). Nothing was lost, but the unpacked tree cannot be trusted to be whole:
-        // clear it and download once more.
-        if !out.ok()
-            && classify::report_words(&out.text()).contains("exited with status exit status: 141")
-        {
-            let io = |e| GatewayError::Io {
-                context: format!("cannot clear {}", dest.display()),
-                source: e,
-            };
-            std::fs::remove_dir_all(dest).map_err(io)?;
-            crate::host::mkdir_private(dest).map_err(io)?;
-            out = download();
-        }
-        if !out.ok() {
-            return Err(self.fail(&out, "sandbox download", name.as_str(), self.create_timeout));
-        }
-        // A directory download unpacks the directory's *contents* into DEST (real CLI 0.0.111):
-        // nothing to move afterwards.
-        Ok(())
+        Ok(Some(listing))
     }
 
-    /// What comes back through `sandbox download` (real CLI 0.0.111): the sandbox's `tar cf`
-    /// records modes and whole-second mtimes and hard links, and the CLI unpacks it without
-    /// setuid/setgid/sticky bits and without directory mtimes (directories get the time of the
-    /// download); holes arrive as zeros.
+    fn list_state(
+        &self,
+        name: &SandboxName,
+        digests: bool,
+    ) -> Result<Option<Vec<Node>>, GatewayError> {
+        self.listed(name, digests).map(Some)
+    }
+
+    /// Everything: the CLI's `sandbox download` (real CLI 0.0.111) loses sub-second and
+    /// directory mtimes and setuid/setgid/sticky bits and fills holes, and
+    /// [`Gateway::download_listed`] puts them back from the listing taken in the sandbox.
     fn download_keeps(&self) -> Keeps {
-        Keeps { special_bits: false, subsecond_mtimes: false, dir_mtimes: false, hard_links: true }
+        Keeps::ALL
     }
 
-    /// What survives `sandbox upload`: the CLI's archive records modes, whole-second mtimes
-    /// (directories included), symlinks and holes, but stores every name of a hard-linked
-    /// inode as a file of its own.
+    /// Everything: the CLI's `sandbox upload` keeps whole-second mtimes and stores every name
+    /// of a hard-linked inode as a file of its own, and [`Gateway::upload_state`] fixes both
+    /// inside the sandbox afterwards.
     fn upload_keeps(&self) -> Keeps {
-        Keeps { special_bits: true, subsecond_mtimes: false, dir_mtimes: true, hard_links: false }
+        Keeps::ALL
     }
 
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError> {
@@ -686,7 +848,14 @@ impl Gateway for OpenShellGateway {
             }
         });
         let _ = std::fs::remove_dir_all(&wrapper);
-        result
+        result?;
+        // What the CLI's archive lost (sub-second mtimes, hard links, and a mode or mtime its
+        // extraction did not set) is fixed inside the sandbox from the tree that was sent.
+        let want = crate::host::fstree::walk(src).map_err(|e| GatewayError::Io {
+            context: format!("cannot list {}", src.display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.fix_state(name, &want)
     }
 
     fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError> {

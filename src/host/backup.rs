@@ -390,7 +390,12 @@ impl Backup {
     /// Check `root` against the manifest, with what the manifest does not record left
     /// unchecked (older manifests have no modes, mtimes or directories).
     fn check(&self, root: &Path, keeps: Keeps) -> Result<Vec<Mismatch>, HostError> {
-        let mut bad = fstree::check(root, &self.listing(), keeps)?;
+        let bad = fstree::check(root, &self.listing(), keeps)?;
+        Ok(self.recorded(bad))
+    }
+
+    /// `bad` without the checks of fields the manifest does not record.
+    fn recorded(&self, mut bad: Vec<Mismatch>) -> Vec<Mismatch> {
         // A field the manifest does not record reads as 0 in the listing: drop those checks.
         let unrecorded = |m: &Mismatch| {
             let f = self.manifest.files.iter().find(|f| f.path == m.rel);
@@ -401,7 +406,22 @@ impl Backup {
                         || d.is_some_and(|d| d.mtime_ns.is_none())))
         };
         bad.retain(|m| !unrecorded(m));
-        Ok(bad)
+        bad
+    }
+
+    /// Check a listing of the restored state taken where it lives (inside a sandbox, digests
+    /// computed there) against the manifest: every entry with its bytes and metadata, as
+    /// [`Backup::verify_tree`] checks a tree. `place` names where the listing was taken.
+    pub fn verify_listing(&self, got: &[Node], place: &str) -> Result<(), HostError> {
+        let bad = self.recorded(fstree::compare(got, &self.listing(), Keeps::ALL));
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(HostError::Invalid(format!(
+            "restored state in {place} does not match the manifest of backup {}: {}",
+            self.path.display(),
+            describe_all(&bad)
+        )))
     }
 
     /// Every way the backup's own files differ from its manifest (empty: intact).

@@ -769,6 +769,142 @@ pub fn check(root: &Path, want: &[Node], keeps: Keeps) -> Result<Vec<Mismatch>, 
     Ok(bad)
 }
 
+/// Compare a listing `got` (e.g. taken inside a sandbox, digests included) with `want`, as
+/// [`check`] compares a tree: every entry of `want` must be in `got` with its type, bytes
+/// (size and digest, when both have one), symlink target, hard-link group and the metadata
+/// `keeps` carries. Extra entries in `got` are allowed.
+pub fn compare(got: &[Node], want: &[Node], keeps: Keeps) -> Vec<Mismatch> {
+    let by: HashMap<&[u8], &Node> = got.iter().map(|n| (n.rel.as_slice(), n)).collect();
+    let group = |rel: &[u8]| by.get(rel).map(|n| n.hardlink.as_deref().unwrap_or(&n.rel).to_vec());
+    let mut bad = Vec::new();
+    for w in want {
+        let mut miss = |what: String| bad.push(Mismatch { rel: w.rel.clone(), what });
+        let Some(g) = by.get(w.rel.as_slice()) else {
+            miss("missing".into());
+            continue;
+        };
+        let kind_ok = match (&w.kind, &g.kind) {
+            (Kind::Symlink(_), Kind::Symlink(_)) => true,
+            (a, b) => a == b,
+        };
+        if !kind_ok {
+            miss("wrong file type".into());
+            continue;
+        }
+        let mask = keeps.mode_mask();
+        if !matches!(w.kind, Kind::Symlink(_)) && (g.mode & mask) != (w.mode & mask) {
+            miss(format!("mode {:04o}, expected {:04o}", g.mode & mask, w.mode & mask));
+        }
+        let check_mtime = w.kind != Kind::Dir || keeps.dir_mtimes;
+        if check_mtime && keeps.mtime(g.mtime_ns) != keeps.mtime(w.mtime_ns) {
+            miss(format!("mtime {}, expected {}", fmt_ns(g.mtime_ns), fmt_ns(w.mtime_ns)));
+        }
+        match (&w.kind, &g.kind) {
+            (Kind::Symlink(t), Kind::Symlink(got)) if got != t => miss(format!(
+                "links to `{}`, expected `{}`",
+                String::from_utf8_lossy(got),
+                String::from_utf8_lossy(t)
+            )),
+            (Kind::File, _) => {
+                if let (Some(first), true) = (&w.hardlink, keeps.hard_links) {
+                    if group(first).is_none() || group(first) != group(&w.rel) {
+                        miss(format!("not a hard link of `{}`", String::from_utf8_lossy(first)));
+                    }
+                }
+                if let (Some(want), Some(sha)) = (&w.sha256, &g.sha256) {
+                    if g.size != w.size {
+                        miss(format!("{} bytes, expected {}", g.size, w.size));
+                    } else if sha != want {
+                        miss(format!("sha256 {sha}, expected {want}"));
+                    }
+                } else if w.sha256.is_some() {
+                    miss("no digest to check".into());
+                }
+            }
+            _ => {}
+        }
+    }
+    bad
+}
+
+/// Give the entries of the tree at `root` the modes and mtimes that `nodes` (in walk order)
+/// lists: files and symlinks first, then directories deepest first, each by descriptor
+/// through its `O_NOFOLLOW` directory chain and only when its type is the listed one (a
+/// mismatch is left for a check to report). Files of 128 KiB or more first have their runs
+/// of zero blocks turned back into holes (a transport that fills holes with zeros).
+pub fn apply_meta(root: &Path, nodes: &[Node]) -> Result<(), HostError> {
+    let mut dirs = DirCache::new(root)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let files = nodes.iter().filter(|n| n.kind != Kind::Dir);
+    let dirs_last = nodes.iter().rev().filter(|n| n.kind == Kind::Dir);
+    for n in files.chain(dirs_last) {
+        check_rel(&n.rel).map_err(|why| {
+            HostError::Invalid(format!(
+                "unsafe listed path `{}`: {why}",
+                String::from_utf8_lossy(&n.rel)
+            ))
+        })?;
+        let p = root.join(n.path());
+        let (parent, name) = match n.rel.iter().rposition(|b| *b == b'/') {
+            Some(i) => (&n.rel[..i], &n.rel[i + 1..]),
+            None => (&b""[..], &n.rel[..]),
+        };
+        if n.kind == Kind::File && n.size >= 128 * 1024 {
+            match hash_and_sparsify(root, &n.rel, &mut buf) {
+                Ok(_) => {}
+                // Not there or not a file: the check reports it.
+                Err(HostError::Invalid(_)) => continue,
+                Err(HostError::Io { source, .. })
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(dir) = dirs.dir(parent)? else { continue };
+        let dirfd = dir.as_raw_fd();
+        let cname = c_name(name, &p)?;
+        let Ok(st) = fstatat(dirfd, &cname) else { continue };
+        let fmt = st.st_mode & libc::S_IFMT;
+        let same = match n.kind {
+            Kind::Dir => fmt == libc::S_IFDIR,
+            Kind::File => fmt == libc::S_IFREG,
+            Kind::Symlink(_) => fmt == libc::S_IFLNK,
+        };
+        if !same {
+            continue;
+        }
+        // Not a symlink (just checked, in a tree only this process writes to): chmod cannot
+        // follow one.
+        // SAFETY: cname is NUL-terminated, dirfd is open.
+        if fmt != libc::S_IFLNK && unsafe { libc::fchmodat(dirfd, cname.as_ptr(), n.mode, 0) } != 0
+        {
+            return Err(HostError::io(
+                "cannot set the mode of",
+                &p,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }, timespec(n.mtime_ns)];
+        // SAFETY: cname is NUL-terminated; times has two entries.
+        if unsafe {
+            libc::utimensat(dirfd, cname.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        } != 0
+        {
+            return Err(HostError::io(
+                "cannot set the mtime of",
+                &p,
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The directories of one tree open by descriptor along the path last asked for, so a pass in
 /// tree order opens each directory once (not once per file).
 struct DirCache {

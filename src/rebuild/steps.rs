@@ -362,9 +362,10 @@ impl Step for BackupStep {
             custom_policies: s.entry.get("customPolicies").cloned().unwrap_or(json!([])),
         };
         // The gateway writes straight into the backup directory; the manifest is committed
-        // only after the files are durable and checked. A gateway that reads the sandbox's
-        // files itself (local) also lists what it read, so the manifest describes the source
-        // and a copy damaged on its way is refused here, before anything is deleted.
+        // only after the files are durable and checked. The gateway also lists the sandbox's
+        // files as they are at the source (local: from the read that fed the copy; openshell:
+        // digests computed inside the sandbox), so the manifest describes the source and a
+        // copy damaged on its way is refused here, before anything is deleted.
         let mut gw_failure = None;
         let keeps = env.gateway.download_keeps();
         let b = Backup::create_with(&env.home, &meta, &env.backup_ts, keeps, |dir| {
@@ -653,11 +654,16 @@ fn restore_checked(env: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), S
 }
 
 /// The sandbox holds every backed-up file with its bytes and the metadata that can survive the
-/// trip (the upload, and for a check through a download, the download too).
+/// trip (the upload, and for a check through a download, the download too): read in place,
+/// else listed with digests inside the sandbox, else downloaded.
 fn verify_restored(env: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
     let up = env.gateway.upload_keeps();
     if let Some(live) = env.gateway.local_state_path(&env.name) {
         return b.verify_tree(&live, up).map_err(host_err);
+    }
+    if let Some(listed) = env.gateway.list_state(&env.name, true).map_err(gw_err)? {
+        let place = format!("sandbox '{}' on gateway '{}'", env.name, env.gateway.name());
+        return b.verify_listing(&listed, &place).map_err(host_err);
     }
     let check = staging_dir(&env.home, ctx.run_id, "verify")?;
     env.gateway.download_state(&env.name, &check).map_err(gw_err)?;

@@ -4,7 +4,7 @@
 Speaks the gRPC service `openshell.v1.OpenShell` in plaintext HTTP/2 on 127.0.0.1, with the
 message types of the PyPI package `openshell==0.0.116` (a wire-compatible superset of v0.0.111's
 for every RPC below). Only what the CLI's `status`, `sandbox get/list/create/delete/upload/
-download` and `policy get/set` need is implemented; the texts of errors follow the v0.0.111
+download/exec` and `policy get/set` need is implemented; the texts of errors follow the v0.0.111
 gateway (`sandbox not found`, `sandbox '<name>' already exists`, ...).
 
 State directory (`--state DIR`):
@@ -12,6 +12,7 @@ State directory (`--state DIR`):
   index.json      the sandboxes (name, id, phase, labels, policy, gpu, providers), rewritten on
                   every change, for tests to read
   calls.log       one JSON line per RPC: {"method", "name"}
+  exec.log        one JSON line per ExecSandbox: {"command", "stdin" (its length), "timeout"}
   faults.json     re-read on every RPC (all keys optional):
                     {"unavailable": true,       every RPC: UNAVAILABLE "compute driver unavailable"
                      "unauthenticated": true,   every RPC but Health: UNAUTHENTICATED
@@ -20,7 +21,9 @@ State directory (`--state DIR`):
                      "delete_polls": N,         a deleted sandbox stays Deleting for N GetSandbox
                      "fail": {"CreateSandbox": "INTERNAL:message"},   one RPC fails
                      "healthz": 503,            status of `GET /healthz` (default 200)
-                     "no_policy": true}         GetSandboxConfig answers without a policy
+                     "no_policy": true,         GetSandboxConfig answers without a policy
+                     "exec_cut": N,             ExecSandbox: see `ExecSandbox`
+                     "exec_flip": N}
   providers.json  optional list of provider names `GetProvider` knows
   sandboxes/<id>/ plays `/sandbox` of that sandbox (`.openclaw/` created with it); the fake
                   `ssh` beside this file runs upload/download commands there.
@@ -37,7 +40,9 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
+import subprocess
 import signal
 import socket
 import sys
@@ -303,6 +308,93 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
                 gateway_scheme="http",
             )
 
+    def ExecSandbox(self, request, context):
+        """`sandbox exec`: as the v0.0.111 gateway, the argv is joined into one shell string
+        (each argument single-quoted unless it is plain `[A-Za-z0-9./_-]+`; a NUL byte, or a
+        joined command over 256 KiB, refused with INVALID_ARGUMENT) and run with `sh -c` inside the
+        sandbox (here: in its directory, with `/sandbox` paths rewritten to it, as the fake
+        `ssh` does), `stdin` fed to it; its output streams back as `stdout`/`stderr` events,
+        then one `exit` event. `timeout_seconds` kills it and exits 124. Faults:
+        `"exec_cut": N` ends the stream N bytes before the end of the output and without the
+        exit event (a stream cut short: the CLI then exits 0); `"exec_flip": N` inverts the
+        byte N bytes before the end of the output; with `"exec_skip": K` either applies to the
+        (K+1)-th ExecSandbox call only (counted in `exec.count`), else to every call.
+        `"exec_without": ["python3"]` runs the command with a PATH holding only the usual
+        tools of a sandbox image minus those named (an image without them)."""
+        fl = self.enter("ExecSandbox", context)
+        with self.lock:
+            b = self.by_id(request.sandbox_id, context)
+            root = self.root(b)
+        if not request.command:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "command is required")
+        for arg in list(request.command) + [request.workdir]:
+            if "\0" in arg:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "command contains a NUL byte")
+        joined = " ".join(shell_quote(a) for a in request.command)
+        if request.workdir:
+            joined = "cd " + shell_quote(request.workdir) + " && " + joined
+        # Stricter than an argument-by-argument bound (Linux caps one argv string at 128 KiB
+        # anyway): the joined command itself may not pass 256 KiB.
+        if len(joined.encode()) > 256 * 1024:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "command is too long")
+        with open(os.path.join(self.state, "exec.log"), "a") as f:
+            f.write(json.dumps({"command": list(request.command), "stdin": len(request.stdin),
+                                "timeout": request.timeout_seconds}) + "\n")
+        command = re.sub(r"(?<![\w/.-])/sandbox(?=/|\s|'|\"|$)", root, joined)
+        timeout = request.timeout_seconds or None
+        env = dict(os.environ)
+        if fl.get("exec_without"):
+            env["PATH"] = self.bin_without(fl["exec_without"])
+        try:
+            r = subprocess.run(["sh", "-c", command], cwd=root, input=request.stdin, env=env,
+                               capture_output=True, timeout=timeout, start_new_session=True)
+            out, err, code = r.stdout, r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:
+            out, err, code = e.stdout or b"", e.stderr or b"", 124
+        if code < 0:
+            code = 128 - code
+        counter = os.path.join(self.state, "exec.count")
+        try:
+            with open(counter) as f:
+                n = int(f.read().strip() or "0")
+        except (OSError, ValueError):
+            n = 0
+        with open(counter, "w") as f:
+            f.write(str(n + 1))
+        if "exec_skip" in fl and n != int(fl["exec_skip"]):
+            fl = {}
+        flip = fl.get("exec_flip")
+        if flip is not None and 0 < int(flip) <= len(out):
+            i = len(out) - int(flip)
+            out = out[:i] + bytes([out[i] ^ 0xFF]) + out[i + 1 :]
+        cut = fl.get("exec_cut")
+        if cut is not None:
+            out = out[: max(0, len(out) - int(cut))]
+        for i in range(0, len(out), 64 * 1024):
+            yield openshell_pb2.ExecSandboxEvent(
+                stdout=openshell_pb2.ExecSandboxStdout(data=out[i : i + 64 * 1024]))
+        if err:
+            yield openshell_pb2.ExecSandboxEvent(stderr=openshell_pb2.ExecSandboxStderr(data=err))
+        if cut is None:
+            yield openshell_pb2.ExecSandboxEvent(exit=openshell_pb2.ExecSandboxExit(exit_code=code))
+
+    TOOLS = ["sh", "find", "sha256sum", "xargs", "dd", "chmod", "touch", "ln", "cat", "echo",
+             "printf", "head", "od", "wc", "sleep", "tar", "mkdir", "pwd", "realpath", "python3"]
+
+    def bin_without(self, missing):
+        """A directory of links to the usual tools but `missing`, for a PATH."""
+        d = os.path.join(self.state, "bin-without-" + "-".join(sorted(missing)))
+        if not os.path.isdir(d):
+            os.makedirs(d + ".tmp", exist_ok=True)
+            for tool in self.TOOLS:
+                found = shutil.which(tool)
+                if found and tool not in missing:
+                    link = os.path.join(d + ".tmp", tool)
+                    if not os.path.lexists(link):
+                        os.symlink(found, link)
+            os.replace(d + ".tmp", d)
+        return d
+
     def GetSandboxConfig(self, request, context):
         self.enter("GetSandboxConfig", context)
         with self.lock:
@@ -363,6 +455,16 @@ class Gateway(openshell_pb2_grpc.OpenShellServicer):
             return openshell_pb2.UpdateConfigResponse(
                 version=b["policy_version"], policy_hash=self.policy_hash(b["policy"])
             )
+
+PLAIN_ARG = re.compile(r"[A-Za-z0-9./_-]+")
+
+
+def shell_quote(arg):
+    """One argument of the joined command, as the gateway quotes it."""
+    if PLAIN_ARG.fullmatch(arg):
+        return arg
+    return "'" + arg.replace("'", "'\\''") + "'"
+
 
 H2_PREFACE = b"PRI * HTTP/2.0"
 

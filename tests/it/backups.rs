@@ -211,28 +211,20 @@ fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// What the real CLI's tar pipeline keeps, applied to a listing line: mtimes to the whole
-/// second, directory mtimes not at all (the download gives directories the time of the
-/// download), no setuid/setgid/sticky bits (the download drops them).
-fn through_openshell(line: &[u8]) -> String {
-    let s = String::from_utf8_lossy(line).into_owned();
-    // `%P %m %T@ %s %y %l`, the name may contain spaces only in our long name (it has none).
-    let parts: Vec<&str> = s.splitn(6, ' ').collect();
-    let (name, mode, mtime, size, kind, target) =
-        (parts[0], parts[1], parts[2], parts[3], parts[4], parts.get(5).copied().unwrap_or(""));
-    let mode = u32::from_str_radix(mode, 8).unwrap() & 0o777;
-    let secs = mtime.split('.').next().unwrap();
-    let mtime = if kind == "d" { "-" } else { secs };
-    format!("{name} {mode:o} {mtime} {size} {kind} {target}")
-}
-
-#[test]
-fn real_cli_rebuild_keeps_what_its_tar_pipeline_carries() {
+/// Through the real `openshell` CLI the tree comes back exactly too: what its `tar` pipeline
+/// drops (sub-second and directory mtimes and the setgid bit on download, hard links and
+/// sub-second mtimes on upload, holes) is put back from the listing taken inside the sandbox —
+/// in an image with `python3` and in one without (mtimes by `touch`).
+#[rstest::rstest]
+#[case::python3(json!({}))]
+#[case::touch_without_python3(json!({"exec_without": ["python3"]}))]
+fn real_cli_rebuild_keeps_modes_mtimes_empty_dirs_holes_links_and_names(#[case] image: Value) {
     if !is_root() {
         eprintln!("skipping: the fidelity tree has a 0000 file, which needs root to read");
         return;
     }
     let Some(r) = crate::fakegw::Real::new() else { return };
+    r.gw.faults(image);
     let tree = r.tree();
     std::fs::remove_dir_all(&tree).unwrap();
     std::fs::create_dir_all(&tree).unwrap();
@@ -245,27 +237,33 @@ fn real_cli_rebuild_keeps_what_its_tar_pipeline_carries() {
     crate::rebuild::check_journal(r.home.path());
     let tree = r.tree();
     let after = listing(&tree);
-    let norm =
-        |l: &[Vec<u8>]| l.iter().map(|x| through_openshell(x)).collect::<Vec<_>>().join("\n");
-    assert_eq!(norm(&after), norm(&before), "find listing, as far as openshell carries it");
+    assert_eq!(show(&after), show(&before), "find listing (mode, mtime, size, type, target)");
     assert_eq!(contents(&tree), bytes, "every file byte for byte");
-    // File modes (0000 included) and symlinks come through exactly; what does not is what the
-    // operator guide lists: sub-second mtimes, directory mtimes, the setgid bit, hard links.
-    let mode = |p: &str| std::fs::symlink_metadata(tree.join(p)).unwrap().mode() & 0o7777;
-    assert_eq!((mode("workspace/run.sh"), mode("workspace/locked")), (0o755, 0o000));
-    assert_eq!(std::fs::read_link(tree.join("workspace/mem")).unwrap(), Path::new("../memory"));
-    assert!(tree.join("workspace/empty/nested/deeper").is_dir(), "empty directories come back");
-    // The download fills holes with zeros; the backup turns runs of zero blocks back into
-    // holes, and the CLI's upload keeps them.
+    let ino = inode(&tree.join("workspace/notes.md"));
+    assert_eq!(inode(&tree.join("workspace/notes-link.md")), ino, "hard links stay one inode");
+    assert_eq!(inode(&tree.join("memory/notes-again.md")), ino);
+    assert_eq!(std::fs::metadata(tree.join("workspace/notes.md")).unwrap().nlink(), 3);
     let bk = r.home.path().join("rebuild-backups/alpha");
     let bk = std::fs::read_dir(&bk).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+    assert_eq!(show(&listing_without_manifest(&bk)), show(&before), "the backup is exact too");
     assert!(allocated(&bk.join("memory/vectors.bin")) < 1024 * 1024, "backup sparse");
     assert!(allocated(&tree.join("memory/vectors.bin")) < 1024 * 1024, "restored sparse");
-    assert_ne!(
-        inode(&tree.join("workspace/notes-link.md")),
-        inode(&tree.join("workspace/notes.md")),
-        "openshell upload stores each name of a hard-linked inode as its own file (documented)"
+    // The manifest describes the sandbox's files: nanosecond mtimes of files and directories
+    // and the setgid bit, which the download alone does not carry.
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(bk.join("rebuild-manifest.json")).unwrap()).unwrap();
+    let shared = m["dirs"].as_array().unwrap().iter().find(|d| d["path"] == "workspace/shared");
+    let st = std::fs::symlink_metadata(tree.join("workspace/shared")).unwrap();
+    assert_eq!(shared.unwrap()["mode"], 0o2775);
+    assert_eq!(
+        shared.unwrap()["mtime_ns"].as_i64().unwrap(),
+        st.mtime() * 1_000_000_000 + st.mtime_nsec()
     );
+}
+
+/// [`listing`] of a backup directory, without its manifest.
+fn listing_without_manifest(dir: &Path) -> Vec<Vec<u8>> {
+    listing(dir).into_iter().filter(|l| !l.starts_with(b"rebuild-manifest.json ")).collect()
 }
 
 // --- silent corruption on the way ----------------------------------------------------------
@@ -528,37 +526,100 @@ fn a_delete_that_fails_keeps_the_registry_row() {
 
 // --- silent corruption through the real CLI ------------------------------------------------
 
-/// Through `openshell`, an upload that damages one file in transit (fake `ssh`), or the
-/// download that checks the restore, is caught by restore verification: the run stops at
+/// What a backup through `openshell` that failed must leave: the old sandbox (same id), its
+/// registry row byte for byte, its files, no committed backup, and the run rolled back with
+/// `backup` the failed step.
+fn nothing_removed(r: &crate::fakegw::Real, id: &Value, registry: &[u8], digest: &str, ctx: &str) {
+    assert_eq!(&r.gw.sandboxes()["alpha"]["id"], id, "{ctx}: the old sandbox was not deleted");
+    assert_eq!(r.registry_bytes(), registry, "{ctx}: registry untouched");
+    assert_eq!(r.digest(), digest, "{ctx}: live state untouched");
+    let dir = r.home.path().join("rebuild-backups/alpha");
+    let committed = std::fs::read_dir(&dir)
+        .map(|d| d.filter(|e| e.as_ref().unwrap().path().join("rebuild-manifest.json").exists()))
+        .map(Iterator::count)
+        .unwrap_or(0);
+    assert_eq!(committed, 0, "{ctx}: no backup was committed");
+    let j = nemoclaw::journal::Journal::open_home(r.home.path()).unwrap();
+    let (failed, run_state): (String, String) = j
+        .conn()
+        .query_row(
+            "SELECT s.name, r.state FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.error IS NOT NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((failed.as_str(), run_state.as_str()), ("backup", "rolled_back"), "{ctx}");
+    crate::rebuild::check_journal(r.home.path());
+}
+
+/// Through `openshell`, a download that damages one file in transit (fake `ssh`) is caught by
+/// the backup's check of its copy against the digests computed inside the sandbox, before
+/// anything is deleted.
+#[test]
+fn real_cli_a_download_that_corrupts_silently_fails_the_backup_before_anything_is_deleted() {
+    for how in ["flip", "truncate", "drop"] {
+        let Some(r) = crate::fakegw::Real::new() else { return };
+        let (id, registry, digest) =
+            (r.gw.sandboxes()["alpha"]["id"].clone(), r.registry_bytes(), r.digest());
+        r.gw.faults(json!({"ssh_corrupt": {"on": "download", "path": "MEMORY.md", "how": how}}));
+        let o = r.run(&["alpha", "rebuild", "--yes"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{how}: {err}");
+        assert!(err.contains("MEMORY.md"), "{how}: the message names the file:\n{err}");
+        assert!(err.contains("does not match what was read"), "{how}:\n{err}");
+        nothing_removed(&r, &id, &registry, &digest, how);
+    }
+}
+
+/// Through `openshell`, an upload that damages one file in transit (fake `ssh`) is caught by
+/// restore verification (a listing with digests taken inside the sandbox): the run stops at
 /// `restore` naming the file, never reports success, and a resume with a sound transport
 /// puts every byte back.
 #[test]
-fn real_cli_corruption_in_transit_is_caught_by_restore_verification() {
-    for (on, how, skip) in [
-        ("upload", "flip", 0),
-        ("upload", "truncate", 0),
-        ("upload", "drop", 0),
-        ("download", "flip", 1),
-        ("download", "drop", 1),
-    ] {
+fn real_cli_an_upload_that_corrupts_silently_fails_restore_verification() {
+    for how in ["flip", "truncate", "drop"] {
         let Some(r) = crate::fakegw::Real::new() else { return };
         let digest = r.digest();
-        r.gw.faults(
-            json!({"ssh_corrupt": {"on": on, "path": "MEMORY.md", "how": how, "skip": skip}}),
-        );
+        r.gw.faults(json!({"ssh_corrupt": {"on": "upload", "path": "MEMORY.md", "how": how}}));
         let o = r.run(&["alpha", "rebuild", "--yes"]);
         let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "{on} {how}: {err}");
+        assert_eq!(o.status.code(), Some(1), "{how}: {err}");
         assert!(
             err.contains("step `restore` failed") && err.contains("MEMORY.md"),
-            "{on} {how}:\n{err}"
+            "{how}:\n{err}"
         );
-        assert!(!err.contains("rebuilt successfully"), "{on} {how}");
+        assert!(!err.contains("rebuilt successfully"), "{how}");
+        assert_ne!(r.digest(), digest, "{how}: the damage really reached the sandbox");
+        assert_eq!(runs(r.home.path()).last().unwrap().1, "failed", "{how}");
         r.gw.faults(json!({}));
         let o = r.run(&["recover", "--resume", "--sandbox", "alpha"]);
-        assert!(o.status.success(), "{on} {how}: {}", stderr(&o));
-        assert_eq!(r.digest(), digest, "{on} {how}: every byte back after the resume");
+        assert!(o.status.success(), "{how}: {}", stderr(&o));
+        assert_eq!(r.digest(), digest, "{how}: every byte back after the resume");
         crate::rebuild::check_journal(r.home.path());
+    }
+}
+
+/// The CLI exits 0 when the exec stream ends without an exit status: a listing that arrives
+/// whole but without the script's end marker (the stream was cut after the work) is not
+/// trusted, and neither is one cut in the middle, nor one with a byte flipped (the record
+/// separator before the marker, a digest); the backup stops before anything is deleted.
+#[test]
+fn real_cli_a_listing_cut_short_or_damaged_is_never_trusted() {
+    for (fault, says) in [
+        (json!({"exec_cut": 13}), "end marker"),
+        (json!({"exec_cut": 200}), "end marker"),
+        (json!({"exec_flip": 14}), "complete record"),
+        (json!({"exec_flip": 100}), "listed inside the sandbox"),
+    ] {
+        let Some(r) = crate::fakegw::Real::new() else { return };
+        let (id, registry, digest) =
+            (r.gw.sandboxes()["alpha"]["id"].clone(), r.registry_bytes(), r.digest());
+        r.gw.faults(fault.clone());
+        let o = r.run(&["alpha", "rebuild", "--yes"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{fault}: {err}");
+        assert!(err.contains(says), "{fault}:\n{err}");
+        nothing_removed(&r, &id, &registry, &digest, &fault.to_string());
     }
 }
 

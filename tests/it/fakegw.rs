@@ -332,6 +332,62 @@ fn real_cli_upload_nests_under_the_basename_and_download_unpacks_contents() {
     assert!(dl.join("state-src/workspace/a.md").is_file(), "contents unpacked into DEST");
 }
 
+/// `sandbox exec` as the real CLI drives it: piped stdin goes in the request (over 4 MiB is
+/// refused before any call), output comes back byte for byte, the exit code is the remote
+/// command's, the argv is joined with single quotes where needed, `--timeout` gives 124, and a
+/// stream that ends without an exit status makes the CLI exit 0.
+#[test]
+fn real_cli_exec_passes_stdin_bytes_and_exit_codes() {
+    let Some(gw) = FakeGateway::start("nemoclaw") else { return };
+    let o = gw.openshell(&[
+        "sandbox", "create", "--name", "alpha", "--from", "img:1", "-o", "json", "-g", "nemoclaw",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exec = |args: &[&str], stdin: &[u8]| {
+        let mut c = Command::new(&gw.cli);
+        c.args(["sandbox", "exec", "-g", "nemoclaw", "-n", "alpha", "--no-tty"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in gw.env() {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = pipe.write_all(&data);
+        });
+        let o = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        o
+    };
+    let o = exec(&["--", "sh", "-c", "cat; printf '\\377'; exit 7", "it's"], b"a\0b\n");
+    assert_eq!(o.status.code(), Some(7), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, b"a\0b\n\xff");
+    let log = std::fs::read_to_string(gw.state().join("exec.log")).unwrap();
+    let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(first["stdin"], 4, "piped stdin travels in the request");
+    assert_eq!(first["command"][3], "it's");
+    let o = exec(&["--timeout", "1", "--", "sleep", "5"], b"");
+    assert_eq!(o.status.code(), Some(124));
+    let o = exec(&["--", "cat"], &vec![0u8; 4 * 1024 * 1024 + 1]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exceeds 4194304 byte limit"));
+    assert_eq!(std::fs::read_to_string(gw.state().join("exec.log")).unwrap().lines().count(), 2);
+    let long = "x".repeat(100 * 1024);
+    let o = exec(&["--", "echo", &long, &long, &long], b"");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.contains("Client specified an invalid argument"), "{err}");
+    gw.faults(serde_json::json!({"exec_cut": 3}));
+    let o = exec(&["--", "sh", "-c", "echo started; exit 9"], b"");
+    assert_eq!(o.status.code(), Some(0), "no exit status in the stream: the CLI says 0");
+    assert_eq!(o.stdout, b"start");
+}
+
 #[test]
 fn real_cli_status_refused_and_auth_failure() {
     let Some(gw) = FakeGateway::start("nemoclaw") else { return };
@@ -524,7 +580,16 @@ fn real_cli_normal_rebuild_restores_every_file_at_its_path_and_the_policy() {
     assert_eq!(live_policy(&r.gw, "alpha"), policy, "the replacement enforces the old policy");
     crate::rebuild::check_journal(r.home.path());
     assert_eq!(crate::rebuild::runs(r.home.path()).last().unwrap().1, "succeeded");
-    eprintln!("normal rebuild: {} openshell calls", r.invocations().len() - n);
+    let calls = r.invocations()[n..].to_vec();
+    eprintln!("normal rebuild: {} openshell calls", calls.len());
+    let count = |p: &str| calls.iter().filter(|c| c.starts_with(p)).count();
+    // The state's trips (docs/benchmarks.md): a listing with digests at backup; after the
+    // upload a listing, the fix-up and the verifying listing; one download, one upload.
+    assert_eq!(
+        (count("sandbox exec"), count("sandbox download"), count("sandbox upload")),
+        (4, 1, 1),
+        "{calls:#?}"
+    );
 }
 
 #[test]

@@ -579,3 +579,75 @@ fn a_missing_openshell_binary_is_unknown_not_missing() {
     let e = gw.create(&spec("demo", "r")).unwrap_err();
     assert!(e.to_string().contains("no-such-openshell"), "{e}");
 }
+
+/// A fix-up call prints nothing but the script's end marker: a stream that ends without it
+/// (the CLI then exits 0) fails the upload, even though nothing in the output is parsed.
+#[test]
+fn an_upload_whose_fixup_stream_is_cut_short_fails() {
+    let Some(rig) = Rig::real("nemoclaw") else { return };
+    let gw = rig.gw.as_ref();
+    let demo = name("demo");
+    gw.create(&spec("demo", "run-1")).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let src = scratch.path().join("src");
+    sample_tree(&src);
+    // Execs of an upload: the listing after the CLI's upload (0), then the fix-up (1).
+    rig.fake().faults(json!({"exec_cut": 13, "exec_skip": 1}));
+    let e = gw.upload_state(&demo, &src).unwrap_err().to_string();
+    assert!(e.contains("metadata fix-up") && e.contains("end marker"), "{e}");
+    let log = fs::read_to_string(rig.fake().state().join("exec.log")).unwrap();
+    let execs: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(execs.len(), 2, "{log}");
+    assert!(execs[1]["stdin"].as_u64().unwrap() > 0, "the fix-up list went in on stdin");
+    rig.fake().faults(json!({}));
+    gw.upload_state(&demo, &src).unwrap();
+    let listed = gw.list_state(&demo, true).unwrap().expect("openshell lists in the sandbox");
+    let want = nemoclaw::host::fstree::walk(&src).unwrap();
+    let bad = nemoclaw::host::fstree::compare(&listed, &want, nemoclaw::host::fstree::Keeps::ALL);
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// A fix-up list longer than one call's stdin is cut into several calls, kept in order (hard
+/// links before mtimes, directories last), and the sandbox ends up exactly as the tree that
+/// was sent: listed inside the sandbox, it matches to the nanosecond — with mtimes set by
+/// `python3` in one process, and by `touch` in an image without it.
+#[rstest]
+#[case::python3(json!({}))]
+#[case::touch_without_python3(json!({"exec_without": ["python3"]}))]
+fn a_long_fixup_is_cut_into_several_calls_and_the_upload_comes_out_exact(
+    #[case] image: serde_json::Value,
+) {
+    let Some(fake) = FakeGateway::start("nemoclaw") else { return };
+    fake.faults(image);
+    let gw = OpenShellGateway::new(fake.wrapper(), "nemoclaw")
+        .with_timeout(Duration::from_secs(20))
+        .with_create_timeout(Duration::from_secs(20))
+        .with_poll(Duration::from_millis(10))
+        .with_exec_stdin_max(100);
+    let demo = name("demo");
+    gw.create(&spec("demo", "run-1")).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let src = scratch.path().join("src");
+    sample_tree(&src);
+    fs::create_dir_all(src.join("workspace/empty/deeper")).unwrap();
+    fs::hard_link(src.join("workspace/AGENTS.md"), src.join("memory/agents-again.md")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(src.join("workspace/notes"), fs::Permissions::from_mode(0o2750)).unwrap();
+    for (i, rel) in ["workspace/AGENTS.md", "workspace/empty/deeper", "workspace/empty", "memory"]
+        .iter()
+        .enumerate()
+    {
+        let t = std::time::UNIX_EPOCH + Duration::new(1_600_000_000 + i as u64, 123_456_789);
+        let f = fs::File::open(src.join(rel)).unwrap();
+        f.set_modified(t).unwrap();
+    }
+    gw.upload_state(&demo, &src).unwrap();
+    let log = fs::read_to_string(fake.state().join("exec.log")).unwrap();
+    let fixups = log.lines().filter(|l| l.contains("iflag=fullblock")).count();
+    assert!(fixups >= 3, "one call per 100 bytes of fix-up list:\n{log}");
+    let listed = gw.list_state(&demo, true).unwrap().unwrap();
+    let want = nemoclaw::host::fstree::walk(&src).unwrap();
+    let bad = nemoclaw::host::fstree::compare(&listed, &want, nemoclaw::host::fstree::Keeps::ALL);
+    assert!(bad.is_empty(), "{bad:?}");
+}
