@@ -279,3 +279,36 @@ fn the_cli_does_not_reach_into_the_engine_or_the_run_tables() {
         .collect();
     assert!(offenders.is_empty(), "{}", offenders.join("\n"));
 }
+
+/// Durations take humantime's forms (`1min`, `1h30m`) besides the short ones (`7d`, `30m`),
+/// for `--since` and `--older-than` alike; anything else is a usage error that shows the forms.
+#[test]
+fn durations_accept_humantime_forms() {
+    let h = Home::new();
+    assert!(h.run(&["onboard", "alpha", "--gateway", "local"]).status.success());
+    let o = h.run(&["alpha", "rebuild", "--yes"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let runs = |since: &str| {
+        let o = h.run(&["--json", "journal", "list", "--since", since]);
+        assert!(o.status.success(), "{since}: {}", stderr(&o));
+        let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        doc["data"]["runs"].as_array().map(Vec::len).unwrap_or(99)
+    };
+    assert_eq!((runs("1min"), runs("1h30m"), runs("1h 30m"), runs("7d")), (1, 1, 1, 1));
+    let in_3_min = (nemoclaw::util::now_ms() + 180_000).to_string();
+    let pruned = |older: &str| {
+        let o = h
+            .cmd()
+            .env("NEMOCLAW_NOW_MS", &in_3_min)
+            .args(["--json", "journal", "prune", "--dry-run", "--older-than", older])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{older}: {}", stderr(&o));
+        let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        doc["data"]["runs_removed"].as_array().map(Vec::len).unwrap_or(99)
+    };
+    assert_eq!((pruned("1min"), pruned("2m30s"), pruned("1h30m")), (1, 1, 0));
+    let o = h.run(&["journal", "prune", "--older-than", "soon"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("invalid duration `soon`") && stderr(&o).contains("`1h30m`"));
+}
