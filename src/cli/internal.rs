@@ -8,8 +8,8 @@ use serde_json::json;
 
 use super::args::{InternalCmd, SyntheticArgs};
 use super::{CliError, CmdResult, Ctx};
-use crate::engine::synthetic::{self, Action, DriveError};
-use crate::engine::{EngineError, RunReport};
+use crate::engine::synthetic::{self, Action};
+use crate::engine::RunReport;
 use crate::exit::Exit;
 
 /// `nemoclaw internal ...`.
@@ -17,29 +17,6 @@ pub fn dispatch(ctx: &Ctx, i: InternalCmd) -> CmdResult {
     match i {
         InternalCmd::Synthetic(a) => synthetic_cmd(ctx, a),
     }
-}
-
-fn drive_err(e: DriveError) -> CliError {
-    let e = match e {
-        DriveError::Engine(e) => e,
-        DriveError::Steps => return CliError::new(Exit::Usage, e.to_string()),
-        DriveError::NothingUnfinished(_) => return CliError::new(Exit::Refused, e.to_string()),
-    };
-    let hint = match &e {
-        EngineError::Busy { .. } => Some("wait for the other run to finish, then retry".to_owned()),
-        EngineError::Unfinished { run_id, .. } => Some(format!(
-            "run `nemoclaw internal synthetic resume --run {run_id}` or `... rollback --run {run_id}`"
-        )),
-        EngineError::Refused { run_id, .. } => {
-            Some(format!("run `nemoclaw internal synthetic rollback --run {run_id}`"))
-        }
-        _ => None,
-    };
-    let mut c = CliError::from(e);
-    if let Some(h) = hint {
-        c = c.hint(h);
-    }
-    c
 }
 
 fn synthetic_cmd(ctx: &Ctx, a: SyntheticArgs) -> CmdResult {
@@ -59,7 +36,7 @@ fn synthetic_cmd(ctx: &Ctx, a: SyntheticArgs) -> CmdResult {
             ))
         }
     };
-    let report = synthetic::drive(&ctx.home, &a.key, action, opts).map_err(drive_err)?;
+    let report = synthetic::drive(&ctx.home, &a.key, action, opts)?;
     print_report(ctx, &report);
     Ok(report.exit())
 }

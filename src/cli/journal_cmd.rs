@@ -9,7 +9,7 @@ use std::io::Write;
 use serde_json::{json, Value};
 
 use super::args::{JournalCmd, JournalListArgs};
-use super::{CliError, CmdResult, Ctx};
+use super::{CliError, CmdResult, Ctx, Refusal};
 use crate::exit::Exit;
 use crate::journal::audit::{
     self, human_duration, relative_time, AuditError, Check, ExportFilter, PruneOptions, RunDetail,
@@ -167,22 +167,9 @@ fn list(ctx: &Ctx, a: JournalListArgs) -> CmdResult {
 fn show(ctx: &Ctx, prefix: &str) -> CmdResult {
     let now = now_ms();
     let Some(j) = open(ctx)? else {
-        return Err(CliError::new(
-            Exit::Usage,
-            format!("no run matches `{prefix}`: there is no journal yet"),
-        )
-        .hint("`nemoclaw journal list` shows the runs"));
+        return Err(Refusal::NoJournal { prefix: prefix.to_owned() }.into());
     };
-    let id = match audit::resolve_run(&j, prefix) {
-        Ok(id) => id,
-        Err(e @ AuditError::AmbiguousRun { .. }) => {
-            return Err(CliError::from(e).hint("give more characters of the run id"))
-        }
-        Err(e @ AuditError::UnknownRun { .. }) => {
-            return Err(CliError::from(e).hint("`nemoclaw journal list` shows the runs"))
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let id = audit::resolve_run(&j, prefix)?;
     let d = audit::show_run(&j, &id, &rebuild::files::artifacts_in)?;
     if ctx.printer.json {
         ctx.printer.json_doc("journal.show", show_json(&d, now));
@@ -443,14 +430,11 @@ fn verify(ctx: &Ctx, expect_head: Option<&str>) -> CmdResult {
     let Some(j) = open(ctx)? else {
         if let Some(h) = &expect {
             // An anchor names a chain that existed; a missing journal cannot contain it.
-            return Err(CliError::new(
-                Exit::Corrupt,
-                format!(
-                    "there is no journal at {}, so it cannot contain the expected head {h}",
-                    ctx.home.join(FILE_NAME).display()
-                ),
-            )
-            .hint("check `--home`; the journal may have been removed"));
+            return Err(Refusal::NoJournalForHead {
+                path: ctx.home.join(FILE_NAME),
+                head: h.clone(),
+            }
+            .into());
         }
         if ctx.printer.json {
             ctx.printer.json_doc(
@@ -550,16 +534,12 @@ fn verify(ctx: &Ctx, expect_head: Option<&str>) -> CmdResult {
         Ok(Exit::Ok)
     } else {
         let p = &rep.problems[0];
-        Err(CliError::new(
-            Exit::Corrupt,
-            format!(
-                "journal {} failed verification{}: {}",
-                j.path().display(),
-                p.event_id.map(|e| format!(" at event {e}")).unwrap_or_default(),
-                p.detail
-            ),
-        )
-        .hint("keep the file for inspection; `nemoclaw journal export` still reads every row"))
+        Err(Refusal::VerifyFailed {
+            path: j.path().to_owned(),
+            event: p.event_id,
+            detail: p.detail.clone(),
+        }
+        .into())
     }
 }
 

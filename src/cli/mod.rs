@@ -2,6 +2,7 @@
 //! Library errors become [`CliError`]s here; nothing below this module prints or exits.
 
 pub mod args;
+pub mod error;
 pub mod printer;
 mod suggest;
 
@@ -17,54 +18,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::exit::{Exit, ExitCoded};
+use crate::exit::Exit;
 use args::{Cli, Command, Global, SandboxCli};
+pub use error::{CliError, Refusal};
 pub use printer::Printer;
-
-/// An error on its way to the operator: message, hint lines (the last one names the next
-/// command), and the exit code.
-#[derive(Debug)]
-pub struct CliError {
-    /// Exit code.
-    pub exit: Exit,
-    /// The error sentence, with its cause chain.
-    pub message: String,
-    /// `hint:` lines.
-    pub hints: Vec<String>,
-}
-
-impl CliError {
-    /// A new error.
-    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
-        Self { exit, message: message.into(), hints: Vec::new() }
-    }
-
-    /// Add a hint line.
-    pub fn hint(mut self, h: impl Into<String>) -> Self {
-        self.hints.push(h.into());
-        self
-    }
-}
-
-impl<E: std::error::Error + ExitCoded> From<E> for CliError {
-    fn from(e: E) -> Self {
-        let mut message = e.to_string();
-        let mut src = e.source();
-        while let Some(s) = src {
-            let t = s.to_string();
-            if !message.contains(&t) {
-                message.push_str(": ");
-                message.push_str(&t);
-            }
-            src = s.source();
-        }
-        let err = CliError::new(e.exit(), message);
-        match e.hint() {
-            Some(h) => err.hint(h),
-            None => err,
-        }
-    }
-}
 
 /// What every handler gets.
 pub struct Ctx {
@@ -85,8 +42,7 @@ fn resolve_home(g: &Global) -> Result<PathBuf, CliError> {
     }
     match std::env::var_os("HOME") {
         Some(h) if !h.is_empty() => Ok(PathBuf::from(h).join(".nemoclaw")),
-        _ => Err(CliError::new(Exit::Usage, "cannot find the NemoClaw home: HOME is not set")
-            .hint("pass `--home DIR` or set `NEMOCLAW_HOME`")),
+        _ => Err(Refusal::HomeUnset.into()),
     }
 }
 
@@ -138,7 +94,8 @@ pub fn main() -> ExitCode {
                     Printer::plain().say(&msg);
                     if json {
                         let first = msg.lines().next().unwrap_or("").trim_start_matches("error: ");
-                        Printer::plain().json_doc("error", error_doc(Exit::Usage, first, &[]));
+                        Printer::plain()
+                            .json_doc("error", CliError::new(Exit::Usage, first).document());
                     }
                     return ExitCode::from(Exit::Usage.code());
                 }
@@ -203,28 +160,20 @@ fn run_with(global: Global, f: impl FnOnce(&Ctx) -> CmdResult) -> Exit {
         Ok(code) => code,
         Err(e) => {
             printer.error(&e.message);
+            for c in &e.causes {
+                printer.cause(c);
+            }
             for h in &e.hints {
                 printer.hint(h);
             }
             if printer.json && !printer::doc_printed() {
                 // Scripts get the failure as data too: the same envelope as every document
                 // (unless the command's own document already says what failed).
-                printer.json_doc("error", error_doc(e.exit, &e.message, &e.hints));
+                printer.json_doc("error", e.document());
             }
             e.exit
         }
     }
-}
-
-/// The `error` document: exit code, its name, the message and the hints (the last names the
-/// next command).
-fn error_doc(exit: Exit, message: &str, hints: &[String]) -> serde_json::Value {
-    serde_json::json!({
-        "exit": exit.code(),
-        "kind": format!("{exit:?}").to_lowercase(),
-        "message": message,
-        "hints": hints,
-    })
 }
 
 /// A usage error from clap: printed as clap prints it, plus the `error` document on stdout
@@ -237,7 +186,7 @@ fn usage_error(argv_has_json: bool, e: clap::Error) -> ExitCode {
     if argv_has_json {
         let text = e.render().to_string();
         let first = text.lines().next().unwrap_or("").trim_start_matches("error: ").to_owned();
-        Printer::plain().json_doc("error", error_doc(Exit::Usage, &first, &[]));
+        Printer::plain().json_doc("error", CliError::new(Exit::Usage, first).document());
     }
     ExitCode::from(Exit::Usage.code())
 }
@@ -289,5 +238,5 @@ fn init_tracing(verbose: u8) {
 
 /// Parse a sandbox name at the CLI edge: an invalid one is a usage error (exit 2) before any I/O.
 pub fn parse_name(s: &str) -> Result<crate::names::SandboxName, CliError> {
-    crate::names::SandboxName::parse(s).map_err(|e| CliError::new(Exit::Usage, e.to_string()))
+    Ok(crate::names::SandboxName::parse(s)?)
 }

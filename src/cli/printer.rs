@@ -163,6 +163,11 @@ impl Printer {
         eprintln!("{} {}", self.paint(self.color, "31;1", "error:"), clean(msg.as_ref()));
     }
 
+    /// A `caused by: ...` line on stderr, under an error (always shown).
+    pub fn cause(&self, msg: impl AsRef<str>) {
+        eprintln!("  {} {}", self.paint(self.color, "31", "caused by:"), clean(msg.as_ref()));
+    }
+
     /// A `hint: ...` line on stderr (always shown: it names the next command).
     pub fn hint(&self, msg: impl AsRef<str>) {
         eprintln!("{} {}", self.paint(self.color, "36", "hint:"), clean(msg.as_ref()));

@@ -6,13 +6,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::args::{RebuildArgs, RecoverArgs};
-use super::{CliError, CmdResult, Ctx, Printer};
+use super::{CliError, CmdResult, Ctx, Printer, Refusal};
 use crate::engine::runner::{Observer, RunReport, StepOutcome};
 use crate::engine::signals::{self, Stop};
 use crate::exit::Exit;
 use crate::names::SandboxName;
 use crate::rebuild::saga::{
-    self, AutoRollback, Blocker, HolderRecord, Outcome, RunRecord, RunState, SagaObserver, Selected,
+    self, AutoRollback, Blocker, Outcome, RunState, SagaObserver, Selected,
 };
 use crate::rebuild::{self, messages, Decision, Mode};
 
@@ -128,17 +128,6 @@ fn argv() -> Vec<String> {
     std::env::args().collect()
 }
 
-/// "pid 42 on host h since 2026-…, running `nemoclaw alpha rebuild --yes`".
-fn holder_line(run: &RunRecord, h: &HolderRecord) -> String {
-    format!(
-        "pid {} on host {} since {}, running `{}`",
-        h.pid,
-        h.host,
-        crate::util::iso_ms(h.acquired_at),
-        run.argv.join(" ")
-    )
-}
-
 /// Print the notice about an unfinished run of `name`, if there is one: "in progress" when a
 /// live process holds it, "was interrupted" (with the recover commands) when nobody does.
 /// Used by every command that touches a sandbox. Returns whether one was found.
@@ -150,7 +139,7 @@ pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
                 "⚠ A rebuild of '{name}' is in progress (run {}, {}): {}.",
                 short(&r.id),
                 r.state.as_str(),
-                holder_line(r, holder)
+                super::error::holder_line(r, holder)
             )),
             Blocker::Unfinished { run: r } => ctx.printer.warn(format!(
                 "⚠ A rebuild of '{name}' was interrupted (run {}, {}); you must run `nemoclaw recover --resume {}` or `nemoclaw recover --rollback {}`.",
@@ -164,29 +153,18 @@ pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
 /// Refuse a command that would change a sandbox with an unfinished run: exit 75 naming the
 /// holder while a live process runs it, else exit 3 with the recover commands (recovery needs
 /// the host as the journal left it).
-pub fn refuse_if_unfinished(ctx: &Ctx, name: &SandboxName, what: &str) -> Result<(), CliError> {
-    match saga::blocker(&ctx.home, name)? {
+pub fn refuse_if_unfinished(
+    ctx: &Ctx,
+    name: &SandboxName,
+    what: &'static str,
+) -> Result<(), CliError> {
+    let name = name.clone();
+    match saga::blocker(&ctx.home, &name)? {
         None => Ok(()),
-        Some(Blocker::InProgress { run: r, holder }) => Err(CliError::new(
-            Exit::Busy,
-            format!(
-                "a rebuild of '{name}' is in progress (run {}, {}): {}; `{what}` is refused while it runs (nothing was changed)",
-                r.id,
-                r.state.as_str(),
-                holder_line(&r, &holder)
-            ),
-        )
-        .hint(format!("wait for it to finish (`nemoclaw journal show {}` follows it), then retry", r.id))),
-        Some(Blocker::Unfinished { run: r }) => Err(CliError::new(
-            Exit::Refused,
-            format!(
-                "a rebuild of '{name}' is unfinished (run {}, {}); `{what}` is refused until it is resumed or rolled back (nothing was changed)",
-                r.id,
-                r.state.as_str()
-            ),
-        )
-        .hint(format!("resume it: `nemoclaw recover --resume {}`", r.id))
-        .hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.id))),
+        Some(Blocker::InProgress { run, holder }) => {
+            Err(Refusal::InProgress { name, what, run, holder }.into())
+        }
+        Some(Blocker::Unfinished { run }) => Err(Refusal::Unfinished { name, what, run }.into()),
     }
 }
 
@@ -205,16 +183,8 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
         Ok(pf) => pf,
         // No driver for the recorded gateway (e.g. `openshell` is not installed): the live
         // state cannot be confirmed, which is NemoClaw's refusal, not a crash.
-        Err(rebuild::PreflightError::Gateway(e)) => {
-            return Err(CliError::new(
-                Exit::Refused,
-                format!(
-                    "{}\n  {e}\n{}",
-                    messages::could_not_confirm(name.as_str()),
-                    messages::ENTRY_PRESERVED
-                ),
-            )
-            .hint("install `openshell` or pass `--openshell PATH`, then retry"))
+        Err(rebuild::PreflightError::Gateway(error)) => {
+            return Err(Refusal::NoGatewayDriver { name: name.clone(), error }.into())
         }
         Err(e) => return Err(e.into()),
     };
@@ -287,11 +257,11 @@ fn print_dry_run(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) {
 /// Ask on the terminal; no terminal is a refusal (with the `--yes` command).
 fn confirm(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) -> Result<bool, CliError> {
     if !std::io::stdin().is_terminal() {
-        return Err(CliError::new(
-            Exit::Refused,
-            format!("rebuild of '{name}' needs confirmation, and there is no terminal to ask on (nothing was changed)"),
-        )
-        .hint(format!("run `nemoclaw {name} rebuild --yes` to proceed without asking")));
+        return Err(Refusal::NeedsConfirmation {
+            what: format!("rebuild of '{name}'"),
+            yes: format!("nemoclaw {name} rebuild --yes"),
+        }
+        .into());
     }
     let steps = prepared.step_names().join(" → ");
     let what = match prepared.mode {
@@ -402,10 +372,9 @@ fn next_commands(p: &Printer, r: &RunReport) {
     if r.error.as_ref().is_some_and(|e| e.hints.iter().any(|h| h.contains("nemoclaw recover"))) {
         return;
     }
-    if r.state != RunState::RollingBack {
-        p.hint(format!("continue it: `nemoclaw recover --resume {}`", r.run_id));
+    for h in super::error::recover_commands(&r.run_id, r.state != RunState::RollingBack) {
+        p.hint(h);
     }
-    p.hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.run_id));
 }
 
 fn json_report(p: &Printer, name: &SandboxName, mode: Mode, r: &RunReport, rb: Option<&RunReport>) {
@@ -431,8 +400,7 @@ fn json_report(p: &Printer, name: &SandboxName, mode: Mode, r: &RunReport, rb: O
 /// `nemoclaw recover`: the listing, or `--resume` / `--rollback` of one run.
 pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     if a.accept_damaged_backup && !a.rollback {
-        return Err(CliError::new(Exit::Usage, "--accept-damaged-backup goes with --rollback")
-            .hint("`nemoclaw recover --rollback RUN --accept-damaged-backup`"));
+        return Err(Refusal::DamagedNeedsRollback.into());
     }
     if !a.resume && !a.rollback {
         return list_unfinished(ctx, a.sandbox.as_deref());
@@ -453,13 +421,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
             }
             return Ok(Exit::Ok);
         }
-        Selected::Ambiguous(n) => {
-            return Err(CliError::new(
-                Exit::Usage,
-                format!("{n} unfinished runs; say which one to recover"),
-            )
-            .hint("list them with `nemoclaw recover`, then `nemoclaw recover --resume RUN`"))
-        }
+        Selected::Ambiguous(n) => return Err(Refusal::AmbiguousUnfinished(n).into()),
     };
     let mode = run.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Normal);
     p.info(format!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::args::{OnboardArgs, SandboxAction, SandboxCli, ShieldsAction};
-use super::{CliError, CmdResult, Ctx};
+use super::{CliError, CmdResult, Ctx, Refusal};
 use crate::exit::Exit;
 use crate::gateway::{self, CreateSpec, Gateway, Liveness, PolicySpec, Unhealthy};
 use crate::host::{
@@ -54,50 +54,27 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
     let name = super::parse_name(&a.name)?;
     super::rebuild_cmd::refuse_if_unfinished(ctx, &name, "onboard")?;
     let binding = match &a.gateway {
-        Some(g) => Binding::parse(g).ok_or_else(|| {
-            CliError::new(
-                Exit::Usage,
-                format!("invalid gateway `{g}`: expected `local`, `nemoclaw` or `nemoclaw-<port>` (not `nemoclaw-8080`)"),
-            )
-        })?,
+        Some(g) => Binding::parse(g).ok_or_else(|| Refusal::InvalidGateway(g.clone()))?,
         None => default_binding(ctx),
     };
     let p = &ctx.printer;
     let reg = Registry::load(&ctx.home)?;
     if reg.entry(&name).is_some() {
-        return Err(CliError::new(
-            Exit::Refused,
-            format!("sandbox '{name}' is already registered"),
-        )
-        .hint(format!(
-            "see it with `nemoclaw {name} status`, or recreate it with `nemoclaw {name} rebuild`"
-        )));
+        return Err(Refusal::AlreadyRegistered(name).into());
     }
     if binding.name() != "local" && !a.policies.is_empty() {
         // OpenShell takes whole policies only (`policy set` replaces everything and refuses a
         // NemoClaw preset file); NemoClaw's merge of presets into the live policy is not
         // implemented here, so refuse before anything is created rather than half-apply.
-        return Err(CliError::new(
-            Exit::Refused,
-            format!(
-                "policy presets cannot be applied on the OpenShell gateway '{binding}' by nemoclaw"
-            ),
-        )
-        .hint(format!(
-            "onboard without `--policy` and add presets with NemoClaw: `nemoclaw {name} policy-add`"
-        )));
+        return Err(Refusal::PresetsOnOpenShell { name, gateway: binding.to_string() }.into());
     }
     let gw = open_gateway(ctx, &binding)?;
     if let Some(bad) = gw.health() {
-        return Err(CliError::new(
-            Exit::Refused,
-            format!(
-                "gateway '{}' is not in a known-good state: {}",
-                binding,
-                gateway::openshell::describe(&bad)
-            ),
-        )
-        .hint("nothing was created; fix the gateway and retry"));
+        return Err(Refusal::GatewayNotHealthy {
+            gateway: binding.to_string(),
+            detail: gateway::openshell::describe(&bad),
+        }
+        .into());
     }
     let agent = a.agent.clone().unwrap_or_else(|| "openclaw".to_owned());
     let image = a
@@ -114,15 +91,7 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
         providers: Vec::new(),
     };
     p.info(format!("Creating sandbox '{name}' on gateway '{binding}'..."));
-    let live = gw.create(&spec).map_err(|e| {
-        let exists = matches!(e, gateway::GatewayError::AlreadyExists(..));
-        let err = CliError::from(e);
-        if exists {
-            err.hint(format!("a sandbox '{name}' exists on the gateway but is not registered; remove it there first"))
-        } else {
-            err
-        }
-    })?;
+    let live = gw.create(&spec)?;
     // From here on a failure must not leave an unregistered sandbox behind: undo the create.
     let finish = || -> Result<Value, CliError> {
         let staging = ctx.home.join(format!(".onboard-{}", uuid::Uuid::now_v7()));
@@ -279,11 +248,7 @@ pub fn dispatch(ctx: &Ctx, sc: SandboxCli) -> CmdResult {
 
 fn registered(reg: &Registry, name: &SandboxName) -> Result<Value, CliError> {
     reg.entry(name).cloned().ok_or_else(|| {
-        CliError::new(
-            Exit::Refused,
-            format!("sandbox '{name}' is not registered in {}", reg.path().display()),
-        )
-        .hint("see registered sandboxes with `nemoclaw list`")
+        Refusal::NotRegistered { name: name.clone(), registry: reg.path().to_owned() }.into()
     })
 }
 
@@ -433,22 +398,19 @@ fn report_shields(ctx: &Ctx, name: &SandboxName, word: &str) -> CmdResult {
 /// The refusal for a sandbox whose live state could not be confirmed, in NemoClaw's words.
 fn refusal(name: &SandboxName, binding: &Binding, live: &Liveness) -> CliError {
     match live {
-        Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => CliError::new(
-            Exit::Refused,
-            format!(
-                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'. Your sandbox has NOT been removed."
-            ),
-        )
-        .hint(format!("switch gateways and retry: `openshell gateway select {binding}`")),
-        other => CliError::new(
-            Exit::Refused,
-            format!(
-                "Could not confirm live state of '{name}' (gateway not in a known-good state): {}",
-                gateway::openshell::describe(other)
-            ),
-        )
-        .hint("your local registry entry has been preserved — nothing was removed"),
+        Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => {
+            Refusal::ForeignGateway {
+                name: name.clone(),
+                gateway: binding.to_string(),
+                active: active.clone(),
+            }
+        }
+        other => Refusal::CouldNotConfirm {
+            name: name.clone(),
+            detail: gateway::openshell::describe(other),
+        },
     }
+    .into()
 }
 
 fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
@@ -470,11 +432,11 @@ fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
     };
     if !yes {
         if !std::io::stdin().is_terminal() {
-            return Err(CliError::new(
-                Exit::Refused,
-                format!("refusing to {plan} without confirmation"),
-            )
-            .hint(format!("run `nemoclaw {name} destroy --yes`")));
+            return Err(Refusal::NeedsConfirmation {
+                what: format!("destroy of '{name}'"),
+                yes: format!("nemoclaw {name} destroy --yes"),
+            }
+            .into());
         }
         if !p.confirm(&format!("This will {plan}. Continue?")) {
             return Ok(Exit::Refused);

@@ -42,13 +42,6 @@ impl ExitCoded for SagaError {
             SagaError::Params => Exit::Failed,
         }
     }
-    fn hint(&self) -> Option<String> {
-        match self {
-            SagaError::Journal(e) => e.hint(),
-            SagaError::Engine(e) => e.hint(),
-            SagaError::Params => None,
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

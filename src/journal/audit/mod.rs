@@ -112,13 +112,6 @@ impl ExitCoded for AuditError {
             AuditError::Output(_) => Exit::Io,
         }
     }
-
-    fn hint(&self) -> Option<String> {
-        match self {
-            AuditError::Journal(e) => e.next_command(),
-            _ => None,
-        }
-    }
 }
 
 fn sql<'a>(path: &'a Path, what: &str) -> impl FnOnce(rusqlite::Error) -> AuditError + 'a {
