@@ -244,6 +244,9 @@ pub enum JournalCmd {
         /// Keep the runs' backup directories.
         #[arg(long)]
         keep_backups: bool,
+        /// Delete the runs' backups without asking (on a terminal, prune lists them and asks).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 

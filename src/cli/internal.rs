@@ -45,7 +45,7 @@ fn print_report(ctx: &Ctx, r: &RunReport) {
     let p = &ctx.printer;
     if p.json {
         p.json_doc(
-            "synthetic_run",
+            "internal.synthetic",
             json!({
                 "run_id": r.run_id,
                 "state": r.state.as_str(),

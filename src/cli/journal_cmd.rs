@@ -4,7 +4,7 @@
 //! Human output is aligned columns with absolute and relative times; `--json` prints one
 //! schema-versioned document (`export` prints JSON Lines instead).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use serde_json::{json, Value};
 
@@ -12,12 +12,13 @@ use super::args::{JournalCmd, JournalListArgs};
 use super::{CliError, CmdResult, Ctx, Refusal};
 use crate::exit::Exit;
 use crate::journal::audit::{
-    self, human_duration, relative_time, AuditError, Check, ExportFilter, PruneOptions, RunDetail,
-    RunFilter, RunSummary,
+    self, human_duration, relative_time, AuditError, Check, ExportFilter, PruneOptions,
+    PruneReport, RunDetail, RunFilter, RunSummary,
 };
 use crate::journal::store::FILE_NAME;
 use crate::journal::Journal;
 use crate::rebuild;
+use crate::rebuild::files::PrunedBackups;
 use crate::util::{iso_ms, now_ms};
 
 /// `nemoclaw journal ...`.
@@ -27,8 +28,8 @@ pub fn dispatch(ctx: &Ctx, j: JournalCmd) -> CmdResult {
         JournalCmd::Show { run } => show(ctx, &run),
         JournalCmd::Export { since, sandbox } => export(ctx, since, sandbox),
         JournalCmd::Verify { expect_head } => verify(ctx, expect_head.as_deref()),
-        JournalCmd::Prune { older_than, dry_run, keep_backups } => {
-            prune(ctx, &older_than, dry_run, keep_backups)
+        JournalCmd::Prune { older_than, dry_run, keep_backups, yes } => {
+            prune(ctx, &older_than, dry_run, keep_backups, yes)
         }
     }
 }
@@ -312,7 +313,8 @@ fn print_show(ctx: &Ctx, d: &RunDetail, now: i64) {
     for s in &d.steps {
         let t = |v: Option<i64>| v.map(iso_ms).unwrap_or_else(dash);
         rows.push(vec![
-            (s.seq.to_string(), ""),
+            // Numbered from 1, as the progress lines and the dry run number them.
+            ((s.seq + 1).to_string(), ""),
             (s.name.clone(), ""),
             (s.state.clone(), state_color(&s.state)),
             (s.attempt.to_string(), ""),
@@ -330,7 +332,7 @@ fn print_show(ctx: &Ctx, d: &RunDetail, now: i64) {
         .iter()
         .flat_map(|s| {
             crate::rebuild::saga::step_warnings(s.output.as_ref())
-                .map(move |w| (s.seq as usize, s.name.as_str(), w))
+                .map(move |w| (s.seq as usize + 1, s.name.as_str(), w))
         })
         .collect();
     if !warnings.is_empty() {
@@ -545,25 +547,67 @@ fn verify(ctx: &Ctx, expect_head: Option<&str>) -> CmdResult {
 
 // ---------------------------------------------------------------------------------------------
 
-fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdResult {
-    let older_than_ms = audit::parse_duration(older_than)?;
+fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool, yes: bool) -> CmdResult {
+    let p = &ctx.printer;
     let now = now_ms();
+    let o =
+        PruneOptions { older_than_ms: audit::parse_duration(older_than)?, now_ms: now, dry_run };
     if !ctx.home.join(FILE_NAME).exists() {
-        if ctx.printer.json {
-            ctx.printer.json_doc("journal.prune", json!(null));
-        } else {
-            ctx.printer.info("No journal yet: nothing to prune.");
-        }
-        return Ok(Exit::Ok);
+        // No journal: nothing is old enough, and the answer has the usual shape.
+        let rep = PruneReport {
+            dry_run,
+            cutoff: now - o.older_than_ms,
+            runs_removed: Vec::new(),
+            events_removed: 0,
+            pruned_through: None,
+            files: PrunedBackups::default(),
+            eligible_remaining: 0,
+            checkpoint_event: None,
+        };
+        p.info("No journal yet: nothing to prune.");
+        return print_prune(ctx, &rep, now);
     }
     let mut j = Journal::open_home(&ctx.home)?;
-    let o = PruneOptions { older_than_ms, now_ms: now, dry_run };
+    // Backups are the one thing prune deletes that the journal does not hold: on a terminal,
+    // show which would go and ask first.
+    if !dry_run && !yes && !keep_backups && std::io::stdin().is_terminal() {
+        let preview = PruneOptions { dry_run: true, ..o.clone() };
+        let rep = rebuild::files::prune(&mut j, &ctx.home, &preview, keep_backups)?;
+        let n = rep.files.backups_removed.len();
+        if n > 0 {
+            print_prune_lines(ctx, &rep, now);
+            if !p.confirm(&format!("Delete these {n} backup director{}?", plural_y(n))) {
+                return Ok(Exit::Refused);
+            }
+        }
+    }
     let rep = rebuild::files::prune(&mut j, &ctx.home, &o, keep_backups)?;
+    print_prune(ctx, &rep, now)
+}
+
+fn plural_y(n: usize) -> &'static str {
+    if n == 1 {
+        "y"
+    } else {
+        "ies"
+    }
+}
+
+fn print_prune(ctx: &Ctx, rep: &PruneReport<PrunedBackups>, now: i64) -> CmdResult {
     if ctx.printer.json {
-        ctx.printer.json_doc("journal.prune", serde_json::to_value(&rep).unwrap_or(Value::Null));
+        ctx.printer.json_doc("journal.prune", serde_json::to_value(rep).unwrap_or(Value::Null));
         return Ok(Exit::Ok);
     }
-    let verb = if dry_run { "Would remove" } else { "Removed" };
+    print_prune_lines(ctx, rep, now);
+    if let Some(ev) = rep.checkpoint_event {
+        ctx.printer.success(format!("✓ Pruned; checkpoint event {ev} records what was removed"));
+    }
+    Ok(Exit::Ok)
+}
+
+/// What was (or would be) removed: a sentence, then one line per run and backup.
+fn print_prune_lines(ctx: &Ctx, rep: &PruneReport<PrunedBackups>, now: i64) {
+    let verb = if rep.dry_run { "Would remove" } else { "Removed" };
     ctx.printer.data(format!(
         "{verb} {} run(s) finished before {} and {} event(s){}.",
         rep.runs_removed.len(),
@@ -571,14 +615,14 @@ fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdR
         rep.events_removed,
         rep.pruned_through.map(|k| format!(" (ids up to {k})")).unwrap_or_default()
     ));
-    for r in &rep.runs_removed {
-        ctx.printer.data(format!("  run     {r}"));
-    }
-    for b in &rep.files.backups_removed {
-        ctx.printer.data(format!("  backup  {b}"));
-    }
-    for b in &rep.files.backups_kept {
-        ctx.printer.data(format!("  kept    {b}"));
+    for (what, list) in [
+        ("run", &rep.runs_removed),
+        ("backup", &rep.files.backups_removed),
+        ("kept", &rep.files.backups_kept),
+    ] {
+        for x in list {
+            ctx.printer.data(format!("  {what:<7} {x}"));
+        }
     }
     if rep.eligible_remaining > 0 {
         ctx.printer.data(format!(
@@ -587,8 +631,4 @@ fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdR
             rep.eligible_remaining
         ));
     }
-    if let Some(ev) = rep.checkpoint_event {
-        ctx.printer.success(format!("✓ Pruned; checkpoint event {ev} records what was removed"));
-    }
-    Ok(Exit::Ok)
 }

@@ -213,10 +213,7 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
 /// Preflight refused: the lines in order, nothing changed.
 fn refused(p: &Printer, name: &SandboxName, lines: &[String]) -> Exit {
     if p.json {
-        p.json_doc(
-            "rebuild",
-            json!({"sandbox": name, "state": "refused", "reason": lines, "changed": false}),
-        );
+        p.json_doc("rebuild.refused", json!({"sandbox": name, "reason": lines, "changed": false}));
     }
     let mut it = lines.iter();
     if let Some(first) = it.next() {
@@ -232,7 +229,7 @@ fn print_dry_run(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) {
     let probes = saga::dry_run(prepared);
     if p.json {
         p.json_doc(
-            "rebuild_plan",
+            "rebuild.plan",
             json!({"sandbox": name, "gateway": prepared.pf.binding.name(), "mode": prepared.mode.as_str(), "steps": probes, "changed": false}),
         );
         return;
@@ -414,10 +411,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
             p.info("No unfinished runs: nothing to recover.");
             if p.json {
                 // Nothing to do is still an answer a script can read.
-                p.json_doc(
-                    "recover",
-                    json!({"run_id": null, "action": action, "state": null, "nothing_to_do": true}),
-                );
+                p.json_doc("recover", recover_doc(action, None, None));
             }
             return Ok(Exit::Ok);
         }
@@ -432,22 +426,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
         mode.as_str(),
         run.state.as_str()
     ));
-    let mut damaged_at = None;
-    if a.accept_damaged_backup {
-        match saga::accept_damaged_backup(&ctx.home, &run)? {
-            saga::BackupCheck::Damaged { path, why } => {
-                p.warn(format!("{why}."));
-                p.warn(format!(
-                    "Rolling back without restoring it: the registry entry comes back, the sandbox stays absent, and the backup stays at {path}."
-                ));
-                damaged_at = Some(path);
-            }
-            saga::BackupCheck::Intact { path } => {
-                p.info(format!("Backup {path} verifies: it will be restored as usual."))
-            }
-            saga::BackupCheck::NoBackup => p.info("This run made no backup: nothing to accept."),
-        }
-    }
+    let damaged_at = if a.accept_damaged_backup { check_damaged_backup(ctx, &run)? } else { None };
     let obs = Progress::new(p);
     let out = saga::recover(
         &ctx.home,
@@ -457,11 +436,49 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
         damaged_at.is_some(),
         &obs,
     )?;
+    print_recovered(p, &run, mode, &out, damaged_at.as_deref());
+    if p.json {
+        p.json_doc("recover", recover_doc(action, run.sandbox.as_deref(), Some(&out.report)));
+    }
+    Ok(out.report.exit())
+}
+
+/// `--accept-damaged-backup`: say what the rollback will do with the run's backup; the path
+/// of a damaged one, which the rollback then leaves in place.
+fn check_damaged_backup(ctx: &Ctx, run: &saga::RunRecord) -> Result<Option<String>, CliError> {
+    let p = &ctx.printer;
+    Ok(match saga::accept_damaged_backup(&ctx.home, run)? {
+        saga::BackupCheck::Damaged { path, why } => {
+            p.warn(format!("{why}."));
+            p.warn(format!(
+                "Rolling back without restoring it: the registry entry comes back, the sandbox stays absent, and the backup stays at {path}."
+            ));
+            Some(path)
+        }
+        saga::BackupCheck::Intact { path } => {
+            p.info(format!("Backup {path} verifies: it will be restored as usual."));
+            None
+        }
+        saga::BackupCheck::NoBackup => {
+            p.info("This run made no backup: nothing to accept.");
+            None
+        }
+    })
+}
+
+/// The messages after `recover --resume|--rollback`.
+fn print_recovered(
+    p: &Printer,
+    run: &saga::RunRecord,
+    mode: Mode,
+    out: &Outcome,
+    damaged_at: Option<&str>,
+) {
     let report = &out.report;
     let name = run.sandbox.as_deref().and_then(|s| SandboxName::parse(s).ok());
     let shields_locked = run.params["shields_locked"].as_bool().unwrap_or(false);
     match (report.state, name) {
-        (RunState::Succeeded, Some(n)) => succeeded(p, &n, mode, &out, shields_locked),
+        (RunState::Succeeded, Some(n)) => succeeded(p, &n, mode, out, shields_locked),
         (RunState::RolledBack, Some(n)) if damaged_at.is_some() => {
             p.success(format!(
                 "✓ Run {} rolled back without its damaged backup: '{n}' is registered as before, with no sandbox on its gateway",
@@ -469,7 +486,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
             ));
             p.info(format!(
                 "The backup was kept at {}; files in it that still match can be copied back by hand.",
-                damaged_at.as_deref().unwrap_or("?")
+                damaged_at.unwrap_or("?")
             ));
             p.hint(format!("recreate the sandbox (stale recovery): `nemoclaw {n} rebuild`"));
         }
@@ -482,21 +499,21 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
             next_commands(p, report);
         }
     }
-    if p.json {
-        p.json_doc(
-            "recover",
-            json!({
-                "run_id": report.run_id,
-                "action": action,
-                "state": report.state.as_str(),
-                "failed_step": report.failed_step,
-                "error": report.error.as_ref().map(|e| e.message.clone()),
-                "needs_operator": report.needs_operator,
-                "interrupted": report.interrupted,
-            }),
-        );
-    }
-    Ok(report.exit())
+}
+
+/// The `recover` document: one shape whether there was a run to recover or not.
+fn recover_doc(action: &str, sandbox: Option<&str>, r: Option<&RunReport>) -> Value {
+    json!({
+        "action": action,
+        "nothing_to_do": r.is_none(),
+        "run_id": r.map(|r| &r.run_id),
+        "sandbox": sandbox,
+        "state": r.map(|r| r.state.as_str()),
+        "failed_step": r.and_then(|r| r.failed_step.as_ref()),
+        "error": r.and_then(|r| r.error.as_ref()).map(|e| e.message.clone()),
+        "needs_operator": r.and_then(|r| r.needs_operator.as_ref()),
+        "interrupted": r.is_some_and(|r| r.interrupted),
+    })
 }
 
 /// `nemoclaw recover` without an action: the unfinished runs and the commands for each.
@@ -523,7 +540,7 @@ fn list_unfinished(ctx: &Ctx, sandbox: Option<&str>) -> CmdResult {
         })
         .collect();
     if p.json {
-        p.json_doc("recover", json!({ "unfinished": rows }));
+        p.json_doc("recover.list", json!({ "now": now, "unfinished": rows }));
         return Ok(Exit::Ok);
     }
     if rows.is_empty() {

@@ -353,7 +353,7 @@ fn shields_cmd(ctx: &Ctx, name: &SandboxName, action: ShieldsAction) -> CmdResul
             let s = ShieldsState::load_strict(&ctx.home, name)?;
             if p.json {
                 p.json_doc(
-                    "shields",
+                    "shields.status",
                     json!({"name": name.as_str(), "state": shields_word(&s), "locked": s.locked(), "file": s.doc}),
                 );
             } else {
@@ -386,7 +386,7 @@ fn report_shields(ctx: &Ctx, name: &SandboxName, word: &str) -> CmdResult {
     let p = &ctx.printer;
     if p.json {
         p.json_doc(
-            "shields",
+            &format!("shields.{word}"),
             json!({"name": name.as_str(), "state": word, "locked": word == "up"}),
         );
     } else {
