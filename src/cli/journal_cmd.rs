@@ -576,21 +576,17 @@ fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool, yes: bo
         let n = rep.files.backups_removed.len();
         if n > 0 {
             print_prune_lines(ctx, &rep, now);
-            if !p.confirm(&format!("Delete these {n} backup director{}?", plural_y(n))) {
+            let question = match n {
+                1 => "Delete this backup directory?".to_owned(),
+                n => format!("Delete these {n} backup directories?"),
+            };
+            if !p.confirm(&question) {
                 return Ok(Exit::Refused);
             }
         }
     }
     let rep = rebuild::files::prune(&mut j, &ctx.home, &o, keep_backups)?;
     print_prune(ctx, &rep, now)
-}
-
-fn plural_y(n: usize) -> &'static str {
-    if n == 1 {
-        "y"
-    } else {
-        "ies"
-    }
 }
 
 fn print_prune(ctx: &Ctx, rep: &PruneReport<PrunedBackups>, now: i64) -> CmdResult {

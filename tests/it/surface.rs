@@ -499,3 +499,68 @@ fn every_json_document_is_pinned() {
         .collect();
     assert_eq!(seen, documented, "the types met and the types docs/json.md documents");
 }
+
+/// Run `c` with a terminal (a pty) as its stdin and `answer` typed into it.
+fn on_terminal(mut c: std::process::Command, answer: &str) -> Output {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fresh descriptors, which the two Files below then own.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    let (mut master, slave) =
+        unsafe { (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(slave)) };
+    c.stdin(slave).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    drop(c);
+    master.write_all(answer.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(master);
+    out
+}
+
+/// `journal prune` on a terminal lists the backups it would delete and asks; "no" changes
+/// nothing (exit 3), "yes" deletes; `--dry-run` lists without asking.
+#[test]
+fn prune_asks_before_deleting_backups_on_a_terminal() {
+    let h = Home::new();
+    assert!(h.run(&["onboard", "alpha", "--gateway", "local"]).status.success());
+    assert!(h.run(&["alpha", "rebuild", "--yes"]).status.success());
+    let backups = || std::fs::read_dir(h.path().join("rebuild-backups/alpha")).unwrap().count();
+    assert_eq!(backups(), 1);
+    let later = (nemoclaw::util::now_ms() + 86_400_000).to_string();
+    let prune = |extra: &[&str]| {
+        let mut c = h.cmd();
+        c.env("NEMOCLAW_NOW_MS", &later).args(["journal", "prune", "--older-than", "1h"]);
+        c.args(extra);
+        c
+    };
+    let dry = prune(&["--dry-run"]).output().unwrap();
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert!(stdout(&dry).starts_with("Would remove 1 run(s)"), "{}", stdout(&dry));
+    assert!(stdout(&dry).contains("  backup  "), "{}", stdout(&dry));
+    assert!(!stderr(&dry).contains("[y/N]"), "a dry run does not ask");
+
+    let no = on_terminal(prune(&[]), "n\n");
+    assert_eq!(no.status.code(), Some(3), "{}", stderr(&no));
+    assert!(stdout(&no).contains("  backup  "), "the backups are listed: {}", stdout(&no));
+    assert!(stderr(&no).contains("Delete this backup directory? [y/N]"), "{}", stderr(&no));
+    assert!(stderr(&no).contains("Aborted: nothing was changed."), "{}", stderr(&no));
+    assert_eq!(backups(), 1, "no backup deleted");
+    let o = h.run(&["--json", "journal", "list"]);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(doc["data"]["runs"].as_array().map(Vec::len), Some(1), "no run pruned");
+
+    let yes = on_terminal(prune(&[]), "yes\n");
+    assert!(yes.status.success(), "{}", stderr(&yes));
+    assert!(stderr(&yes).contains("✓ Pruned"), "{}", stderr(&yes));
+    assert_eq!(backups(), 0, "the backup is deleted");
+}
