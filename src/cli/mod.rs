@@ -4,6 +4,7 @@
 pub mod args;
 pub mod error;
 pub mod printer;
+pub mod style;
 mod suggest;
 
 mod completion;
@@ -51,6 +52,10 @@ pub fn main() -> ExitCode {
     // A <TAB> in a shell with nemoclaw's completion registered: answer and exit.
     completion::answer_if_asked();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // clap's help and usage errors follow `--color` too: set it before clap parses anything.
+    if let Some(c) = style::choice_in_argv(&argv) {
+        style::init(c);
+    }
     // `nemoclaw help rebuild`: the sandbox actions are not top-level commands, so clap's own
     // `help` cannot find them; show the action's help as `nemoclaw <name> rebuild --help` would.
     if let [_, help, action] = &argv[..] {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::args::{RebuildArgs, RecoverArgs};
+use super::style::{self, Cell};
 use super::{CliError, CmdResult, Ctx, Printer, Refusal};
 use crate::engine::runner::{Observer, RunReport, StepOutcome};
 use crate::engine::signals::{self, Stop};
@@ -75,22 +76,14 @@ impl Observer for Progress<'_> {
             StepOutcome::Failed(e) => format!("failed: {e}"),
             StepOutcome::Unknown(e) => format!("unknown: {e}"),
         };
-        self.p.info(self.p_dim(&format!(
-            "  [{}] {name:<13} {:>7.2}s  {what}",
-            seq + 1,
-            secs(elapsed)
-        )));
+        self.p.progress(format!("  [{}] {name:<13} {:>7.2}s  {what}", seq + 1, secs(elapsed)));
     }
     fn compensating(&self, _seq: usize, name: &str) {
         self.p.info(format!("Undoing {name}..."));
     }
     fn compensated(&self, seq: usize, name: &str, elapsed: Duration) {
         if self.p.tty {
-            self.p.info(self.p_dim(&format!(
-                "  [{}] {name:<13} {:>7.2}s  undone",
-                seq + 1,
-                secs(elapsed)
-            )));
+            self.p.progress(format!("  [{}] {name:<13} {:>7.2}s  undone", seq + 1, secs(elapsed)));
         }
     }
 }
@@ -106,16 +99,6 @@ impl SagaObserver for Progress<'_> {
                 }
             }
             AutoRollback::BeforePointOfNoReturn => explain(self.p, failed),
-        }
-    }
-}
-
-impl Progress<'_> {
-    fn p_dim(&self, s: &str) -> String {
-        if self.p.color {
-            format!("\x1b[2m{s}\x1b[0m")
-        } else {
-            s.to_owned()
         }
     }
 }
@@ -136,13 +119,13 @@ pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
     for b in &list {
         match b {
             Blocker::InProgress { run: r, holder } => ctx.printer.warn(format!(
-                "⚠ A rebuild of '{name}' is in progress (run {}, {}): {}.",
+                "a rebuild of '{name}' is in progress (run {}, {}): {}.",
                 short(&r.id),
                 r.state.as_str(),
                 super::error::holder_line(r, holder)
             )),
             Blocker::Unfinished { run: r } => ctx.printer.warn(format!(
-                "⚠ A rebuild of '{name}' was interrupted (run {}, {}); you must run `nemoclaw recover --resume {}` or `nemoclaw recover --rollback {}`.",
+                "a rebuild of '{name}' was interrupted (run {}, {}); you must run `nemoclaw recover --resume {}` or `nemoclaw recover --rollback {}`.",
                 short(&r.id), r.state.as_str(), r.id, r.id
             )),
         }
@@ -547,22 +530,22 @@ fn list_unfinished(ctx: &Ctx, sandbox: Option<&str>) -> CmdResult {
         p.info("No unfinished runs.");
         return Ok(Exit::Ok);
     }
-    p.data(format!(
-        "{:<36}  {:<16} {:<7} {:<14} {:<22} {:>8}  HOLDER",
-        "RUN", "SANDBOX", "MODE", "STATE", "STEP", "AGE"
-    ));
-    for r in &rows {
-        p.data(format!(
-            "{:<36}  {:<16} {:<7} {:<14} {:<22} {:>8}  {}",
-            r["run_id"].as_str().unwrap_or(""),
-            r["sandbox"].as_str().unwrap_or("-"),
-            r["mode"].as_str().unwrap_or("-"),
-            r["state"].as_str().unwrap_or(""),
-            r["step"].as_str().unwrap_or(""),
-            age(r["age_ms"].as_i64().unwrap_or(0)),
-            holder_text(&r["holder"]),
-        ));
-    }
+    let cells = rows
+        .iter()
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+            vec![
+                text("run_id").into(),
+                text("sandbox").into(),
+                text("mode").into(),
+                Cell::styled(text("state"), style::state(&text("state"))),
+                text("step").into(),
+                age(r["age_ms"].as_i64().unwrap_or(0)).into(),
+                holder_text(&r["holder"]).into(),
+            ]
+        })
+        .collect();
+    p.table("", &["RUN", "SANDBOX", "MODE", "STATE", "STEP", "AGE", "HOLDER"], cells);
     for r in &rows {
         p.hint(format!(
             "`{}` or `{}`",

@@ -10,13 +10,16 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::args::{OnboardArgs, SandboxAction, SandboxCli, ShieldsAction};
+use super::style::Cell;
 use super::{CliError, CmdResult, Ctx, Refusal};
+
 use crate::exit::Exit;
 use crate::gateway::{self, CreateSpec, Gateway, Liveness, PolicySpec, Unhealthy};
 use crate::host::{
     self, binding_of, registry, shields, Binding, HostError, Registry, ShieldsState,
 };
 use crate::names::SandboxName;
+use crate::rebuild::messages;
 
 /// How long `destroy` waits for the gateway to confirm a deletion.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -190,18 +193,19 @@ pub fn list(ctx: &Ctx) -> CmdResult {
         return Ok(Exit::Ok);
     }
     let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
-    let width = rows.iter().map(|r| s(&r["name"]).len()).max().unwrap_or(4).max(4);
-    p.data(p.bold(&format!("  {:width$}  {:16}  {:8}  {}", "NAME", "GATEWAY", "SHIELDS", "MODEL")));
-    for r in &rows {
-        let mark = if r["default"] == true { "*" } else { " " };
-        p.data(format!(
-            "{mark} {:width$}  {:16}  {:8}  {}",
-            s(&r["name"]),
-            s(&r["gateway"]),
-            s(&r["shields"]),
-            s(&r["model"])
-        ));
-    }
+    let cells = rows
+        .iter()
+        .map(|r| {
+            let mark = if r["default"] == true { "*" } else { " " };
+            vec![
+                format!("{mark} {}", s(&r["name"])).into(),
+                s(&r["gateway"]).into(),
+                s(&r["shields"]).into(),
+                s(&r["model"]).into(),
+            ]
+        })
+        .collect();
+    p.table("", &["  NAME", "GATEWAY", "SHIELDS", "MODEL"], cells);
     p.info(p.dim("* = default sandbox"));
     Ok(Exit::Ok)
 }
@@ -281,14 +285,35 @@ fn status(ctx: &Ctx, name: &SandboxName) -> CmdResult {
         );
         return Ok(Exit::Ok);
     }
+    p.data(p.bold(&format!("Sandbox: {name}{}", if is_default { " (default)" } else { "" })));
+    p.table("  ", &[], status_rows(&entry, &binding, &sh, &live));
+    if let Some(why) = &sh.corrupt {
+        p.warn(format!(
+            "the shields file {} is corrupt ({why}); it counts as locked.",
+            sh.path.display()
+        ));
+    }
+    advise_on_liveness(p, name, &binding, &live);
+    Ok(Exit::Ok)
+}
+
+/// The key/value lines of `status`.
+fn status_rows(
+    entry: &Value,
+    binding: &Binding,
+    sh: &ShieldsState,
+    live: &Liveness,
+) -> Vec<Vec<Cell>> {
     let field = |k: &str| entry.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
-    let policies: Vec<String> = entry
+    let policies: Vec<&str> = entry
         .get("policies")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let custom = entry.get("customPolicies").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
-    let live_word = match &live {
+    let pol = if policies.is_empty() { "-".to_owned() } else { policies.join(", ") };
+    let pol = if custom > 0 { format!("{pol} (+{custom} custom)") } else { pol };
+    let live_word = match live {
         Liveness::Present(s) => format!("present (id {}, phase {})", s.id, s.phase),
         Liveness::Missing => "missing".to_owned(),
         Liveness::Unhealthy { reason, detail, .. } => {
@@ -296,54 +321,47 @@ fn status(ctx: &Ctx, name: &SandboxName) -> CmdResult {
         }
         Liveness::Unknown { detail } => format!("unknown — {detail}"),
     };
-    p.data(p.bold(&format!("Sandbox: {name}{}", if is_default { " (default)" } else { "" })));
-    p.data(format!("  Gateway:   {binding}"));
-    p.data(format!("  Model:     {}", field("model")));
-    p.data(format!("  Provider:  {}", field("provider")));
-    p.data(format!(
-        "  Agent:     {}",
-        entry.get("agent").and_then(Value::as_str).unwrap_or("openclaw")
-    ));
-    p.data(format!("  Image:     {}", field("imageTag")));
-    p.data(format!("  Created:   {}", field("createdAt")));
-    let pol = if policies.is_empty() { "-".to_owned() } else { policies.join(", ") };
-    let pol = if custom > 0 { format!("{pol} (+{custom} custom)") } else { pol };
-    p.data(format!("  Policies:  {pol}"));
-    p.data(format!("  Shields:   {}", shields_word(&sh)));
-    p.data(format!("  Live:      {live_word}"));
-    if let Some(why) = &sh.corrupt {
-        p.warn(format!(
-            "⚠ The shields file {} is corrupt ({why}); it counts as locked.",
-            sh.path.display()
-        ));
-    }
-    match &live {
+    let agent = entry.get("agent").and_then(Value::as_str).unwrap_or("openclaw");
+    [
+        ("Gateway:", binding.to_string()),
+        ("Model:", field("model")),
+        ("Provider:", field("provider")),
+        ("Agent:", agent.to_owned()),
+        ("Image:", field("imageTag")),
+        ("Created:", field("createdAt")),
+        ("Policies:", pol),
+        ("Shields:", shields_word(sh).to_owned()),
+        ("Live:", live_word),
+    ]
+    .into_iter()
+    .map(|(k, v)| vec![k.into(), v.into()])
+    .collect()
+}
+
+/// What `status` says after the table when the sandbox is not plainly present, in NemoClaw's
+/// words where it has them.
+fn advise_on_liveness(p: &super::Printer, name: &SandboxName, binding: &Binding, live: &Liveness) {
+    let n = name.as_str();
+    match live {
         Liveness::Present(_) => {}
         Liveness::Missing => {
-            p.warn(format!(
-                "⚠ Sandbox '{name}' is registered locally but not present in the live gateway '{binding}'."
-            ));
-            p.info("Nothing was removed: the local registry entry has been preserved.");
+            p.warn(messages::missing_from_gateway(n, binding.name()));
+            p.info(messages::ENTRY_PRESERVED);
             p.hint(format!(
                 "recreate it from the preserved registry metadata with `nemoclaw {name} rebuild --yes`"
             ));
         }
         Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => {
-            p.warn(format!(
-                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'. Your sandbox has NOT been removed."
-            ));
-            p.info("Switch gateways and retry:");
-            p.hint(format!("`openshell gateway select {binding}`"));
+            p.warn(messages::foreign_gateway(n, binding.name(), active));
+            p.info(messages::SWITCH_AND_RETRY);
+            p.hint(format!("`{}`", messages::select_cmd(binding.name())));
         }
         _ => {
-            p.warn(format!(
-                "Could not confirm live state of '{name}' (gateway not in a known-good state)."
-            ));
-            p.info("Your local registry entry has been preserved — nothing was removed.");
+            p.warn(messages::could_not_confirm(n));
+            p.info(messages::ENTRY_PRESERVED);
             p.hint(format!("check the gateway, then run `nemoclaw {name} status` again"));
         }
     }
-    Ok(Exit::Ok)
 }
 
 fn shields_cmd(ctx: &Ctx, name: &SandboxName, action: ShieldsAction) -> CmdResult {

@@ -564,3 +564,70 @@ fn prune_asks_before_deleting_backups_on_a_terminal() {
     assert!(stderr(&yes).contains("✓ Pruned"), "{}", stderr(&yes));
     assert_eq!(backups(), 0, "the backup is deleted");
 }
+
+/// Text with the SGR styling sequences (`ESC [ ... m`) removed.
+fn unstyled(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("\x1b[") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 2..];
+        match tail.find('m') {
+            Some(j) if tail[..j].bytes().all(|b| b.is_ascii_digit() || b == b';') => {
+                rest = &tail[j + 1..]
+            }
+            _ => {
+                out.push_str("\x1b[");
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One colour decision for nemoclaw's output and clap's: `--color`, then `NO_COLOR`, then
+/// `CLICOLOR_FORCE`, then whether the stream is a terminal. Coloured output is the plain output
+/// plus styling, nothing else.
+#[test]
+fn colour_follows_color_no_color_and_clicolor_force_for_ours_and_clap_s() {
+    let h = Home::new();
+    assert!(h.run(&["onboard", "alpha", "--gateway", "local"]).status.success());
+    assert!(h.run(&["alpha", "rebuild", "--yes"]).status.success());
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let mut c = h.cmd();
+        c.env_remove("NO_COLOR").envs(env.iter().copied()).args(args);
+        c.output().unwrap()
+    };
+    let coloured = |o: &Output| stdout(o).contains('\x1b') || stderr(o).contains('\x1b');
+    let force = [("CLICOLOR_FORCE", "1")];
+    let both = [("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")];
+    for args in [
+        &["list"][..],
+        &["journal", "list"],
+        &["alpha", "status"],
+        &["--help"],
+        &["alpha", "rebuild", "--help"],
+        &["list", "--frobnicate"],
+        &["nope", "status"],
+    ] {
+        let with = |extra: &[&'static str]| -> Vec<&str> { [extra, args].concat() };
+        let plain = run(&[], args);
+        assert!(!coloured(&plain), "{args:?}: not a terminal: no colour");
+        let forced = run(&force, args);
+        assert!(coloured(&forced), "{args:?}: CLICOLOR_FORCE colours: {}", stderr(&forced));
+        assert!(!coloured(&run(&both, args)), "{args:?}: NO_COLOR wins over CLICOLOR_FORCE");
+        assert!(!coloured(&run(&force, &with(&["--color", "never"]))), "{args:?}: --color never");
+        let always = run(&[("NO_COLOR", "1")], &with(&["--color=always"]));
+        assert!(coloured(&always), "{args:?}: --color always beats NO_COLOR");
+        // Colour adds styling and nothing else (times in `journal list` are relative: compare
+        // the shape only there).
+        if args != ["journal", "list"] {
+            assert_eq!(unstyled(&stdout(&forced)), stdout(&plain), "{args:?}");
+            assert_eq!(unstyled(&stderr(&forced)), stderr(&plain), "{args:?}");
+        }
+    }
+    let o = run(&force, &["nope", "status"]);
+    assert!(stderr(&o).contains("\x1b[1m\x1b[31merror:\x1b[0m"), "{:?}", stderr(&o));
+    assert!(stderr(&o).contains("\x1b[1m\x1b[36mhint:\x1b[0m"), "{:?}", stderr(&o));
+}
