@@ -70,27 +70,47 @@ fn seed_files(state: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `nemoclaw demo`.
-pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::new(Exit::Io, format!("cannot find the nemoclaw binary: {e}")))?;
-    let home = match a.dir {
-        Some(d) => {
-            if d.join("sandboxes.json").exists() {
-                return Err(CliError::new(
-                    Exit::Refused,
-                    format!(
-                        "{} already holds a NemoClaw home; the demo needs an empty directory",
-                        d.display()
-                    ),
-                ));
-            }
-            d
+/// The demo's NemoClaw home: `--dir` (which must not hold one already) or a new temporary
+/// directory.
+fn scratch_home(dir: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    let home = match dir {
+        Some(d) if d.join("sandboxes.json").exists() => {
+            return Err(CliError::new(
+                Exit::Refused,
+                format!(
+                    "{} already holds a NemoClaw home; the demo needs an empty directory",
+                    d.display()
+                ),
+            ))
         }
+        Some(d) => d,
         None => std::env::temp_dir().join(format!("nemoclaw-demo-{}", uuid::Uuid::now_v7())),
     };
     crate::util::create_private_dir(&home)
         .map_err(|e| CliError::new(Exit::Io, format!("cannot create {}: {e}", home.display())))?;
+    Ok(home)
+}
+
+/// The newest run in the demo's journal.
+fn last_run_id(home: &Path) -> Option<String> {
+    let j = crate::journal::Journal::open_readonly(&home.join(crate::journal::store::FILE_NAME))
+        .ok()
+        .flatten()?;
+    let mut runs = Vec::new();
+    let filter = crate::journal::audit::RunFilter { limit: Some(1), ..Default::default() };
+    crate::journal::audit::list_runs(&j, &filter, |r| {
+        runs.push(r.id);
+        Ok(())
+    })
+    .ok()?;
+    runs.pop()
+}
+
+/// `nemoclaw demo`.
+pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::new(Exit::Io, format!("cannot find the nemoclaw binary: {e}")))?;
+    let home = scratch_home(a.dir)?;
     let d = Demo { printer: ctx.printer.clone(), exe, home: home.clone() };
     let p = &ctx.printer;
     p.info(format!("nemoclaw demo — scratch NemoClaw home: {}", home.display()));
@@ -128,17 +148,7 @@ pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
     p.info("\n5. The audit trail.");
     d.expect(&["journal", "list"], 0)?;
     let _ = d.run(&["journal", "verify"], None)?;
-    let run = crate::journal::Journal::open_readonly(&home.join(crate::journal::store::FILE_NAME))
-        .ok()
-        .flatten()
-        .and_then(|j| {
-            j.conn()
-                .query_row("SELECT id FROM runs ORDER BY created_at DESC LIMIT 1", [], |r| {
-                    r.get::<_, String>(0)
-                })
-                .ok()
-        })
-        .unwrap_or_else(|| "<run>".to_owned());
+    let run = last_run_id(&home).unwrap_or_else(|| "<run>".to_owned());
     p.info(format!(
         "\nDone. See the run's timeline: `nemoclaw --home {} journal show {run}`",
         home.display()

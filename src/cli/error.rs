@@ -334,6 +334,13 @@ pub enum Refusal {
     InvalidGateway(String),
     /// `onboard` of a registered name.
     AlreadyRegistered(SandboxName),
+    /// `onboard --policy` with presets nobody knows.
+    UnknownPresets {
+        /// The unknown names.
+        unknown: Vec<String>,
+        /// The known ones.
+        known: Vec<String>,
+    },
     /// Presets asked for on an OpenShell gateway.
     PresetsOnOpenShell {
         /// The sandbox.
@@ -456,6 +463,16 @@ impl From<Refusal> for CliError {
                     ),
                 )
             }
+            R::UnknownPresets { unknown, known } => CliError::new(
+                Exit::Usage,
+                format!(
+                    "unknown policy preset{} {}: the known presets are {}",
+                    if unknown.len() == 1 { "" } else { "s" },
+                    unknown.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", "),
+                    known.join(", ")
+                ),
+            )
+            .hint("give NemoClaw's presets directory with `--policy-presets DIR` to use the presets it has, then run the onboard again"),
             R::PresetsOnOpenShell { name, gateway } => CliError::new(
                 Exit::Refused,
                 format!(

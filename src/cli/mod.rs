@@ -56,62 +56,69 @@ pub fn main() -> ExitCode {
     if let Some(c) = style::choice_in_argv(&argv) {
         style::init(c);
     }
-    // `nemoclaw help rebuild`: the sandbox actions are not top-level commands, so clap's own
-    // `help` cannot find them; show the action's help as `nemoclaw <name> rebuild --help` would.
-    if let [_, help, action] = &argv[..] {
-        let action = action.to_string_lossy();
-        if help == "help" && args::SANDBOX_ACTIONS.contains(&action.as_ref()) {
-            use clap::CommandFactory;
-            let mut cmd = SandboxCli::command();
-            cmd.build();
-            if let Some(sub) = cmd.find_subcommand_mut(action.as_ref()) {
-                let _ = sub.print_help();
-                return ExitCode::from(0);
-            }
-        }
+    if let Some(code) = help_for_sandbox_action(&argv) {
+        return code;
     }
     let json = argv.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse_from(sandbox_named_like_a_command(argv)) {
         Ok(c) => c,
         Err(e) => return usage_error(json, e),
     };
-    let (global, command) = (cli.global, cli.command);
-    let outcome = match command {
-        Command::Sandbox(mut argv) => {
-            let marked = argv.first().is_some_and(|a| a == SANDBOX_MARKER);
-            if marked {
-                argv.remove(0);
-            }
-            match SandboxCli::try_parse_from(argv.clone()) {
-                Ok(sc) => {
-                    // `-v` after the action counts: tracing starts once both sets are merged.
-                    let merged = merge_global(global, sc.global.clone());
-                    init_tracing(merged.verbose);
-                    run_with(merged, |ctx| sandbox::dispatch(ctx, sc))
-                }
-                // Not `<name> <action>`: perhaps a mistyped command, or a NemoClaw action this
-                // tool does not have. (A marked word is a real command name, never a typo.)
-                Err(e) => {
-                    let words: Vec<String> =
-                        argv.iter().map(|w| w.to_string_lossy().into_owned()).collect();
-                    let hint = if marked { None } else { suggest::explain(&words) };
-                    let Some(msg) = hint else { return usage_error(json, e) };
-                    Printer::plain().say(&msg);
-                    if json {
-                        let first = msg.lines().next().unwrap_or("").trim_start_matches("error: ");
-                        Printer::plain()
-                            .json_doc("error", CliError::new(Exit::Usage, first).document());
-                    }
-                    return ExitCode::from(Exit::Usage.code());
-                }
-            }
-        }
+    let outcome = match cli.command {
+        Command::Sandbox(argv) => return sandbox_command(cli.global, argv, json),
         other => {
-            init_tracing(global.verbose);
-            run_with(global, |ctx| dispatch(ctx, other))
+            init_tracing(cli.global.verbose);
+            run_with(cli.global, |ctx| dispatch(ctx, other))
         }
     };
     ExitCode::from(outcome.code())
+}
+
+/// `nemoclaw help rebuild`: the sandbox actions are not top-level commands, so clap's own
+/// `help` cannot find them; show the action's help as `nemoclaw <name> rebuild --help` would.
+fn help_for_sandbox_action(argv: &[std::ffi::OsString]) -> Option<ExitCode> {
+    let [_, help, action] = argv else { return None };
+    let action = action.to_string_lossy();
+    if help != "help" || !args::SANDBOX_ACTIONS.contains(&action.as_ref()) {
+        return None;
+    }
+    use clap::CommandFactory;
+    let mut cmd = SandboxCli::command();
+    cmd.build();
+    let sub = cmd.find_subcommand_mut(action.as_ref())?;
+    let _ = sub.print_help();
+    Some(ExitCode::from(0))
+}
+
+/// `nemoclaw <name> <action> ...` (clap's external subcommand): parse it, merge its flags with
+/// those before the name, run it.
+fn sandbox_command(global: Global, mut argv: Vec<std::ffi::OsString>, json: bool) -> ExitCode {
+    let marked = argv.first().is_some_and(|a| a == SANDBOX_MARKER);
+    if marked {
+        argv.remove(0);
+    }
+    match SandboxCli::try_parse_from(argv.clone()) {
+        Ok(sc) => {
+            // `-v` after the action counts: tracing starts once both sets are merged.
+            let merged = merge_global(global, sc.global.clone());
+            init_tracing(merged.verbose);
+            ExitCode::from(run_with(merged, |ctx| sandbox::dispatch(ctx, sc)).code())
+        }
+        // Not `<name> <action>`: perhaps a mistyped command, or a NemoClaw action this tool
+        // does not have. (A marked word is a real command name, never a typo.)
+        Err(e) => {
+            let words: Vec<String> =
+                argv.iter().map(|w| w.to_string_lossy().into_owned()).collect();
+            let hint = if marked { None } else { suggest::explain(&words) };
+            let Some(msg) = hint else { return usage_error(json, e) };
+            Printer::plain().say(&msg);
+            if json {
+                let first = msg.lines().next().unwrap_or("").trim_start_matches("error: ");
+                Printer::plain().json_doc("error", CliError::new(Exit::Usage, first).document());
+            }
+            ExitCode::from(Exit::Usage.code())
+        }
+    }
 }
 
 /// A sandbox may be named like a top-level command (`nemoclaw demo status`): when the word

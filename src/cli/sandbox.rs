@@ -51,19 +51,81 @@ fn sample_state(dir: &std::path::Path, name: &SandboxName, agent: &str) -> std::
     Ok(())
 }
 
-/// `nemoclaw onboard`.
-pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
-    // Validate everything the operator typed before touching the disk.
+/// NemoClaw's policy presets (`nemoclaw-blueprint/policies/presets/<name>.yaml`), the names
+/// `onboard --policy` accepts when no presets directory is given.
+const NEMOCLAW_PRESETS: &[&str] = &[
+    "apt",
+    "brew",
+    "cargo",
+    "claude-code",
+    "clawmetry",
+    "discord",
+    "docker",
+    "duckduckgo",
+    "firecrawl",
+    "gemini",
+    "ghcr",
+    "github",
+    "gmail",
+    "go",
+    "goldrush",
+    "grafana",
+    "heygen",
+    "huggingface",
+    "jira",
+    "local-inference",
+    "microsoft-teams",
+    "mnemo-cortex",
+    "nous-browser",
+    "npm",
+    "observability-otlp-local",
+    "ollama",
+    "otel-collector",
+    "outlook",
+    "prometheus",
+    "pypi",
+    "qdrant",
+    "shrike-security",
+    "sidclaw",
+    "signal",
+    "slack",
+    "tavily",
+    "telegram",
+    "weather",
+    "whatsapp",
+];
+
+/// The presets `onboard` knows: the `*.yaml` files of `--policy-presets DIR` when given, else
+/// NemoClaw's own list.
+fn known_presets(ctx: &Ctx) -> Vec<String> {
+    let from_dir = ctx.global.policy_presets.as_ref().and_then(|d| std::fs::read_dir(d).ok());
+    let Some(dir) = from_dir else {
+        return NEMOCLAW_PRESETS.iter().map(|s| (*s).to_owned()).collect();
+    };
+    let mut names: Vec<String> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yaml").map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Everything `onboard` checks before it creates anything: the name, no unfinished run, the
+/// binding, not registered yet, presets it knows and can apply.
+fn onboard_preflight(ctx: &Ctx, a: &OnboardArgs) -> Result<(SandboxName, Binding), CliError> {
     let name = super::parse_name(&a.name)?;
     super::rebuild_cmd::refuse_if_unfinished(ctx, &name, "onboard")?;
     let binding = match &a.gateway {
         Some(g) => Binding::parse(g).ok_or_else(|| Refusal::InvalidGateway(g.clone()))?,
         None => default_binding(ctx),
     };
-    let p = &ctx.printer;
-    let reg = Registry::load(&ctx.home)?;
-    if reg.entry(&name).is_some() {
+    if Registry::load(&ctx.home)?.entry(&name).is_some() {
         return Err(Refusal::AlreadyRegistered(name).into());
+    }
+    let known = known_presets(ctx);
+    let unknown: Vec<String> = a.policies.iter().filter(|p| !known.contains(p)).cloned().collect();
+    if !unknown.is_empty() {
+        return Err(Refusal::UnknownPresets { unknown, known }.into());
     }
     if binding.name() != "local" && !a.policies.is_empty() {
         // OpenShell takes whole policies only (`policy set` replaces everything and refuses a
@@ -71,6 +133,14 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
         // implemented here, so refuse before anything is created rather than half-apply.
         return Err(Refusal::PresetsOnOpenShell { name, gateway: binding.to_string() }.into());
     }
+    Ok((name, binding))
+}
+
+/// `nemoclaw onboard`: check → create → seed, apply presets, register (undoing the create if
+/// that fails) → print.
+pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
+    let (name, binding) = onboard_preflight(ctx, &a)?;
+    let p = &ctx.printer;
     let gw = open_gateway(ctx, &binding)?;
     if let Some(bad) = gw.health() {
         return Err(Refusal::GatewayNotHealthy {
@@ -79,7 +149,6 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
         }
         .into());
     }
-    let agent = a.agent.clone().unwrap_or_else(|| "openclaw".to_owned());
     let image = a
         .image
         .clone()
@@ -96,50 +165,7 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
     p.info(format!("Creating sandbox '{name}' on gateway '{binding}'..."));
     let live = gw.create(&spec)?;
     // From here on a failure must not leave an unregistered sandbox behind: undo the create.
-    let finish = || -> Result<Value, CliError> {
-        let staging = ctx.home.join(format!(".onboard-{}", uuid::Uuid::now_v7()));
-        let seeded = sample_state(&staging, &name, &agent)
-            .map_err(|e| CliError::from(HostError::io("cannot write", &staging, e)))
-            .and_then(|_| gw.upload_state(&name, &staging).map_err(CliError::from));
-        let _ = std::fs::remove_dir_all(&staging);
-        seeded?;
-        for preset in &a.policies {
-            p.info(format!("Applying policy preset '{preset}'..."));
-            gw.apply_policy(&name, &PolicySpec::Preset { name: preset.clone() })?;
-        }
-        let mut entry = json!({
-            "name": name.as_str(),
-            "createdAt": crate::util::iso_ms(crate::util::now_ms()),
-            "model": a.model.clone().unwrap_or_else(|| "nvidia/nemotron-3-super-120b-a12b".to_owned()),
-            "provider": a.provider.clone().unwrap_or_else(|| "nvidia-prod".to_owned()),
-            "gpuEnabled": false,
-            "policies": a.policies,
-            "customPolicies": [],
-            "agent": a.agent,
-            "imageTag": image,
-            "gatewayName": binding.name(),
-        });
-        if let Binding::OpenShell(g) = &binding {
-            let port =
-                g.strip_prefix("nemoclaw-").and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
-            entry["gatewayPort"] = json!(port);
-        }
-        let stored = entry.clone();
-        registry::update(&ctx.home, |reg| {
-            if reg.entry(&name).is_some() {
-                return Err(HostError::Invalid(format!(
-                    "sandbox '{name}' was registered by someone else meanwhile"
-                )));
-            }
-            reg.set_entry(&name, stored);
-            if reg.default_sandbox().is_none() {
-                reg.set_default(Some(&name));
-            }
-            Ok(())
-        })?;
-        Ok(entry)
-    };
-    let entry = match finish() {
+    let entry = match finish_onboard(ctx, gw.as_ref(), &name, &binding, &a, &image) {
         Ok(e) => e,
         Err(e) => {
             p.warn(format!("Onboarding failed; removing the half-created sandbox '{name}'..."));
@@ -156,6 +182,64 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
         p.hint(format!("check it with `nemoclaw {name} status`"));
     }
     Ok(Exit::Ok)
+}
+
+/// After the create: the sample files, the presets, then the registry entry.
+fn finish_onboard(
+    ctx: &Ctx,
+    gw: &dyn Gateway,
+    name: &SandboxName,
+    binding: &Binding,
+    a: &OnboardArgs,
+    image: &str,
+) -> Result<Value, CliError> {
+    let agent = a.agent.as_deref().unwrap_or("openclaw");
+    let staging = ctx.home.join(format!(".onboard-{}", uuid::Uuid::now_v7()));
+    let seeded = sample_state(&staging, name, agent)
+        .map_err(|e| CliError::from(HostError::io("cannot write", &staging, e)))
+        .and_then(|_| gw.upload_state(name, &staging).map_err(CliError::from));
+    let _ = std::fs::remove_dir_all(&staging);
+    seeded?;
+    for preset in &a.policies {
+        ctx.printer.info(format!("Applying policy preset '{preset}'..."));
+        gw.apply_policy(name, &PolicySpec::Preset { name: preset.clone() })?;
+    }
+    let entry = registry_entry(name, binding, a, image);
+    let stored = entry.clone();
+    registry::update(&ctx.home, |reg| {
+        if reg.entry(name).is_some() {
+            return Err(HostError::Invalid(format!(
+                "sandbox '{name}' was registered by someone else meanwhile"
+            )));
+        }
+        reg.set_entry(name, stored);
+        if reg.default_sandbox().is_none() {
+            reg.set_default(Some(name));
+        }
+        Ok(())
+    })?;
+    Ok(entry)
+}
+
+/// NemoClaw's registry entry for a freshly onboarded sandbox.
+fn registry_entry(name: &SandboxName, binding: &Binding, a: &OnboardArgs, image: &str) -> Value {
+    let mut entry = json!({
+        "name": name.as_str(),
+        "createdAt": crate::util::iso_ms(crate::util::now_ms()),
+        "model": a.model.clone().unwrap_or_else(|| "nvidia/nemotron-3-super-120b-a12b".to_owned()),
+        "provider": a.provider.clone().unwrap_or_else(|| "nvidia-prod".to_owned()),
+        "gpuEnabled": false,
+        "policies": a.policies,
+        "customPolicies": [],
+        "agent": a.agent,
+        "imageTag": image,
+        "gatewayName": binding.name(),
+    });
+    if let Binding::OpenShell(g) = binding {
+        let port = g.strip_prefix("nemoclaw-").and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
+        entry["gatewayPort"] = json!(port);
+    }
+    entry
 }
 
 /// `nemoclaw list`.
@@ -206,7 +290,7 @@ pub fn list(ctx: &Ctx) -> CmdResult {
         })
         .collect();
     p.table("", &["  NAME", "GATEWAY", "SHIELDS", "MODEL"], cells);
-    p.info(p.dim("* = default sandbox"));
+    p.progress("* = default sandbox");
     Ok(Exit::Ok)
 }
 
