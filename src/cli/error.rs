@@ -172,6 +172,15 @@ impl Hints for AuditError {
             AuditError::Journal(e) => e.hints(),
             AuditError::AmbiguousRun { .. } => vec!["give more characters of the run id".into()],
             AuditError::UnknownRun { .. } => vec!["`nemoclaw journal list` shows the runs".into()],
+            AuditError::BadDuration { .. } => {
+                vec!["for example `nemoclaw journal prune --older-than 30d`".into()]
+            }
+            AuditError::BadTime { .. } => {
+                vec!["for example `nemoclaw journal list --since 7d`".into()]
+            }
+            AuditError::BadState { .. } => {
+                vec!["for example `nemoclaw journal list --state failed`".into()]
+            }
             _ => Vec::new(),
         }
     }
@@ -455,7 +464,8 @@ impl From<Refusal> for CliError {
             R::InvalidGateway(g) => CliError::new(
                 Exit::Usage,
                 format!("invalid gateway `{g}`: expected `local`, `nemoclaw` or `nemoclaw-<port>` (not `nemoclaw-8080`)"),
-            ),
+            )
+            .hint("for example `nemoclaw onboard NAME --gateway local`"),
             R::AlreadyRegistered(name) => {
                 CliError::new(Exit::Refused, format!("sandbox '{name}' is already registered")).hint(
                     format!(
@@ -472,7 +482,7 @@ impl From<Refusal> for CliError {
                     known.join(", ")
                 ),
             )
-            .hint("give NemoClaw's presets directory with `--policy-presets DIR` to use the presets it has, then run the onboard again"),
+            .hint("use one of these, or pass NemoClaw's own presets directory with `--policy-presets DIR`"),
             R::PresetsOnOpenShell { name, gateway } => CliError::new(
                 Exit::Refused,
                 format!(

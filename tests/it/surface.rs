@@ -64,6 +64,10 @@ fn usage_errors_are_pinned() {
         ("usage-bad-name", &["Bad_Name", "status"]),
         ("usage-recover-both", &["recover", "--resume", "--rollback"]),
         ("usage-unknown-flag", &["list", "--frobnicate"]),
+        ("usage-bad-duration", &["journal", "prune", "--older-than", "soon"]),
+        ("usage-damaged-without-rollback", &["recover", "--accept-damaged-backup"]),
+        ("usage-unknown-preset", &["onboard", "alpha", "--policy", "nmp"]),
+        ("usage-bad-gateway", &["onboard", "alpha", "--gateway", "nemoclaw-8080"]),
     ] {
         let o = run(&h, args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
@@ -643,7 +647,7 @@ fn unknown_presets_are_refused_at_onboard_with_the_known_ones() {
     let err = stderr(&o);
     assert!(err.contains("unknown policy preset `nmp`: the known presets are apt, brew"), "{err}");
     assert!(err.contains(", npm, ") && err.contains(", telegram, "), "{err}");
-    assert!(err.lines().last().unwrap().contains("--policy-presets DIR"), "{err}");
+    assert!(err.lines().last().unwrap().contains("`--policy-presets DIR`"), "{err}");
     assert!(!h.path().join("sandboxes.json").exists(), "nothing registered");
     assert!(!h.path().join("local-gateway/sandboxes/alpha").exists(), "nothing created");
 
@@ -705,4 +709,44 @@ fn cli_functions_are_at_most_60_lines() {
         }
     }
     assert!(long.is_empty(), "{}", long.join("\n"));
+}
+
+/// Step numbers are the same wherever a person reads them: the dry run's plan and
+/// `journal show`'s step table both count from 1, in the same order. Warnings are labelled.
+#[test]
+fn step_numbers_agree_and_warnings_are_labelled() {
+    let h = Home::new();
+    assert!(h.run(&["onboard", "alpha", "--gateway", "local"]).status.success());
+    let plan = h.run(&["alpha", "rebuild", "--dry-run"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let planned: Vec<(String, String)> = stdout(&plan)
+        .lines()
+        .filter_map(|l| {
+            let (n, rest) = l.trim_start().split_once(". ")?;
+            Some((n.to_owned(), rest.split_whitespace().next()?.to_owned()))
+        })
+        .collect();
+    assert_eq!(planned.first(), Some(&("1".to_owned(), "snapshot".to_owned())), "{planned:?}");
+    assert!(h.run(&["alpha", "rebuild", "--yes"]).status.success());
+    let o = h.run(&["--json", "journal", "list"]);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let run = doc["data"]["runs"][0]["id"].as_str().unwrap().to_owned();
+    let show = stdout(&h.run(&["journal", "show", &run]));
+    let steps: Vec<(String, String)> = show
+        .lines()
+        .skip_while(|l| *l != "Steps")
+        .skip(2)
+        .take_while(|l| !l.is_empty())
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next().unwrap().to_owned(), w.next().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(steps, planned, "journal show:\n{show}");
+
+    std::fs::create_dir_all(h.path().join("state")).unwrap();
+    std::fs::write(h.path().join("state/shields-alpha.json"), "{ not json").unwrap();
+    let o = h.run(&["alpha", "status"]);
+    let warning = stderr(&o).lines().find(|l| l.contains("is corrupt")).unwrap_or("").to_owned();
+    assert!(warning.starts_with("warning: the shields file "), "{}", stderr(&o));
 }
