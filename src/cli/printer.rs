@@ -182,11 +182,6 @@ impl Printer {
         style::paint(style::HEADING, &clean(s))
     }
 
-    /// Dim text (the text itself is escaped).
-    pub fn dim(&self, s: &str) -> String {
-        style::paint(style::DIM, &clean(s))
-    }
-
     /// Ask a yes/no question on stderr and read the answer from stdin: `y` or `yes` in any
     /// case is yes, anything else (an empty line, end of input) is no, answered with
     /// `Aborted: nothing was changed.`. Callers refuse first when stdin is not a terminal.
