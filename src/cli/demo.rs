@@ -22,12 +22,23 @@ impl Demo {
         c.arg("--home").arg(&self.home).args(args);
         // The demo always runs on the embedded gateway, whatever this host has installed.
         c.env_remove("NEMOCLAW_OPENSHELL").env_remove("NEMOCLAW_CRASHPOINT");
+        // Quiet or JSON: the steps are quiet too, and with --json stdout carries only the
+        // demo's own document, so their data goes to stderr.
+        if self.printer.quiet || self.printer.json {
+            c.arg("-q");
+        }
+        if self.printer.json {
+            use std::os::fd::AsFd;
+            if let Ok(err) = std::io::stderr().as_fd().try_clone_to_owned() {
+                c.stdout(err);
+            }
+        }
         c
     }
 
     /// Run a step of the story, echoing the command line; returns its exit code.
     fn run(&self, args: &[&str], crash: Option<&str>) -> Result<i32, CliError> {
-        self.printer.say(format!("\n$ nemoclaw {}", args.join(" ")));
+        self.printer.info(format!("\n$ nemoclaw {}", args.join(" ")));
         let mut c = self.cmd(args);
         if let Some(point) = crash {
             c.env(crate::engine::crash::ENV, point);
@@ -149,6 +160,12 @@ pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
     d.expect(&["journal", "list"], 0)?;
     let _ = d.run(&["journal", "verify"], None)?;
     let run = last_run_id(&home).unwrap_or_else(|| "<run>".to_owned());
+    if p.json {
+        p.json_doc(
+            "demo",
+            serde_json::json!({"home": home, "run_id": run, "workspace_digest": after, "restored": true}),
+        );
+    }
     p.info(format!(
         "\nDone. See the run's timeline: `nemoclaw --home {} journal show {run}`",
         home.display()

@@ -97,10 +97,16 @@ fn sandbox_command(global: Global, mut argv: Vec<std::ffi::OsString>, json: bool
     if marked {
         argv.remove(0);
     }
-    match SandboxCli::try_parse_from(argv.clone()) {
-        Ok(sc) => {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = SandboxCli::command()
+        .try_get_matches_from(argv.clone())
+        .and_then(|m| SandboxCli::from_arg_matches(&m).map(|sc| (sc, m)));
+    match parsed {
+        Ok((sc, m)) => {
+            let given =
+                |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
             // `-v` after the action counts: tracing starts once both sets are merged.
-            let merged = merge_global(global, sc.global.clone());
+            let merged = merge_global(global, sc.global.clone(), given);
             init_tracing(merged.verbose);
             ExitCode::from(run_with(merged, |ctx| sandbox::dispatch(ctx, sc)).code())
         }
@@ -203,16 +209,18 @@ fn usage_error(argv_has_json: bool, e: clap::Error) -> ExitCode {
     ExitCode::from(Exit::Usage.code())
 }
 
-/// Flags given after `<name> <action>` count as much as those before it.
-fn merge_global(a: Global, b: Global) -> Global {
+/// Flags given after `<name> <action>` count as much as those before it. `given` says which
+/// of `b`'s valued flags were on the command line: the others hold only what the environment
+/// said (`NEMOCLAW_HOME`, …), which must not override a flag given before the name.
+fn merge_global(a: Global, b: Global, given: impl Fn(&str) -> bool) -> Global {
     Global {
-        home: b.home.or(a.home),
+        home: if given("home") { b.home } else { a.home },
         json: a.json || b.json,
         verbose: a.verbose.max(b.verbose),
         quiet: a.quiet || b.quiet,
         color: if b.color != args::ColorChoice::Auto { b.color } else { a.color },
-        openshell: b.openshell.or(a.openshell),
-        policy_presets: b.policy_presets.or(a.policy_presets),
+        openshell: if given("openshell") { b.openshell } else { a.openshell },
+        policy_presets: if given("policy_presets") { b.policy_presets } else { a.policy_presets },
     }
 }
 

@@ -492,6 +492,11 @@ fn every_json_document_is_pinned() {
         0,
     );
     pin("destroy", none, &["alpha", "destroy", "--yes"], 0);
+    // The whole story in a scratch home: its steps' output goes to stderr, the document alone
+    // to stdout.
+    let scratch = h.path().join("demo-home");
+    let demo = pin("demo", none, &["demo", "--dir", scratch.to_str().unwrap()], 0);
+    assert_eq!(demo["data"]["restored"], true);
 
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/json.md")).unwrap();
@@ -749,4 +754,25 @@ fn step_numbers_agree_and_warnings_are_labelled() {
     let o = h.run(&["alpha", "status"]);
     let warning = stderr(&o).lines().find(|l| l.contains("is corrupt")).unwrap_or("").to_owned();
     assert!(warning.starts_with("warning: the shields file "), "{}", stderr(&o));
+}
+
+/// `--home` before the sandbox name wins over `NEMOCLAW_HOME` (the environment only fills in
+/// what no flag says), and `--home` after the action wins over both.
+#[test]
+fn home_flag_before_the_name_beats_the_environment() {
+    let h = Home::new();
+    let other = Home::new();
+    assert!(h.run(&["onboard", "alpha", "--gateway", "local"]).status.success());
+    let here = h.path().to_str().unwrap();
+    let status = |args: &[&str]| {
+        let o = other.cmd().args(args).output().unwrap();
+        (o.status.code(), stderr(&o))
+    };
+    // `other`'s NEMOCLAW_HOME has no alpha; the flags point at `h`.
+    assert_eq!(status(&["--home", here, "alpha", "status"]).0, Some(0));
+    assert_eq!(status(&["alpha", "status", "--home", here]).0, Some(0));
+    let (code, err) =
+        status(&["--home", here, "alpha", "status", "--home", other.path().to_str().unwrap()]);
+    assert_eq!(code, Some(3), "the later flag wins: {err}");
+    assert_eq!(status(&["alpha", "status"]).0, Some(3), "the environment alone");
 }
