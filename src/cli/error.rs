@@ -221,6 +221,12 @@ impl Hints for GatewayError {
             GatewayError::Spawn { .. } => {
                 vec!["install `openshell` or pass `--openshell PATH`, then retry".into()]
             }
+            GatewayError::Unhealthy { gateway, .. } => vec![format!(
+                "nothing was changed; once gateway '{gateway}' is healthy again, run the command again"
+            )],
+            GatewayError::Timeout { .. } => vec![
+                "the gateway may still finish it: `nemoclaw list` and `nemoclaw <name> status` show where things stand".into(),
+            ],
             _ => Vec::new(),
         }
     }
@@ -240,13 +246,13 @@ impl Hints for PreflightError {
 
 impl Hints for BadHead {
     fn hints(&self) -> Vec<String> {
-        Vec::new()
+        vec!["give the head `nemoclaw journal verify` printed, e.g. `nemoclaw journal verify --expect-head <64 hex digits>`".into()]
     }
 }
 
 impl From<InvalidName> for CliError {
     fn from(e: InvalidName) -> Self {
-        CliError::new(Exit::Usage, e.to_string())
+        CliError::new(Exit::Usage, e.to_string()).hint("`nemoclaw list` shows the registered names")
     }
 }
 
@@ -496,7 +502,9 @@ impl From<Refusal> for CliError {
                 Exit::Refused,
                 format!("gateway '{gateway}' is not in a known-good state: {detail}"),
             )
-            .hint("nothing was created; fix the gateway and retry"),
+            .hint(format!(
+                "nothing was created; once gateway '{gateway}' is healthy, run the same `nemoclaw onboard` again"
+            )),
             R::NotRegistered { name, registry } => CliError::new(
                 Exit::Refused,
                 format!("sandbox '{name}' is not registered in {}", registry.display()),
@@ -573,6 +581,43 @@ mod tests {
         });
         assert_eq!(e.exit, Exit::Refused);
         assert!(e.hints.last().unwrap().contains("nemoclaw recover --rollback r1"), "{e:?}");
+    }
+
+    /// Every refusal ends with a hint that names a command to run (in backticks).
+    #[test]
+    fn every_refusal_ends_with_a_command() {
+        let name = || SandboxName::parse("alpha").unwrap();
+        let refusals = vec![
+            Refusal::HomeUnset,
+            Refusal::NoGatewayDriver {
+                name: name(),
+                error: GatewayError::Other("no openshell".into()),
+            },
+            Refusal::NeedsConfirmation {
+                what: "x".into(),
+                yes: "nemoclaw alpha rebuild --yes".into(),
+            },
+            Refusal::DamagedNeedsRollback,
+            Refusal::AmbiguousUnfinished(2),
+            Refusal::NoJournal { prefix: "01".into() },
+            Refusal::NoJournalForHead { path: "/j".into(), head: "ab".into() },
+            Refusal::VerifyFailed { path: "/j".into(), event: Some(3), detail: "bad".into() },
+            Refusal::InvalidGateway("x".into()),
+            Refusal::AlreadyRegistered(name()),
+            Refusal::UnknownPresets { unknown: vec!["x".into()], known: vec!["npm".into()] },
+            Refusal::PresetsOnOpenShell { name: name(), gateway: "nemoclaw".into() },
+            Refusal::GatewayNotHealthy { gateway: "nemoclaw".into(), detail: "down".into() },
+            Refusal::NotRegistered { name: name(), registry: "/r".into() },
+            Refusal::ForeignGateway { name: name(), gateway: "a".into(), active: "b".into() },
+            Refusal::CouldNotConfirm { name: name(), detail: "?".into() },
+        ];
+        for r in refusals {
+            let what = format!("{r:?}");
+            let e = CliError::from(r);
+            let last = e.hints.last().unwrap_or_else(|| panic!("{what}: no hint"));
+            assert!(last.contains('`'), "{what}: the last hint names no command: {last}");
+            assert_ne!(e.exit, Exit::Ok, "{what}");
+        }
     }
 
     #[test]
