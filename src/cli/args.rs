@@ -285,11 +285,23 @@ pub enum InternalCmd {
     Synthetic(SyntheticArgs),
 }
 
+/// `internal synthetic` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyntheticAction {
+    /// Start a run.
+    Run,
+    /// Resume a run.
+    Resume,
+    /// Roll a run back.
+    Rollback,
+}
+
 /// `internal synthetic`.
 #[derive(Debug, Args)]
 pub struct SyntheticArgs {
-    /// `run`, `resume` or `rollback`.
-    pub action: String,
+    /// What to do.
+    #[arg(value_enum)]
+    pub action: SyntheticAction,
     /// Number of steps (for `run`).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,

@@ -6,11 +6,10 @@
 
 use serde_json::json;
 
-use super::args::{InternalCmd, SyntheticArgs};
-use super::{CliError, CmdResult, Ctx};
+use super::args::{InternalCmd, SyntheticAction, SyntheticArgs};
+use super::{CmdResult, Ctx};
 use crate::engine::synthetic::{self, Action};
 use crate::engine::RunReport;
-use crate::exit::Exit;
 
 /// `nemoclaw internal ...`.
 pub fn dispatch(ctx: &Ctx, i: InternalCmd) -> CmdResult {
@@ -21,20 +20,14 @@ pub fn dispatch(ctx: &Ctx, i: InternalCmd) -> CmdResult {
 
 fn synthetic_cmd(ctx: &Ctx, a: SyntheticArgs) -> CmdResult {
     let opts = synthetic::Options { fail_at: a.fail_at, step_ms: a.step_ms };
-    let action = match a.action.as_str() {
-        "run" => Action::Run {
+    let action = match a.action {
+        SyntheticAction::Run => Action::Run {
             steps: a.steps,
             ledger: a.ledger.clone().unwrap_or_else(|| ctx.home.join("synthetic-ledger.txt")),
             argv: std::env::args().collect(),
         },
-        "resume" => Action::Resume(a.run.clone()),
-        "rollback" => Action::Rollback(a.run.clone()),
-        other => {
-            return Err(CliError::new(
-                Exit::Usage,
-                format!("unknown action `{other}`; expected run, resume or rollback"),
-            ))
-        }
+        SyntheticAction::Resume => Action::Resume(a.run.clone()),
+        SyntheticAction::Rollback => Action::Rollback(a.run.clone()),
     };
     let report = synthetic::drive(&ctx.home, &a.key, action, opts)?;
     print_report(ctx, &report);
