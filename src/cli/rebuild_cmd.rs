@@ -211,9 +211,14 @@ fn refused(p: &Printer, name: &SandboxName, lines: &[String]) -> Exit {
 fn print_dry_run(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) {
     let probes = saga::dry_run(prepared);
     if p.json {
+        // In JSON a step's `seq` is the journal's (from 0), as in every journal document.
+        let steps: Vec<Value> = probes
+            .iter()
+            .map(|s| json!({"seq": s.seq - 1, "step": s.step, "destructive": s.destructive, "probe": s.probe}))
+            .collect();
         p.json_doc(
             "rebuild.plan",
-            json!({"sandbox": name, "gateway": prepared.pf.binding.name(), "mode": prepared.mode.as_str(), "steps": probes, "changed": false}),
+            json!({"sandbox": name, "gateway": prepared.pf.binding.name(), "mode": prepared.mode.as_str(), "steps": steps, "changed": false}),
         );
         return;
     }

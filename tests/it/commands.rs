@@ -246,6 +246,22 @@ fn step_numbers_agree_and_warnings_are_labelled() {
         })
         .collect();
     assert_eq!(steps, planned, "journal show:\n{show}");
+    // In JSON both count from 0, the journal's `steps.seq`.
+    let seqs = |args: &[&str]| -> Vec<(i64, String)> {
+        let doc: serde_json::Value = serde_json::from_str(&stdout(&h.run(args))).unwrap();
+        doc["data"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let name = s["step"].as_str().or(s["name"].as_str()).unwrap().to_owned();
+                (s["seq"].as_i64().unwrap(), name)
+            })
+            .collect()
+    };
+    let shown = seqs(&["--json", "journal", "show", &run]);
+    assert_eq!(seqs(&["--json", "alpha", "rebuild", "--dry-run"]), shown);
+    assert_eq!(shown[0].0, 0);
 
     std::fs::create_dir_all(h.path().join("state")).unwrap();
     std::fs::write(h.path().join("state/shields-alpha.json"), "{ not json").unwrap();
