@@ -338,8 +338,7 @@ fn export(ctx: &Ctx, since: Option<String>, sandbox: Option<String>) -> CmdResul
     let Some(j) = open(ctx)? else {
         return Ok(Exit::Ok);
     };
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut out = ctx.printer.stream();
     let n = audit::export(&j, &f, &mut out)?;
     match out.flush() {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {

@@ -199,6 +199,12 @@ impl Printer {
         yes
     }
 
+    /// A buffered stream on stdout for records written as they are read (`journal export`'s
+    /// JSON Lines: exact JSON, escaped by the serialiser, never styled).
+    pub fn stream(&self) -> impl Write {
+        std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock())
+    }
+
     /// Bytes on stdout as they are (a generated script or man page, not foreign text).
     pub fn raw(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
