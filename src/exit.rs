@@ -30,12 +30,8 @@ impl Exit {
 }
 
 /// Implemented by library errors so the CLI edge can pick the exit code without string matching.
+/// (What to do next is the CLI's business: its hints live in one table, `cli::error`.)
 pub trait ExitCoded {
     /// The exit code this error maps to.
     fn exit(&self) -> Exit;
-
-    /// The next command to suggest (a `hint:` line), when the error has one obvious answer.
-    fn hint(&self) -> Option<String> {
-        None
-    }
 }

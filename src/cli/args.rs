@@ -219,7 +219,7 @@ pub enum JournalCmd {
     },
     /// Events as JSON Lines.
     Export {
-        /// Only events at or after this time (RFC 3339 or a duration like `7d`).
+        /// Only events at or after this time (RFC 3339, a date, or a duration before now like `7d` or `1h30m`).
         #[arg(long)]
         since: Option<String>,
         /// Only this sandbox's runs.
@@ -235,7 +235,7 @@ pub enum JournalCmd {
     },
     /// Remove finished runs older than a duration.
     Prune {
-        /// e.g. `30d`, `12h`.
+        /// How old a finished run must be: `30d`, `12h`, `1h30m`, `1min`, ...
         #[arg(long, value_name = "DURATION")]
         older_than: String,
         /// Say what would be removed; remove nothing.
@@ -244,6 +244,9 @@ pub enum JournalCmd {
         /// Keep the runs' backup directories.
         #[arg(long)]
         keep_backups: bool,
+        /// Delete the runs' backups without asking (on a terminal, prune lists them and asks).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 
@@ -256,7 +259,7 @@ pub struct JournalListArgs {
     /// Only runs in this state.
     #[arg(long)]
     pub state: Option<String>,
-    /// Only runs started at or after this time (RFC 3339 or a duration like `7d`).
+    /// Only runs started at or after this time (RFC 3339, a date, or a duration before now like `7d` or `1h30m`).
     #[arg(long)]
     pub since: Option<String>,
     /// Only runs started before this time.
@@ -282,11 +285,23 @@ pub enum InternalCmd {
     Synthetic(SyntheticArgs),
 }
 
+/// `internal synthetic` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyntheticAction {
+    /// Start a run.
+    Run,
+    /// Resume a run.
+    Resume,
+    /// Roll a run back.
+    Rollback,
+}
+
 /// `internal synthetic`.
 #[derive(Debug, Args)]
 pub struct SyntheticArgs {
-    /// `run`, `resume` or `rollback`.
-    pub action: String,
+    /// What to do.
+    #[arg(value_enum)]
+    pub action: SyntheticAction,
     /// Number of steps (for `run`).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,

@@ -22,12 +22,23 @@ impl Demo {
         c.arg("--home").arg(&self.home).args(args);
         // The demo always runs on the embedded gateway, whatever this host has installed.
         c.env_remove("NEMOCLAW_OPENSHELL").env_remove("NEMOCLAW_CRASHPOINT");
+        // Quiet or JSON: the steps are quiet too, and with --json stdout carries only the
+        // demo's own document, so their data goes to stderr.
+        if self.printer.quiet || self.printer.json {
+            c.arg("-q");
+        }
+        if self.printer.json {
+            use std::os::fd::AsFd;
+            if let Ok(err) = std::io::stderr().as_fd().try_clone_to_owned() {
+                c.stdout(err);
+            }
+        }
         c
     }
 
     /// Run a step of the story, echoing the command line; returns its exit code.
     fn run(&self, args: &[&str], crash: Option<&str>) -> Result<i32, CliError> {
-        self.printer.say(format!("\n$ nemoclaw {}", args.join(" ")));
+        self.printer.info(format!("\n$ nemoclaw {}", args.join(" ")));
         let mut c = self.cmd(args);
         if let Some(point) = crash {
             c.env(crate::engine::crash::ENV, point);
@@ -70,27 +81,47 @@ fn seed_files(state: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `nemoclaw demo`.
-pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::new(Exit::Io, format!("cannot find the nemoclaw binary: {e}")))?;
-    let home = match a.dir {
-        Some(d) => {
-            if d.join("sandboxes.json").exists() {
-                return Err(CliError::new(
-                    Exit::Refused,
-                    format!(
-                        "{} already holds a NemoClaw home; the demo needs an empty directory",
-                        d.display()
-                    ),
-                ));
-            }
-            d
+/// The demo's NemoClaw home: `--dir` (which must not hold one already) or a new temporary
+/// directory.
+fn scratch_home(dir: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    let home = match dir {
+        Some(d) if d.join("sandboxes.json").exists() => {
+            return Err(CliError::new(
+                Exit::Refused,
+                format!(
+                    "{} already holds a NemoClaw home; the demo needs an empty directory",
+                    d.display()
+                ),
+            ))
         }
+        Some(d) => d,
         None => std::env::temp_dir().join(format!("nemoclaw-demo-{}", uuid::Uuid::now_v7())),
     };
     crate::util::create_private_dir(&home)
         .map_err(|e| CliError::new(Exit::Io, format!("cannot create {}: {e}", home.display())))?;
+    Ok(home)
+}
+
+/// The newest run in the demo's journal.
+fn last_run_id(home: &Path) -> Option<String> {
+    let j = crate::journal::Journal::open_readonly(&home.join(crate::journal::store::FILE_NAME))
+        .ok()
+        .flatten()?;
+    let mut runs = Vec::new();
+    let filter = crate::journal::audit::RunFilter { limit: Some(1), ..Default::default() };
+    crate::journal::audit::list_runs(&j, &filter, |r| {
+        runs.push(r.id);
+        Ok(())
+    })
+    .ok()?;
+    runs.pop()
+}
+
+/// `nemoclaw demo`.
+pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::new(Exit::Io, format!("cannot find the nemoclaw binary: {e}")))?;
+    let home = scratch_home(a.dir)?;
     let d = Demo { printer: ctx.printer.clone(), exe, home: home.clone() };
     let p = &ctx.printer;
     p.info(format!("nemoclaw demo — scratch NemoClaw home: {}", home.display()));
@@ -128,17 +159,13 @@ pub fn run(ctx: &Ctx, a: DemoArgs) -> CmdResult {
     p.info("\n5. The audit trail.");
     d.expect(&["journal", "list"], 0)?;
     let _ = d.run(&["journal", "verify"], None)?;
-    let run = crate::journal::Journal::open_readonly(&home.join(crate::journal::store::FILE_NAME))
-        .ok()
-        .flatten()
-        .and_then(|j| {
-            j.conn()
-                .query_row("SELECT id FROM runs ORDER BY created_at DESC LIMIT 1", [], |r| {
-                    r.get::<_, String>(0)
-                })
-                .ok()
-        })
-        .unwrap_or_else(|| "<run>".to_owned());
+    let run = last_run_id(&home).unwrap_or_else(|| "<run>".to_owned());
+    if p.json {
+        p.json_doc(
+            "demo",
+            serde_json::json!({"home": home, "run_id": run, "workspace_digest": after, "restored": true}),
+        );
+    }
     p.info(format!(
         "\nDone. See the run's timeline: `nemoclaw --home {} journal show {run}`",
         home.display()

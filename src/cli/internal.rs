@@ -6,11 +6,10 @@
 
 use serde_json::json;
 
-use super::args::{InternalCmd, SyntheticArgs};
-use super::{CliError, CmdResult, Ctx};
-use crate::engine::synthetic::{self, Action, DriveError};
-use crate::engine::{EngineError, RunReport};
-use crate::exit::Exit;
+use super::args::{InternalCmd, SyntheticAction, SyntheticArgs};
+use super::{CmdResult, Ctx};
+use crate::engine::synthetic::{self, Action};
+use crate::engine::RunReport;
 
 /// `nemoclaw internal ...`.
 pub fn dispatch(ctx: &Ctx, i: InternalCmd) -> CmdResult {
@@ -19,47 +18,18 @@ pub fn dispatch(ctx: &Ctx, i: InternalCmd) -> CmdResult {
     }
 }
 
-fn drive_err(e: DriveError) -> CliError {
-    let e = match e {
-        DriveError::Engine(e) => e,
-        DriveError::Steps => return CliError::new(Exit::Usage, e.to_string()),
-        DriveError::NothingUnfinished(_) => return CliError::new(Exit::Refused, e.to_string()),
-    };
-    let hint = match &e {
-        EngineError::Busy { .. } => Some("wait for the other run to finish, then retry".to_owned()),
-        EngineError::Unfinished { run_id, .. } => Some(format!(
-            "run `nemoclaw internal synthetic resume --run {run_id}` or `... rollback --run {run_id}`"
-        )),
-        EngineError::Refused { run_id, .. } => {
-            Some(format!("run `nemoclaw internal synthetic rollback --run {run_id}`"))
-        }
-        _ => None,
-    };
-    let mut c = CliError::from(e);
-    if let Some(h) = hint {
-        c = c.hint(h);
-    }
-    c
-}
-
 fn synthetic_cmd(ctx: &Ctx, a: SyntheticArgs) -> CmdResult {
     let opts = synthetic::Options { fail_at: a.fail_at, step_ms: a.step_ms };
-    let action = match a.action.as_str() {
-        "run" => Action::Run {
+    let action = match a.action {
+        SyntheticAction::Run => Action::Run {
             steps: a.steps,
             ledger: a.ledger.clone().unwrap_or_else(|| ctx.home.join("synthetic-ledger.txt")),
             argv: std::env::args().collect(),
         },
-        "resume" => Action::Resume(a.run.clone()),
-        "rollback" => Action::Rollback(a.run.clone()),
-        other => {
-            return Err(CliError::new(
-                Exit::Usage,
-                format!("unknown action `{other}`; expected run, resume or rollback"),
-            ))
-        }
+        SyntheticAction::Resume => Action::Resume(a.run.clone()),
+        SyntheticAction::Rollback => Action::Rollback(a.run.clone()),
     };
-    let report = synthetic::drive(&ctx.home, &a.key, action, opts).map_err(drive_err)?;
+    let report = synthetic::drive(&ctx.home, &a.key, action, opts)?;
     print_report(ctx, &report);
     Ok(report.exit())
 }
@@ -68,7 +38,7 @@ fn print_report(ctx: &Ctx, r: &RunReport) {
     let p = &ctx.printer;
     if p.json {
         p.json_doc(
-            "synthetic_run",
+            "internal.synthetic",
             json!({
                 "run_id": r.run_id,
                 "state": r.state.as_str(),

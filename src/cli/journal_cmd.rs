@@ -4,20 +4,22 @@
 //! Human output is aligned columns with absolute and relative times; `--json` prints one
 //! schema-versioned document (`export` prints JSON Lines instead).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use serde_json::{json, Value};
 
 use super::args::{JournalCmd, JournalListArgs};
-use super::{CliError, CmdResult, Ctx};
+use super::style::{self, Cell};
+use super::{CliError, CmdResult, Ctx, Refusal};
 use crate::exit::Exit;
 use crate::journal::audit::{
-    self, human_duration, relative_time, AuditError, Check, ExportFilter, PruneOptions, RunDetail,
-    RunFilter, RunSummary,
+    self, human_duration, relative_time, AuditError, Check, ExportFilter, PruneOptions,
+    PruneReport, RunDetail, RunFilter, RunSummary,
 };
 use crate::journal::store::FILE_NAME;
 use crate::journal::Journal;
 use crate::rebuild;
+use crate::rebuild::files::PrunedBackups;
 use crate::util::{iso_ms, now_ms};
 
 /// `nemoclaw journal ...`.
@@ -27,57 +29,14 @@ pub fn dispatch(ctx: &Ctx, j: JournalCmd) -> CmdResult {
         JournalCmd::Show { run } => show(ctx, &run),
         JournalCmd::Export { since, sandbox } => export(ctx, since, sandbox),
         JournalCmd::Verify { expect_head } => verify(ctx, expect_head.as_deref()),
-        JournalCmd::Prune { older_than, dry_run, keep_backups } => {
-            prune(ctx, &older_than, dry_run, keep_backups)
+        JournalCmd::Prune { older_than, dry_run, keep_backups, yes } => {
+            prune(ctx, &older_than, dry_run, keep_backups, yes)
         }
     }
 }
 
 fn open(ctx: &Ctx) -> Result<Option<Journal>, CliError> {
     Ok(Journal::open_readonly(&ctx.home.join(FILE_NAME))?)
-}
-
-/// Colour a cell by meaning, only when stdout gets colour (TTY and no NO_COLOR, or --color).
-fn paint(ctx: &Ctx, s: &str, code: &str) -> String {
-    if ctx.printer.color_stdout && !code.is_empty() {
-        format!("\x1b[{code}m{s}\x1b[0m")
-    } else {
-        s.to_owned()
-    }
-}
-
-fn state_color(state: &str) -> &'static str {
-    match state {
-        "succeeded" | "done" | "compensated" | "rolled_back" => "32",
-        "failed" => "31",
-        "running" | "started" | "compensating" | "rolling_back" => "36",
-        "interrupted" | "needs_operator" => "33",
-        _ => "",
-    }
-}
-
-/// Print rows as aligned columns. Each cell is `(text, colour code)`; padding is computed on
-/// the plain text so colour never shifts the columns. The last column is not padded.
-fn table(ctx: &Ctx, indent: &str, rows: &[Vec<(String, &str)>]) {
-    let ncols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let mut widths = vec![0usize; ncols];
-    for r in rows {
-        for (i, (t, _)) in r.iter().enumerate() {
-            widths[i] = widths[i].max(t.chars().count());
-        }
-    }
-    for (ri, r) in rows.iter().enumerate() {
-        let mut line = String::from(indent);
-        for (i, (t, c)) in r.iter().enumerate() {
-            let cell = if ri == 0 { ctx.printer.bold(t) } else { paint(ctx, t, c) };
-            line.push_str(&cell);
-            if i + 1 < r.len() {
-                let pad = widths[i] - t.chars().count() + 2;
-                line.push_str(&" ".repeat(pad));
-            }
-        }
-        ctx.printer.data(line.trim_end());
-    }
 }
 
 fn when(at: i64, now: i64) -> String {
@@ -124,41 +83,32 @@ fn list(ctx: &Ctx, a: JournalListArgs) -> CmdResult {
         ctx.printer.info("No runs match.");
         return Ok(Exit::Ok);
     }
-    let mut rows: Vec<Vec<(String, &str)>> = vec![[
-        "RUN",
-        "SANDBOX",
-        "GATEWAY",
-        "MODE",
-        "STATE",
-        "STARTED",
-        "DURATION",
-        "LAST STEP",
-        "BY",
-    ]
-    .iter()
-    .map(|h| (h.to_string(), ""))
-    .collect()];
-    for r in &runs {
-        let dash = || "-".to_owned();
-        rows.push(vec![
-            (r.id.clone(), ""),
-            (r.sandbox.clone().unwrap_or_else(dash), ""),
-            (r.gateway.clone().unwrap_or_else(dash), ""),
-            (r.mode.clone().unwrap_or_else(dash), ""),
-            (r.state.clone(), state_color(&r.state)),
-            (when(r.created_at, now), ""),
-            (human_duration(r.duration_ms), ""),
-            (
+    let dash = || "-".to_owned();
+    let rows = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.as_str().into(),
+                r.sandbox.clone().unwrap_or_else(dash).into(),
+                r.gateway.clone().unwrap_or_else(dash).into(),
+                r.mode.clone().unwrap_or_else(dash).into(),
+                Cell::styled(&r.state, style::state(&r.state)),
+                when(r.created_at, now).into(),
+                human_duration(r.duration_ms).into(),
                 r.last_step
                     .as_ref()
                     .map(|s| format!("{} {}", s.name, s.state))
-                    .unwrap_or_else(dash),
-                "",
-            ),
-            (who(r), ""),
-        ]);
-    }
-    table(ctx, "", &rows);
+                    .unwrap_or_else(dash)
+                    .into(),
+                who(r).into(),
+            ]
+        })
+        .collect();
+    ctx.printer.table(
+        "",
+        &["RUN", "SANDBOX", "GATEWAY", "MODE", "STATE", "STARTED", "DURATION", "LAST STEP", "BY"],
+        rows,
+    );
     Ok(Exit::Ok)
 }
 
@@ -167,22 +117,9 @@ fn list(ctx: &Ctx, a: JournalListArgs) -> CmdResult {
 fn show(ctx: &Ctx, prefix: &str) -> CmdResult {
     let now = now_ms();
     let Some(j) = open(ctx)? else {
-        return Err(CliError::new(
-            Exit::Usage,
-            format!("no run matches `{prefix}`: there is no journal yet"),
-        )
-        .hint("`nemoclaw journal list` shows the runs"));
+        return Err(Refusal::NoJournal { prefix: prefix.to_owned() }.into());
     };
-    let id = match audit::resolve_run(&j, prefix) {
-        Ok(id) => id,
-        Err(e @ AuditError::AmbiguousRun { .. }) => {
-            return Err(CliError::from(e).hint("give more characters of the run id"))
-        }
-        Err(e @ AuditError::UnknownRun { .. }) => {
-            return Err(CliError::from(e).hint("`nemoclaw journal list` shows the runs"))
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let id = audit::resolve_run(&j, prefix)?;
     let d = audit::show_run(&j, &id, &rebuild::files::artifacts_in)?;
     if ctx.printer.json {
         ctx.printer.json_doc("journal.show", show_json(&d, now));
@@ -252,160 +189,138 @@ fn event_detail(kind: &str, data: &Value) -> String {
     parts.join(", ")
 }
 
-fn event_color(kind: &str) -> &'static str {
-    match kind {
-        k if k.contains("failed") => "31",
-        k if k.contains("takeover")
-            || k.contains("interrupted")
-            || k.contains("needs_operator")
-            || k.contains("operator") =>
-        {
-            "33"
-        }
-        "step_done" | "run_succeeded" | "run_rolled_back" | "step_compensated" => "32",
-        _ => "",
-    }
-}
-
+/// `journal show`: the run's header, its steps, warnings, artifacts and timeline.
 fn print_show(ctx: &Ctx, d: &RunDetail, now: i64) {
-    let r = &d.run;
-    let dash = || "-".to_owned();
-    let mut head: Vec<Vec<(String, &str)>> = Vec::new();
-    let mut kv = |k: &str, v: String, c: &'static str| head.push(vec![(k.to_owned(), ""), (v, c)]);
-    kv("Run", r.id.clone(), "");
-    let mut plan = r.plan.clone();
-    if let Some(m) = &r.mode {
-        plan.push_str(&format!(" ({m})"));
-    }
-    if let Some(sb) = &r.sandbox {
-        plan.push_str(&format!(" of sandbox {sb}"));
-    }
-    if let Some(gw) = &r.gateway {
-        plan.push_str(&format!(" on gateway {gw}"));
-    }
-    kv("Plan", plan, "");
-    kv("State", r.state.clone(), state_color(&r.state));
-    kv("Started", when(r.created_at, now), "");
-    match r.finished_at {
-        Some(f) => {
-            kv("Finished", format!("{} after {}", when(f, now), human_duration(r.duration_ms)), "")
-        }
-        None => kv(
-            "Updated",
-            format!("{}, {} so far", when(r.updated_at, now), human_duration(r.duration_ms)),
-            "",
-        ),
-    }
-    kv("By", who(r), "");
-    kv("Binary", format!("nemoclaw {}, plan {}", d.binary_version, short(&d.plan_fingerprint)), "");
-    if let Some(e) = &r.error {
-        kv("Error", e.clone(), "31");
-    }
-    // The header is a key/value table without a heading row: give it an empty first row.
-    let mut rows = vec![vec![(String::new(), ""), (String::new(), "")]];
-    rows.extend(head);
-    table_no_header(ctx, &rows[1..]);
-
-    ctx.printer.data("");
-    ctx.printer.data(ctx.printer.bold("Steps"));
-    let mut rows: Vec<Vec<(String, &str)>> = vec![[
-        "#",
-        "STEP",
-        "STATE",
-        "ATTEMPT",
-        "STARTED",
-        "FINISHED",
-        "DURATION",
-        "COMPENSATED",
-        "ERROR",
-    ]
-    .iter()
-    .map(|h| (h.to_string(), ""))
-    .collect()];
-    for s in &d.steps {
-        let t = |v: Option<i64>| v.map(iso_ms).unwrap_or_else(dash);
-        rows.push(vec![
-            (s.seq.to_string(), ""),
-            (s.name.clone(), ""),
-            (s.state.clone(), state_color(&s.state)),
-            (s.attempt.to_string(), ""),
-            (t(s.started_at), ""),
-            (t(s.finished_at), ""),
-            (s.duration_ms.map(human_duration).unwrap_or_else(dash), ""),
-            (t(s.compensated_at), ""),
-            (s.error.clone().unwrap_or_default(), "31"),
-        ]);
-    }
-    table(ctx, "  ", &rows);
-
-    let warnings: Vec<(usize, &str, &str)> = d
+    let p = &ctx.printer;
+    p.table("", &[], show_header(d, now));
+    section(p, "Steps");
+    p.table(
+        "  ",
+        &[
+            "#",
+            "STEP",
+            "STATE",
+            "ATTEMPT",
+            "STARTED",
+            "FINISHED",
+            "DURATION",
+            "COMPENSATED",
+            "ERROR",
+        ],
+        show_steps(d),
+    );
+    let warnings: Vec<String> = d
         .steps
         .iter()
         .flat_map(|s| {
-            crate::rebuild::saga::step_warnings(s.output.as_ref())
-                .map(move |w| (s.seq as usize, s.name.as_str(), w))
+            // Numbered from 1, as the progress lines and the dry run number them.
+            crate::rebuild::saga::step_warnings(s.output.as_ref()).map(move |w| {
+                format!("  [{}] {}: {}", s.seq + 1, s.name, w.replace('\n', "\n      "))
+            })
         })
         .collect();
     if !warnings.is_empty() {
-        ctx.printer.data("");
-        ctx.printer.data(ctx.printer.bold("Warnings"));
-        for (seq, name, w) in warnings {
-            ctx.printer.data(format!("  [{seq}] {name}: {}", w.replace('\n', "\n      ")));
-        }
+        section(p, "Warnings");
+        warnings.iter().for_each(|w| p.data(w));
     }
-
-    let arts: Vec<_> = d.artifacts().collect();
+    let arts: Vec<Vec<Cell>> = d
+        .artifacts()
+        .map(|a| {
+            let sha = a.manifest_sha256.clone().unwrap_or_else(|| "-".to_owned());
+            vec![a.step.as_str().into(), a.path.as_str().into(), sha.into()]
+        })
+        .collect();
     if !arts.is_empty() {
-        ctx.printer.data("");
-        ctx.printer.data(ctx.printer.bold("Artifacts"));
-        let mut rows: Vec<Vec<(String, &str)>> =
-            vec![["STEP", "PATH", "MANIFEST SHA256"].iter().map(|h| (h.to_string(), "")).collect()];
-        for a in arts {
-            rows.push(vec![
-                (a.step.clone(), ""),
-                (a.path.clone(), ""),
-                (a.manifest_sha256.clone().unwrap_or_else(dash), ""),
-            ]);
-        }
-        table(ctx, "  ", &rows);
+        section(p, "Artifacts");
+        p.table("  ", &["STEP", "PATH", "MANIFEST SHA256"], arts);
     }
-
-    ctx.printer.data("");
-    ctx.printer.data(ctx.printer.bold("Timeline"));
-    let mut rows: Vec<Vec<(String, &str)>> =
-        vec![["#", "AT", "+ELAPSED", "EVENT", "STEP", "DETAIL"]
-            .iter()
-            .map(|h| (h.to_string(), ""))
-            .collect()];
-    for e in &d.events {
-        let data = e.data_json();
-        let step = e
-            .step_seq
-            .and_then(|q| d.steps.iter().find(|s| s.seq == q))
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
-        rows.push(vec![
-            (e.id.to_string(), ""),
-            (iso_ms(e.at), ""),
-            (format!("+{}", human_duration(e.at - r.created_at)), ""),
-            (e.kind.clone(), event_color(&e.kind)),
-            (step, ""),
-            (event_detail(&e.kind, &data), ""),
-        ]);
-    }
-    table(ctx, "  ", &rows);
+    section(p, "Timeline");
+    p.table("  ", &["#", "AT", "+ELAPSED", "EVENT", "STEP", "DETAIL"], show_timeline(d));
 }
 
-fn table_no_header(ctx: &Ctx, rows: &[Vec<(String, &str)>]) {
-    let w = rows.iter().map(|r| r[0].0.chars().count()).max().unwrap_or(0);
-    for r in rows {
-        let pad = " ".repeat(w - r[0].0.chars().count() + 2);
-        ctx.printer.data(format!(
-            "{}{pad}{}",
-            ctx.printer.bold(&r[0].0),
-            paint(ctx, &r[1].0, r[1].1)
-        ));
+/// A blank line and a section title.
+fn section(p: &super::Printer, title: &str) {
+    p.data("");
+    p.data(p.bold(title));
+}
+
+/// The key/value header of `journal show`.
+fn show_header(d: &RunDetail, now: i64) -> Vec<Vec<Cell>> {
+    let r = &d.run;
+    let mut plan = r.plan.clone();
+    for (fmt, v) in
+        [(" ({})", &r.mode), (" of sandbox {}", &r.sandbox), (" on gateway {}", &r.gateway)]
+    {
+        if let Some(v) = v {
+            plan.push_str(&fmt.replace("{}", v));
+        }
     }
+    let time = match r.finished_at {
+        Some(f) => {
+            ("Finished", format!("{} after {}", when(f, now), human_duration(r.duration_ms)))
+        }
+        None => (
+            "Updated",
+            format!("{}, {} so far", when(r.updated_at, now), human_duration(r.duration_ms)),
+        ),
+    };
+    let binary = format!("nemoclaw {}, plan {}", d.binary_version, short(&d.plan_fingerprint));
+    let mut rows: Vec<Vec<Cell>> = vec![
+        vec!["Run".into(), r.id.as_str().into()],
+        vec!["Plan".into(), plan.into()],
+        vec!["State".into(), Cell::styled(&r.state, style::state(&r.state))],
+        vec!["Started".into(), when(r.created_at, now).into()],
+        vec![time.0.into(), time.1.into()],
+        vec!["By".into(), who(r).into()],
+        vec!["Binary".into(), binary.into()],
+    ];
+    if let Some(e) = &r.error {
+        rows.push(vec!["Error".into(), Cell::styled(e, style::BAD)]);
+    }
+    rows
+}
+
+/// The step rows of `journal show`, numbered from 1.
+fn show_steps(d: &RunDetail) -> Vec<Vec<Cell>> {
+    let t = |v: Option<i64>| v.map(iso_ms).unwrap_or_else(|| "-".to_owned());
+    d.steps
+        .iter()
+        .map(|s| {
+            vec![
+                (s.seq + 1).to_string().into(),
+                s.name.as_str().into(),
+                Cell::styled(&s.state, style::state(&s.state)),
+                s.attempt.to_string().into(),
+                t(s.started_at).into(),
+                t(s.finished_at).into(),
+                s.duration_ms.map(human_duration).unwrap_or_else(|| "-".to_owned()).into(),
+                t(s.compensated_at).into(),
+                Cell::styled(s.error.as_deref().unwrap_or_default(), style::BAD),
+            ]
+        })
+        .collect()
+}
+
+/// The event rows of `journal show`.
+fn show_timeline(d: &RunDetail) -> Vec<Vec<Cell>> {
+    d.events
+        .iter()
+        .map(|e| {
+            let step = e
+                .step_seq
+                .and_then(|q| d.steps.iter().find(|s| s.seq == q))
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            vec![
+                e.id.to_string().into(),
+                iso_ms(e.at).into(),
+                format!("+{}", human_duration(e.at - d.run.created_at)).into(),
+                Cell::styled(&e.kind, style::event(&e.kind)),
+                step.into(),
+                event_detail(&e.kind, &e.data_json()).into(),
+            ]
+        })
+        .collect()
 }
 
 fn short(s: &str) -> &str {
@@ -423,8 +338,7 @@ fn export(ctx: &Ctx, since: Option<String>, sandbox: Option<String>) -> CmdResul
     let Some(j) = open(ctx)? else {
         return Ok(Exit::Ok);
     };
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut out = ctx.printer.stream();
     let n = audit::export(&j, &f, &mut out)?;
     match out.flush() {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
@@ -443,14 +357,11 @@ fn verify(ctx: &Ctx, expect_head: Option<&str>) -> CmdResult {
     let Some(j) = open(ctx)? else {
         if let Some(h) = &expect {
             // An anchor names a chain that existed; a missing journal cannot contain it.
-            return Err(CliError::new(
-                Exit::Corrupt,
-                format!(
-                    "there is no journal at {}, so it cannot contain the expected head {h}",
-                    ctx.home.join(FILE_NAME).display()
-                ),
-            )
-            .hint("check `--home`; the journal may have been removed"));
+            return Err(Refusal::NoJournalForHead {
+                path: ctx.home.join(FILE_NAME),
+                head: h.clone(),
+            }
+            .into());
         }
         if ctx.printer.json {
             ctx.printer.json_doc(
@@ -469,121 +380,142 @@ fn verify(ctx: &Ctx, expect_head: Option<&str>) -> CmdResult {
     if ctx.printer.json {
         ctx.printer.json_doc("journal.verify", serde_json::to_value(&rep).unwrap_or(Value::Null));
     } else {
-        let first = |c: Check| rep.problems.iter().find(|p| p.check == c);
-        let mut rows: Vec<Vec<(String, &str)>> = Vec::new();
-        let line = |c: Check, okmsg: String| match first(c) {
-            None => (okmsg, "32"),
-            Some(p) => (
-                format!(
-                    "FAILED{}{}: {}",
-                    p.event_id.map(|e| format!(" at event {e}")).unwrap_or_default(),
-                    p.run_id.as_ref().map(|r| format!(" (run {r})")).unwrap_or_default(),
-                    p.detail
-                ),
-                "31",
-            ),
-        };
-        rows.push(vec![("integrity".into(), ""), line(Check::Integrity, "ok".into())]);
-        let anchor = rep
-            .pruned_head_id
-            .map(|k| format!(", anchored after pruned event {k}"))
-            .unwrap_or_default();
-        rows.push(vec![
-            ("chain".into(), ""),
-            line(Check::Chain, format!("ok ({} events{anchor})", rep.events_checked)),
-        ]);
-        rows.push(vec![
-            ("consistency".into(), ""),
-            line(
-                Check::Consistency,
-                format!("ok ({} runs, {} steps)", rep.runs_checked, rep.steps_checked),
-            ),
-        ]);
-        let legacy = match rep.legacy_runs {
-            0 => String::new(),
-            n => {
-                format!("; {n} run(s) from before schema 2: only their creation facts are covered")
-            }
-        };
-        rows.push(vec![
-            ("rows".into(), ""),
-            line(Check::Rows, format!("ok (every column matches its events{legacy})")),
-        ]);
-        // Further consistency and row problems, under the first ones.
-        let firsts: Vec<&audit::Problem> =
-            [Check::Consistency, Check::Rows].into_iter().filter_map(first).collect();
-        for p in rep.problems.iter().filter(|p| {
-            matches!(p.check, Check::Consistency | Check::Rows)
-                && !firsts.iter().any(|f| std::ptr::eq(*f, *p))
-        }) {
-            rows.push(vec![
-                (String::new(), ""),
-                (
-                    format!(
-                        "also{}{}: {}",
-                        p.event_id.map(|e| format!(" at event {e}")).unwrap_or_default(),
-                        p.run_id.as_ref().map(|r| format!(" (run {r})")).unwrap_or_default(),
-                        p.detail
-                    ),
-                    "",
-                ),
-            ]);
-        }
-        if let Some(x) = &rep.expect_head {
-            let okmsg = match (x.found_at, x.events_since) {
-                (Some(at), Some(n)) => {
-                    format!("ok (the expected head is event {at}; {n} event(s) appended since)")
-                }
-                _ => "ok".to_owned(),
-            };
-            rows.push(vec![("anchor".into(), ""), line(Check::Anchor, okmsg)]);
-        }
-        // The head goes last: it is what an auditor copies and keeps outside the journal.
-        rows.push(vec![
-            ("head".into(), ""),
-            (format!("event {} {}", rep.head.id, rep.head.hash), ""),
-        ]);
-        table_no_header(ctx, &rows);
+        ctx.printer.table("", &[], verify_rows(&rep));
     }
     if rep.ok {
         ctx.printer.success("✓ Journal verified");
-        Ok(Exit::Ok)
-    } else {
-        let p = &rep.problems[0];
-        Err(CliError::new(
-            Exit::Corrupt,
-            format!(
-                "journal {} failed verification{}: {}",
-                j.path().display(),
-                p.event_id.map(|e| format!(" at event {e}")).unwrap_or_default(),
-                p.detail
-            ),
-        )
-        .hint("keep the file for inspection; `nemoclaw journal export` still reads every row"))
+        return Ok(Exit::Ok);
     }
+    let p = &rep.problems[0];
+    Err(Refusal::VerifyFailed {
+        path: j.path().to_owned(),
+        event: p.event_id,
+        detail: p.detail.clone(),
+    }
+    .into())
+}
+
+/// Where a problem is: " at event 12 (run 019e…)".
+fn place(p: &audit::Problem) -> String {
+    format!(
+        "{}{}",
+        p.event_id.map(|e| format!(" at event {e}")).unwrap_or_default(),
+        p.run_id.as_ref().map(|r| format!(" (run {r})")).unwrap_or_default()
+    )
+}
+
+/// One line per check (`ok (...)` or `FAILED at ...`), further problems under them, the head
+/// last: it is what an auditor copies and keeps outside the journal.
+fn verify_rows(rep: &audit::VerifyReport) -> Vec<Vec<Cell>> {
+    let first = |c: Check| rep.problems.iter().find(|p| p.check == c);
+    let line = |name: &str, c: Check, ok: String| -> Vec<Cell> {
+        let result = match first(c) {
+            None => Cell::styled(ok, style::GOOD),
+            Some(p) => Cell::styled(format!("FAILED{}: {}", place(p), p.detail), style::BAD),
+        };
+        vec![name.into(), result]
+    };
+    let anchor = rep.pruned_head_id.map(|k| format!(", anchored after pruned event {k}"));
+    let legacy = match rep.legacy_runs {
+        0 => String::new(),
+        n => format!("; {n} run(s) from before schema 2: only their creation facts are covered"),
+    };
+    let mut rows = vec![
+        line("integrity", Check::Integrity, "ok".into()),
+        line(
+            "chain",
+            Check::Chain,
+            format!("ok ({} events{})", rep.events_checked, anchor.unwrap_or_default()),
+        ),
+        line(
+            "consistency",
+            Check::Consistency,
+            format!("ok ({} runs, {} steps)", rep.runs_checked, rep.steps_checked),
+        ),
+        line("rows", Check::Rows, format!("ok (every column matches its events{legacy})")),
+    ];
+    // Further consistency and row problems, under the first ones.
+    let firsts: Vec<&audit::Problem> =
+        [Check::Consistency, Check::Rows].into_iter().filter_map(first).collect();
+    rows.extend(
+        rep.problems
+            .iter()
+            .filter(|p| matches!(p.check, Check::Consistency | Check::Rows))
+            .filter(|p| !firsts.iter().any(|f| std::ptr::eq(*f, *p)))
+            .map(|p| vec!["".into(), format!("also{}: {}", place(p), p.detail).into()]),
+    );
+    if let Some(x) = &rep.expect_head {
+        let ok = match (x.found_at, x.events_since) {
+            (Some(at), Some(n)) => {
+                format!("ok (the expected head is event {at}; {n} event(s) appended since)")
+            }
+            _ => "ok".to_owned(),
+        };
+        rows.push(line("anchor", Check::Anchor, ok));
+    }
+    rows.push(vec!["head".into(), format!("event {} {}", rep.head.id, rep.head.hash).into()]);
+    rows
 }
 
 // ---------------------------------------------------------------------------------------------
 
-fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdResult {
-    let older_than_ms = audit::parse_duration(older_than)?;
+fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool, yes: bool) -> CmdResult {
+    let p = &ctx.printer;
     let now = now_ms();
+    let o =
+        PruneOptions { older_than_ms: audit::parse_duration(older_than)?, now_ms: now, dry_run };
     if !ctx.home.join(FILE_NAME).exists() {
-        if ctx.printer.json {
-            ctx.printer.json_doc("journal.prune", json!(null));
-        } else {
-            ctx.printer.info("No journal yet: nothing to prune.");
-        }
-        return Ok(Exit::Ok);
+        // No journal: nothing is old enough, and the answer has the usual shape.
+        let rep = PruneReport {
+            dry_run,
+            cutoff: now - o.older_than_ms,
+            runs_removed: Vec::new(),
+            events_removed: 0,
+            pruned_through: None,
+            files: PrunedBackups::default(),
+            eligible_remaining: 0,
+            checkpoint_event: None,
+        };
+        p.info("No journal yet: nothing to prune.");
+        return print_prune(ctx, &rep, now);
     }
     let mut j = Journal::open_home(&ctx.home)?;
-    let o = PruneOptions { older_than_ms, now_ms: now, dry_run };
+    // Backups are the one thing prune deletes that the journal does not hold: on a terminal,
+    // show which would go and ask first.
+    if !dry_run && !yes && !keep_backups && std::io::stdin().is_terminal() {
+        let preview = PruneOptions { dry_run: true, ..o.clone() };
+        let rep = rebuild::files::prune(&mut j, &ctx.home, &preview, keep_backups)?;
+        let n = rep.files.backups_removed.len();
+        if n > 0 {
+            print_prune_lines(ctx, &rep, now);
+            let question = match n {
+                1 => "Delete this backup directory?".to_owned(),
+                n => format!("Delete these {n} backup directories?"),
+            };
+            if !p.confirm(&question) {
+                return Ok(Exit::Refused);
+            }
+        }
+    }
     let rep = rebuild::files::prune(&mut j, &ctx.home, &o, keep_backups)?;
+    print_prune(ctx, &rep, now)
+}
+
+fn print_prune(ctx: &Ctx, rep: &PruneReport<PrunedBackups>, now: i64) -> CmdResult {
     if ctx.printer.json {
-        ctx.printer.json_doc("journal.prune", serde_json::to_value(&rep).unwrap_or(Value::Null));
+        ctx.printer.json_doc("journal.prune", serde_json::to_value(rep).unwrap_or(Value::Null));
         return Ok(Exit::Ok);
     }
-    let verb = if dry_run { "Would remove" } else { "Removed" };
+    print_prune_lines(ctx, rep, now);
+    if let Some(ev) = rep.checkpoint_event {
+        ctx.printer.success(format!("✓ Pruned; checkpoint event {ev} records what was removed"));
+    }
+    Ok(Exit::Ok)
+}
+
+/// What was (or would be) removed: a sentence, then one line per run and backup.
+fn print_prune_lines(ctx: &Ctx, rep: &PruneReport<PrunedBackups>, now: i64) {
+    let verb = if rep.dry_run { "Would remove" } else { "Removed" };
     ctx.printer.data(format!(
         "{verb} {} run(s) finished before {} and {} event(s){}.",
         rep.runs_removed.len(),
@@ -591,14 +523,14 @@ fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdR
         rep.events_removed,
         rep.pruned_through.map(|k| format!(" (ids up to {k})")).unwrap_or_default()
     ));
-    for r in &rep.runs_removed {
-        ctx.printer.data(format!("  run     {r}"));
-    }
-    for b in &rep.files.backups_removed {
-        ctx.printer.data(format!("  backup  {b}"));
-    }
-    for b in &rep.files.backups_kept {
-        ctx.printer.data(format!("  kept    {b}"));
+    for (what, list) in [
+        ("run", &rep.runs_removed),
+        ("backup", &rep.files.backups_removed),
+        ("kept", &rep.files.backups_kept),
+    ] {
+        for x in list {
+            ctx.printer.data(format!("  {what:<7} {x}"));
+        }
     }
     if rep.eligible_remaining > 0 {
         ctx.printer.data(format!(
@@ -607,8 +539,4 @@ fn prune(ctx: &Ctx, older_than: &str, dry_run: bool, keep_backups: bool) -> CmdR
             rep.eligible_remaining
         ));
     }
-    if let Some(ev) = rep.checkpoint_event {
-        ctx.printer.success(format!("✓ Pruned; checkpoint event {ev} records what was removed"));
-    }
-    Ok(Exit::Ok)
 }

@@ -2,7 +2,9 @@
 //! Library errors become [`CliError`]s here; nothing below this module prints or exits.
 
 pub mod args;
+pub mod error;
 pub mod printer;
+pub mod style;
 mod suggest;
 
 mod completion;
@@ -17,54 +19,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::exit::{Exit, ExitCoded};
+use crate::exit::Exit;
 use args::{Cli, Command, Global, SandboxCli};
+pub use error::{CliError, Refusal};
 pub use printer::Printer;
-
-/// An error on its way to the operator: message, hint lines (the last one names the next
-/// command), and the exit code.
-#[derive(Debug)]
-pub struct CliError {
-    /// Exit code.
-    pub exit: Exit,
-    /// The error sentence, with its cause chain.
-    pub message: String,
-    /// `hint:` lines.
-    pub hints: Vec<String>,
-}
-
-impl CliError {
-    /// A new error.
-    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
-        Self { exit, message: message.into(), hints: Vec::new() }
-    }
-
-    /// Add a hint line.
-    pub fn hint(mut self, h: impl Into<String>) -> Self {
-        self.hints.push(h.into());
-        self
-    }
-}
-
-impl<E: std::error::Error + ExitCoded> From<E> for CliError {
-    fn from(e: E) -> Self {
-        let mut message = e.to_string();
-        let mut src = e.source();
-        while let Some(s) = src {
-            let t = s.to_string();
-            if !message.contains(&t) {
-                message.push_str(": ");
-                message.push_str(&t);
-            }
-            src = s.source();
-        }
-        let err = CliError::new(e.exit(), message);
-        match e.hint() {
-            Some(h) => err.hint(h),
-            None => err,
-        }
-    }
-}
 
 /// What every handler gets.
 pub struct Ctx {
@@ -85,8 +43,7 @@ fn resolve_home(g: &Global) -> Result<PathBuf, CliError> {
     }
     match std::env::var_os("HOME") {
         Some(h) if !h.is_empty() => Ok(PathBuf::from(h).join(".nemoclaw")),
-        _ => Err(CliError::new(Exit::Usage, "cannot find the NemoClaw home: HOME is not set")
-            .hint("pass `--home DIR` or set `NEMOCLAW_HOME`")),
+        _ => Err(Refusal::HomeUnset.into()),
     }
 }
 
@@ -95,61 +52,79 @@ pub fn main() -> ExitCode {
     // A <TAB> in a shell with nemoclaw's completion registered: answer and exit.
     completion::answer_if_asked();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    // `nemoclaw help rebuild`: the sandbox actions are not top-level commands, so clap's own
-    // `help` cannot find them; show the action's help as `nemoclaw <name> rebuild --help` would.
-    if let [_, help, action] = &argv[..] {
-        let action = action.to_string_lossy();
-        if help == "help" && args::SANDBOX_ACTIONS.contains(&action.as_ref()) {
-            use clap::CommandFactory;
-            let mut cmd = SandboxCli::command();
-            cmd.build();
-            if let Some(sub) = cmd.find_subcommand_mut(action.as_ref()) {
-                let _ = sub.print_help();
-                return ExitCode::from(0);
-            }
-        }
+    // clap's help and usage errors follow `--color` too: set it before clap parses anything.
+    if let Some(c) = style::choice_in_argv(&argv) {
+        style::init(c);
+    }
+    if let Some(code) = help_for_sandbox_action(&argv) {
+        return code;
     }
     let json = argv.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse_from(sandbox_named_like_a_command(argv)) {
         Ok(c) => c,
         Err(e) => return usage_error(json, e),
     };
-    let (global, command) = (cli.global, cli.command);
-    let outcome = match command {
-        Command::Sandbox(mut argv) => {
-            let marked = argv.first().is_some_and(|a| a == SANDBOX_MARKER);
-            if marked {
-                argv.remove(0);
-            }
-            match SandboxCli::try_parse_from(argv.clone()) {
-                Ok(sc) => {
-                    // `-v` after the action counts: tracing starts once both sets are merged.
-                    let merged = merge_global(global, sc.global.clone());
-                    init_tracing(merged.verbose);
-                    run_with(merged, |ctx| sandbox::dispatch(ctx, sc))
-                }
-                // Not `<name> <action>`: perhaps a mistyped command, or a NemoClaw action this
-                // tool does not have. (A marked word is a real command name, never a typo.)
-                Err(e) => {
-                    let words: Vec<String> =
-                        argv.iter().map(|w| w.to_string_lossy().into_owned()).collect();
-                    let hint = if marked { None } else { suggest::explain(&words) };
-                    let Some(msg) = hint else { return usage_error(json, e) };
-                    Printer::plain().say(&msg);
-                    if json {
-                        let first = msg.lines().next().unwrap_or("").trim_start_matches("error: ");
-                        Printer::plain().json_doc("error", error_doc(Exit::Usage, first, &[]));
-                    }
-                    return ExitCode::from(Exit::Usage.code());
-                }
-            }
-        }
+    let outcome = match cli.command {
+        Command::Sandbox(argv) => return sandbox_command(cli.global, argv, json),
         other => {
-            init_tracing(global.verbose);
-            run_with(global, |ctx| dispatch(ctx, other))
+            init_tracing(cli.global.verbose);
+            run_with(cli.global, |ctx| dispatch(ctx, other))
         }
     };
     ExitCode::from(outcome.code())
+}
+
+/// `nemoclaw help rebuild`: the sandbox actions are not top-level commands, so clap's own
+/// `help` cannot find them; show the action's help as `nemoclaw <name> rebuild --help` would.
+fn help_for_sandbox_action(argv: &[std::ffi::OsString]) -> Option<ExitCode> {
+    let [_, help, action] = argv else { return None };
+    let action = action.to_string_lossy();
+    if help != "help" || !args::SANDBOX_ACTIONS.contains(&action.as_ref()) {
+        return None;
+    }
+    use clap::CommandFactory;
+    let mut cmd = SandboxCli::command();
+    cmd.build();
+    let sub = cmd.find_subcommand_mut(action.as_ref())?;
+    let _ = sub.print_help();
+    Some(ExitCode::from(0))
+}
+
+/// `nemoclaw <name> <action> ...` (clap's external subcommand): parse it, merge its flags with
+/// those before the name, run it.
+fn sandbox_command(global: Global, mut argv: Vec<std::ffi::OsString>, json: bool) -> ExitCode {
+    let marked = argv.first().is_some_and(|a| a == SANDBOX_MARKER);
+    if marked {
+        argv.remove(0);
+    }
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = SandboxCli::command()
+        .try_get_matches_from(argv.clone())
+        .and_then(|m| SandboxCli::from_arg_matches(&m).map(|sc| (sc, m)));
+    match parsed {
+        Ok((sc, m)) => {
+            let given =
+                |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+            // `-v` after the action counts: tracing starts once both sets are merged.
+            let merged = merge_global(global, sc.global.clone(), given);
+            init_tracing(merged.verbose);
+            ExitCode::from(run_with(merged, |ctx| sandbox::dispatch(ctx, sc)).code())
+        }
+        // Not `<name> <action>`: perhaps a mistyped command, or a NemoClaw action this tool
+        // does not have. (A marked word is a real command name, never a typo.)
+        Err(e) => {
+            let words: Vec<String> =
+                argv.iter().map(|w| w.to_string_lossy().into_owned()).collect();
+            let hint = if marked { None } else { suggest::explain(&words) };
+            let Some(msg) = hint else { return usage_error(json, e) };
+            Printer::plain().say(&msg);
+            if json {
+                let first = msg.lines().next().unwrap_or("").trim_start_matches("error: ");
+                Printer::plain().json_doc("error", CliError::new(Exit::Usage, first).document());
+            }
+            ExitCode::from(Exit::Usage.code())
+        }
+    }
 }
 
 /// A sandbox may be named like a top-level command (`nemoclaw demo status`): when the word
@@ -203,28 +178,20 @@ fn run_with(global: Global, f: impl FnOnce(&Ctx) -> CmdResult) -> Exit {
         Ok(code) => code,
         Err(e) => {
             printer.error(&e.message);
+            for c in &e.causes {
+                printer.cause(c);
+            }
             for h in &e.hints {
                 printer.hint(h);
             }
             if printer.json && !printer::doc_printed() {
                 // Scripts get the failure as data too: the same envelope as every document
                 // (unless the command's own document already says what failed).
-                printer.json_doc("error", error_doc(e.exit, &e.message, &e.hints));
+                printer.json_doc("error", e.document());
             }
             e.exit
         }
     }
-}
-
-/// The `error` document: exit code, its name, the message and the hints (the last names the
-/// next command).
-fn error_doc(exit: Exit, message: &str, hints: &[String]) -> serde_json::Value {
-    serde_json::json!({
-        "exit": exit.code(),
-        "kind": format!("{exit:?}").to_lowercase(),
-        "message": message,
-        "hints": hints,
-    })
 }
 
 /// A usage error from clap: printed as clap prints it, plus the `error` document on stdout
@@ -237,21 +204,23 @@ fn usage_error(argv_has_json: bool, e: clap::Error) -> ExitCode {
     if argv_has_json {
         let text = e.render().to_string();
         let first = text.lines().next().unwrap_or("").trim_start_matches("error: ").to_owned();
-        Printer::plain().json_doc("error", error_doc(Exit::Usage, &first, &[]));
+        Printer::plain().json_doc("error", CliError::new(Exit::Usage, first).document());
     }
     ExitCode::from(Exit::Usage.code())
 }
 
-/// Flags given after `<name> <action>` count as much as those before it.
-fn merge_global(a: Global, b: Global) -> Global {
+/// Flags given after `<name> <action>` count as much as those before it. `given` says which
+/// of `b`'s valued flags were on the command line: the others hold only what the environment
+/// said (`NEMOCLAW_HOME`, …), which must not override a flag given before the name.
+fn merge_global(a: Global, b: Global, given: impl Fn(&str) -> bool) -> Global {
     Global {
-        home: b.home.or(a.home),
+        home: if given("home") { b.home } else { a.home },
         json: a.json || b.json,
         verbose: a.verbose.max(b.verbose),
         quiet: a.quiet || b.quiet,
         color: if b.color != args::ColorChoice::Auto { b.color } else { a.color },
-        openshell: b.openshell.or(a.openshell),
-        policy_presets: b.policy_presets.or(a.policy_presets),
+        openshell: if given("openshell") { b.openshell } else { a.openshell },
+        policy_presets: if given("policy_presets") { b.policy_presets } else { a.policy_presets },
     }
 }
 
@@ -289,5 +258,5 @@ fn init_tracing(verbose: u8) {
 
 /// Parse a sandbox name at the CLI edge: an invalid one is a usage error (exit 2) before any I/O.
 pub fn parse_name(s: &str) -> Result<crate::names::SandboxName, CliError> {
-    crate::names::SandboxName::parse(s).map_err(|e| CliError::new(Exit::Usage, e.to_string()))
+    Ok(crate::names::SandboxName::parse(s)?)
 }

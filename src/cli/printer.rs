@@ -3,28 +3,11 @@
 
 use std::io::{IsTerminal, Write};
 
-use super::args::{ColorChoice, Global};
+use super::args::Global;
+use super::style;
 
 /// Version of every `--json` document's envelope and payloads.
 pub const JSON_SCHEMA_VERSION: u32 = 1;
-
-/// The styling sequences nemoclaw itself writes (bold, dim, reset, and the state colours of
-/// the tables); on stdout with colour on, only these survive [`Printer::data`]. Foreign text
-/// may still carry one of them: that changes a colour, never the cursor or the title.
-const OURS: &[&str] = &[
-    "\x1b[0m",
-    "\x1b[1m",
-    "\x1b[2m",
-    "\x1b[31m",
-    "\x1b[32m",
-    "\x1b[33m",
-    "\x1b[36m",
-    "\x1b[31;1m",
-];
-#[cfg(test)]
-const BOLD: &str = "\x1b[1m";
-#[cfg(test)]
-const RESET: &str = "\x1b[0m";
 
 /// Text for a terminal, with every control character but newline and tab written out as an
 /// escape (`\x1b`, `\r`, `\x07`, …), and C1 controls and DEL too: the text may come from
@@ -68,7 +51,7 @@ pub fn doc_printed() -> bool {
     DOC_PRINTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Owns quiet / verbose / JSON / colour decisions.
+/// Owns quiet / verbose / JSON decisions; colour is `anstream`'s (see [`super::style`]).
 #[derive(Debug, Clone)]
 pub struct Printer {
     /// `--json` given.
@@ -77,125 +60,126 @@ pub struct Printer {
     pub quiet: bool,
     /// `-v` count.
     pub verbose: u8,
-    /// Colour on stderr.
-    pub color: bool,
-    /// Colour on stdout.
-    pub color_stdout: bool,
     /// stderr is a terminal (progress lines are shown only then).
     pub tty: bool,
 }
 
+/// A line on stderr, through the colour-aware stream.
+fn err_line(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(anstream::stderr(), "{line}");
+}
+
 impl Printer {
-    /// Decide from the global flags and the environment.
+    /// Decide from the global flags and the environment; sets the process's colour choice.
     pub fn from_global(g: &Global) -> Self {
-        let tty = std::io::stderr().is_terminal();
-        let out_tty = std::io::stdout().is_terminal();
-        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-        let decide = |is_tty: bool| match g.color {
-            ColorChoice::Always => true,
-            ColorChoice::Never => false,
-            ColorChoice::Auto => is_tty && !no_color,
-        };
+        style::init(g.color);
         Self {
             json: g.json,
             quiet: g.quiet,
             verbose: g.verbose,
-            color: decide(tty),
-            color_stdout: decide(out_tty),
-            tty,
+            tty: std::io::stderr().is_terminal(),
         }
     }
 
-    /// A plain printer (no colour, not quiet) for tests.
+    /// A plain printer (not quiet, no JSON).
     pub fn plain() -> Self {
-        Self {
-            json: false,
-            quiet: false,
-            verbose: 0,
-            color: false,
-            color_stdout: false,
-            tty: false,
-        }
-    }
-
-    fn paint(&self, on: bool, code: &str, s: &str) -> String {
-        if on {
-            format!("\x1b[{code}m{s}\x1b[0m")
-        } else {
-            s.to_owned()
-        }
+        Self { json: false, quiet: false, verbose: 0, tty: false }
     }
 
     /// A progress or status message on stderr (suppressed by `-q` and `--json`).
     pub fn info(&self, msg: impl AsRef<str>) {
         if !self.quiet && !self.json {
-            eprintln!("{}", clean(msg.as_ref()));
+            err_line(format_args!("{}", clean(msg.as_ref())));
         }
     }
 
     /// A success line (`✓ ...`) on stderr.
     pub fn success(&self, msg: impl AsRef<str>) {
         if !self.quiet && !self.json {
-            eprintln!("{}", self.paint(self.color, "32", &clean(msg.as_ref())));
+            err_line(format_args!("{}", style::paint(style::SUCCESS, &clean(msg.as_ref()))));
         }
     }
 
-    /// A warning on stderr (shown unless `-q`; shown with `--json` too, it is not data).
+    /// A warning on stderr (shown unless `-q`; shown with `--json` too, it is not data):
+    /// `warning: ...`, or one of NemoClaw's own `⚠ ...` lines as it is (the `⚠` is its label).
     pub fn warn(&self, msg: impl AsRef<str>) {
         if !self.quiet {
-            eprintln!("{}", self.paint(self.color, "33", &clean(msg.as_ref())));
+            self.warning_line(msg.as_ref());
         }
     }
 
     /// A notice on stderr that is always shown, even with `-q` and `--json` (the answer to a
     /// Ctrl-C: the operator must know at once what the program is doing).
     pub fn notice(&self, msg: impl AsRef<str>) {
-        eprintln!("{}", self.paint(self.color, "33", &clean(msg.as_ref())));
+        err_line(format_args!("{}", style::paint(style::WARNING, &clean(msg.as_ref()))));
+    }
+
+    fn warning_line(&self, msg: &str) {
+        let msg = clean(msg);
+        if msg.starts_with('⚠') {
+            err_line(format_args!("{}", style::paint(style::WARNING, &msg)));
+        } else {
+            err_line(format_args!("{} {msg}", style::paint(style::WARNING, "warning:")));
+        }
     }
 
     /// A plain line on stderr that is always shown: the rest of an error or refusal.
     pub fn say(&self, msg: impl AsRef<str>) {
-        eprintln!("{}", clean(msg.as_ref()));
+        err_line(format_args!("{}", clean(msg.as_ref())));
     }
 
     /// An error line on stderr (always shown).
     pub fn error(&self, msg: impl AsRef<str>) {
-        eprintln!("{} {}", self.paint(self.color, "31;1", "error:"), clean(msg.as_ref()));
+        err_line(format_args!("{} {}", style::paint(style::ERROR, "error:"), clean(msg.as_ref())));
+    }
+
+    /// A `caused by: ...` line on stderr, under an error (always shown).
+    pub fn cause(&self, msg: impl AsRef<str>) {
+        err_line(format_args!(
+            "  {} {}",
+            style::paint(style::CAUSE, "caused by:"),
+            clean(msg.as_ref())
+        ));
     }
 
     /// A `hint: ...` line on stderr (always shown: it names the next command).
     pub fn hint(&self, msg: impl AsRef<str>) {
-        eprintln!("{} {}", self.paint(self.color, "36", "hint:"), clean(msg.as_ref()));
+        err_line(format_args!("{} {}", style::paint(style::HINT, "hint:"), clean(msg.as_ref())));
     }
 
     /// Detail shown with `-v`.
     pub fn debug(&self, msg: impl AsRef<str>) {
         if self.verbose > 0 && !self.json {
-            eprintln!("{}", self.paint(self.color, "2", &clean(msg.as_ref())));
+            err_line(format_args!("{}", style::paint(style::DIM, &clean(msg.as_ref()))));
         }
     }
 
-    /// One line of data on stdout (control characters escaped; see [`Printer::bold`]).
+    /// A dimmed progress line on stderr (suppressed by `-q` and `--json`).
+    pub fn progress(&self, msg: impl AsRef<str>) {
+        if !self.quiet && !self.json {
+            err_line(format_args!("{}", style::paint(style::DIM, &clean(msg.as_ref()))));
+        }
+    }
+
+    /// One line of data on stdout, control characters escaped. Our own styling (from
+    /// [`style::paint`] and [`style::table`], around already-escaped text) survives; any
+    /// other escape sequence is written out as text.
     pub fn data(&self, line: impl AsRef<str>) {
-        let line = line.as_ref();
-        let mut out = std::io::stdout().lock();
-        // Our own styling was added around already-escaped text (`bold`, `dim`, the tables'
-        // state colours); only those exact sequences survive.
-        let _ = if self.color_stdout {
-            writeln!(out, "{}", clean_keeping(line, OURS))
-        } else {
-            writeln!(out, "{}", clean(line))
-        };
+        let ours = style::sequences();
+        let keep: Vec<&str> = ours.iter().map(String::as_str).collect();
+        let _ = writeln!(anstream::stdout(), "{}", clean_keeping(line.as_ref(), &keep));
     }
 
-    /// Bold text for stdout tables, when colour is on (the text itself is escaped).
+    /// A table on stdout (see [`style::table`]).
+    pub fn table(&self, indent: &str, heading: &[&str], rows: Vec<Vec<style::Cell>>) {
+        for line in style::table(indent, heading, rows) {
+            self.data(line);
+        }
+    }
+
+    /// Bold text for stdout (the text itself is escaped).
     pub fn bold(&self, s: &str) -> String {
-        self.paint(self.color_stdout, "1", &clean(s))
-    }
-
-    /// Dim text for stdout tables, when colour is on (the text itself is escaped).
-    pub fn dim(&self, s: &str) -> String {
-        self.paint(self.color_stdout, "2", &clean(s))
+        style::paint(style::HEADING, &clean(s))
     }
 
     /// Ask a yes/no question on stderr and read the answer from stdin: `y` or `yes` in any
@@ -203,8 +187,9 @@ impl Printer {
     /// `Aborted: nothing was changed.`. Callers refuse first when stdin is not a terminal.
     pub fn confirm(&self, question: &str) -> bool {
         use std::io::BufRead;
-        eprint!("{} [y/N] ", clean(question));
-        let _ = std::io::stderr().flush();
+        let mut err = anstream::stderr();
+        let _ = write!(err, "{} [y/N] ", clean(question));
+        let _ = err.flush();
         let mut line = String::new();
         let read = std::io::stdin().lock().read_line(&mut line).is_ok();
         let yes = read && is_yes(&line);
@@ -214,6 +199,12 @@ impl Printer {
         yes
     }
 
+    /// A buffered stream on stdout for records written as they are read (`journal export`'s
+    /// JSON Lines: exact JSON, escaped by the serialiser, never styled).
+    pub fn stream(&self) -> impl Write {
+        std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock())
+    }
+
     /// Bytes on stdout as they are (a generated script or man page, not foreign text).
     pub fn raw(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
@@ -221,7 +212,8 @@ impl Printer {
         out.flush()
     }
 
-    /// The JSON document of a command: `{"schema_version":1,"type":kind,"data":data}` on stdout.
+    /// The JSON document of a command: `{"schema_version":1,"type":kind,"data":data}` on stdout
+    /// (never styled: JSON carries the exact text).
     pub fn json_doc(&self, kind: &str, data: serde_json::Value) {
         DOC_PRINTED.store(true, std::sync::atomic::Ordering::Relaxed);
         let doc = serde_json::json!({
@@ -229,7 +221,7 @@ impl Printer {
             "type": kind,
             "data": data,
         });
-        self.data(doc.to_string());
+        let _ = writeln!(std::io::stdout().lock(), "{doc}");
     }
 }
 
@@ -260,7 +252,9 @@ mod tests {
             clean("a\x1b]0;pwned\x07b\rc\0d\u{9b}e\u{7f}"),
             "a\\x1b]0;pwned\\x07b\\rc\\x00d\\x9be\\x7f"
         );
-        let styled = format!("{BOLD}name{RESET} \x1b[8mhidden");
-        assert_eq!(clean_keeping(&styled, OURS), format!("{BOLD}name{RESET} \\x1b[8mhidden"));
+        let styled = format!("{} \x1b[8mhidden", style::paint(style::HEADING, "name"));
+        let ours = style::sequences();
+        let keep: Vec<&str> = ours.iter().map(String::as_str).collect();
+        assert_eq!(clean_keeping(&styled, &keep), "\x1b[1mname\x1b[0m \\x1b[8mhidden");
     }
 }

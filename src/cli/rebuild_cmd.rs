@@ -6,13 +6,14 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::args::{RebuildArgs, RecoverArgs};
-use super::{CliError, CmdResult, Ctx, Printer};
+use super::style::{self, Cell};
+use super::{CliError, CmdResult, Ctx, Printer, Refusal};
 use crate::engine::runner::{Observer, RunReport, StepOutcome};
 use crate::engine::signals::{self, Stop};
 use crate::exit::Exit;
 use crate::names::SandboxName;
 use crate::rebuild::saga::{
-    self, AutoRollback, Blocker, HolderRecord, Outcome, RunRecord, RunState, SagaObserver, Selected,
+    self, AutoRollback, Blocker, Outcome, RunState, SagaObserver, Selected,
 };
 use crate::rebuild::{self, messages, Decision, Mode};
 
@@ -75,22 +76,14 @@ impl Observer for Progress<'_> {
             StepOutcome::Failed(e) => format!("failed: {e}"),
             StepOutcome::Unknown(e) => format!("unknown: {e}"),
         };
-        self.p.info(self.p_dim(&format!(
-            "  [{}] {name:<13} {:>7.2}s  {what}",
-            seq + 1,
-            secs(elapsed)
-        )));
+        self.p.progress(format!("  [{}] {name:<13} {:>7.2}s  {what}", seq + 1, secs(elapsed)));
     }
     fn compensating(&self, _seq: usize, name: &str) {
         self.p.info(format!("Undoing {name}..."));
     }
     fn compensated(&self, seq: usize, name: &str, elapsed: Duration) {
         if self.p.tty {
-            self.p.info(self.p_dim(&format!(
-                "  [{}] {name:<13} {:>7.2}s  undone",
-                seq + 1,
-                secs(elapsed)
-            )));
+            self.p.progress(format!("  [{}] {name:<13} {:>7.2}s  undone", seq + 1, secs(elapsed)));
         }
     }
 }
@@ -110,33 +103,12 @@ impl SagaObserver for Progress<'_> {
     }
 }
 
-impl Progress<'_> {
-    fn p_dim(&self, s: &str) -> String {
-        if self.p.color {
-            format!("\x1b[2m{s}\x1b[0m")
-        } else {
-            s.to_owned()
-        }
-    }
-}
-
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
 fn argv() -> Vec<String> {
     std::env::args().collect()
-}
-
-/// "pid 42 on host h since 2026-…, running `nemoclaw alpha rebuild --yes`".
-fn holder_line(run: &RunRecord, h: &HolderRecord) -> String {
-    format!(
-        "pid {} on host {} since {}, running `{}`",
-        h.pid,
-        h.host,
-        crate::util::iso_ms(h.acquired_at),
-        run.argv.join(" ")
-    )
 }
 
 /// Print the notice about an unfinished run of `name`, if there is one: "in progress" when a
@@ -147,13 +119,13 @@ pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
     for b in &list {
         match b {
             Blocker::InProgress { run: r, holder } => ctx.printer.warn(format!(
-                "⚠ A rebuild of '{name}' is in progress (run {}, {}): {}.",
+                "a rebuild of '{name}' is in progress (run {}, {}): {}.",
                 short(&r.id),
                 r.state.as_str(),
-                holder_line(r, holder)
+                super::error::holder_line(r, holder)
             )),
             Blocker::Unfinished { run: r } => ctx.printer.warn(format!(
-                "⚠ A rebuild of '{name}' was interrupted (run {}, {}); you must run `nemoclaw recover --resume {}` or `nemoclaw recover --rollback {}`.",
+                "a rebuild of '{name}' was interrupted (run {}, {}); you must run `nemoclaw recover --resume {}` or `nemoclaw recover --rollback {}`.",
                 short(&r.id), r.state.as_str(), r.id, r.id
             )),
         }
@@ -164,29 +136,18 @@ pub fn warn_unfinished(ctx: &Ctx, name: &SandboxName) -> bool {
 /// Refuse a command that would change a sandbox with an unfinished run: exit 75 naming the
 /// holder while a live process runs it, else exit 3 with the recover commands (recovery needs
 /// the host as the journal left it).
-pub fn refuse_if_unfinished(ctx: &Ctx, name: &SandboxName, what: &str) -> Result<(), CliError> {
-    match saga::blocker(&ctx.home, name)? {
+pub fn refuse_if_unfinished(
+    ctx: &Ctx,
+    name: &SandboxName,
+    what: &'static str,
+) -> Result<(), CliError> {
+    let name = name.clone();
+    match saga::blocker(&ctx.home, &name)? {
         None => Ok(()),
-        Some(Blocker::InProgress { run: r, holder }) => Err(CliError::new(
-            Exit::Busy,
-            format!(
-                "a rebuild of '{name}' is in progress (run {}, {}): {}; `{what}` is refused while it runs (nothing was changed)",
-                r.id,
-                r.state.as_str(),
-                holder_line(&r, &holder)
-            ),
-        )
-        .hint(format!("wait for it to finish (`nemoclaw journal show {}` follows it), then retry", r.id))),
-        Some(Blocker::Unfinished { run: r }) => Err(CliError::new(
-            Exit::Refused,
-            format!(
-                "a rebuild of '{name}' is unfinished (run {}, {}); `{what}` is refused until it is resumed or rolled back (nothing was changed)",
-                r.id,
-                r.state.as_str()
-            ),
-        )
-        .hint(format!("resume it: `nemoclaw recover --resume {}`", r.id))
-        .hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.id))),
+        Some(Blocker::InProgress { run, holder }) => {
+            Err(Refusal::InProgress { name, what, run, holder }.into())
+        }
+        Some(Blocker::Unfinished { run }) => Err(Refusal::Unfinished { name, what, run }.into()),
     }
 }
 
@@ -205,16 +166,8 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
         Ok(pf) => pf,
         // No driver for the recorded gateway (e.g. `openshell` is not installed): the live
         // state cannot be confirmed, which is NemoClaw's refusal, not a crash.
-        Err(rebuild::PreflightError::Gateway(e)) => {
-            return Err(CliError::new(
-                Exit::Refused,
-                format!(
-                    "{}\n  {e}\n{}",
-                    messages::could_not_confirm(name.as_str()),
-                    messages::ENTRY_PRESERVED
-                ),
-            )
-            .hint("install `openshell` or pass `--openshell PATH`, then retry"))
+        Err(rebuild::PreflightError::Gateway(error)) => {
+            return Err(Refusal::NoGatewayDriver { name: name.clone(), error }.into())
         }
         Err(e) => return Err(e.into()),
     };
@@ -243,10 +196,7 @@ pub fn rebuild(ctx: &Ctx, name: &str, a: RebuildArgs) -> CmdResult {
 /// Preflight refused: the lines in order, nothing changed.
 fn refused(p: &Printer, name: &SandboxName, lines: &[String]) -> Exit {
     if p.json {
-        p.json_doc(
-            "rebuild",
-            json!({"sandbox": name, "state": "refused", "reason": lines, "changed": false}),
-        );
+        p.json_doc("rebuild.refused", json!({"sandbox": name, "reason": lines, "changed": false}));
     }
     let mut it = lines.iter();
     if let Some(first) = it.next() {
@@ -261,9 +211,14 @@ fn refused(p: &Printer, name: &SandboxName, lines: &[String]) -> Exit {
 fn print_dry_run(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) {
     let probes = saga::dry_run(prepared);
     if p.json {
+        // In JSON a step's `seq` is the journal's (from 0), as in every journal document.
+        let steps: Vec<Value> = probes
+            .iter()
+            .map(|s| json!({"seq": s.seq - 1, "step": s.step, "destructive": s.destructive, "probe": s.probe}))
+            .collect();
         p.json_doc(
-            "rebuild_plan",
-            json!({"sandbox": name, "gateway": prepared.pf.binding.name(), "mode": prepared.mode.as_str(), "steps": probes, "changed": false}),
+            "rebuild.plan",
+            json!({"sandbox": name, "gateway": prepared.pf.binding.name(), "mode": prepared.mode.as_str(), "steps": steps, "changed": false}),
         );
         return;
     }
@@ -287,11 +242,11 @@ fn print_dry_run(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) {
 /// Ask on the terminal; no terminal is a refusal (with the `--yes` command).
 fn confirm(p: &Printer, name: &SandboxName, prepared: &saga::Prepared) -> Result<bool, CliError> {
     if !std::io::stdin().is_terminal() {
-        return Err(CliError::new(
-            Exit::Refused,
-            format!("rebuild of '{name}' needs confirmation, and there is no terminal to ask on (nothing was changed)"),
-        )
-        .hint(format!("run `nemoclaw {name} rebuild --yes` to proceed without asking")));
+        return Err(Refusal::NeedsConfirmation {
+            what: format!("rebuild of '{name}'"),
+            yes: format!("nemoclaw {name} rebuild --yes"),
+        }
+        .into());
     }
     let steps = prepared.step_names().join(" → ");
     let what = match prepared.mode {
@@ -402,10 +357,9 @@ fn next_commands(p: &Printer, r: &RunReport) {
     if r.error.as_ref().is_some_and(|e| e.hints.iter().any(|h| h.contains("nemoclaw recover"))) {
         return;
     }
-    if r.state != RunState::RollingBack {
-        p.hint(format!("continue it: `nemoclaw recover --resume {}`", r.run_id));
+    for h in super::error::recover_commands(&r.run_id, r.state != RunState::RollingBack) {
+        p.hint(h);
     }
-    p.hint(format!("or undo it: `nemoclaw recover --rollback {}`", r.run_id));
 }
 
 fn json_report(p: &Printer, name: &SandboxName, mode: Mode, r: &RunReport, rb: Option<&RunReport>) {
@@ -431,8 +385,7 @@ fn json_report(p: &Printer, name: &SandboxName, mode: Mode, r: &RunReport, rb: O
 /// `nemoclaw recover`: the listing, or `--resume` / `--rollback` of one run.
 pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
     if a.accept_damaged_backup && !a.rollback {
-        return Err(CliError::new(Exit::Usage, "--accept-damaged-backup goes with --rollback")
-            .hint("`nemoclaw recover --rollback RUN --accept-damaged-backup`"));
+        return Err(Refusal::DamagedNeedsRollback.into());
     }
     if !a.resume && !a.rollback {
         return list_unfinished(ctx, a.sandbox.as_deref());
@@ -446,20 +399,11 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
             p.info("No unfinished runs: nothing to recover.");
             if p.json {
                 // Nothing to do is still an answer a script can read.
-                p.json_doc(
-                    "recover",
-                    json!({"run_id": null, "action": action, "state": null, "nothing_to_do": true}),
-                );
+                p.json_doc("recover", recover_doc(action, None, None));
             }
             return Ok(Exit::Ok);
         }
-        Selected::Ambiguous(n) => {
-            return Err(CliError::new(
-                Exit::Usage,
-                format!("{n} unfinished runs; say which one to recover"),
-            )
-            .hint("list them with `nemoclaw recover`, then `nemoclaw recover --resume RUN`"))
-        }
+        Selected::Ambiguous(n) => return Err(Refusal::AmbiguousUnfinished(n).into()),
     };
     let mode = run.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Normal);
     p.info(format!(
@@ -470,22 +414,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
         mode.as_str(),
         run.state.as_str()
     ));
-    let mut damaged_at = None;
-    if a.accept_damaged_backup {
-        match saga::accept_damaged_backup(&ctx.home, &run)? {
-            saga::BackupCheck::Damaged { path, why } => {
-                p.warn(format!("{why}."));
-                p.warn(format!(
-                    "Rolling back without restoring it: the registry entry comes back, the sandbox stays absent, and the backup stays at {path}."
-                ));
-                damaged_at = Some(path);
-            }
-            saga::BackupCheck::Intact { path } => {
-                p.info(format!("Backup {path} verifies: it will be restored as usual."))
-            }
-            saga::BackupCheck::NoBackup => p.info("This run made no backup: nothing to accept."),
-        }
-    }
+    let damaged_at = if a.accept_damaged_backup { check_damaged_backup(ctx, &run)? } else { None };
     let obs = Progress::new(p);
     let out = saga::recover(
         &ctx.home,
@@ -495,11 +424,49 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
         damaged_at.is_some(),
         &obs,
     )?;
+    print_recovered(p, &run, mode, &out, damaged_at.as_deref())?;
+    if p.json {
+        p.json_doc("recover", recover_doc(action, run.sandbox.as_deref(), Some(&out.report)));
+    }
+    Ok(out.report.exit())
+}
+
+/// `--accept-damaged-backup`: say what the rollback will do with the run's backup; the path
+/// of a damaged one, which the rollback then leaves in place.
+fn check_damaged_backup(ctx: &Ctx, run: &saga::RunRecord) -> Result<Option<String>, CliError> {
+    let p = &ctx.printer;
+    Ok(match saga::accept_damaged_backup(&ctx.home, run)? {
+        saga::BackupCheck::Damaged { path, why } => {
+            p.warn(format!("{why}."));
+            p.warn(format!(
+                "Rolling back without restoring it: the registry entry comes back, the sandbox stays absent, and the backup stays at {path}."
+            ));
+            Some(path)
+        }
+        saga::BackupCheck::Intact { path } => {
+            p.info(format!("Backup {path} verifies: it will be restored as usual."));
+            None
+        }
+        saga::BackupCheck::NoBackup => {
+            p.info("This run made no backup: nothing to accept.");
+            None
+        }
+    })
+}
+
+/// The messages after `recover --resume|--rollback`.
+fn print_recovered(
+    p: &Printer,
+    run: &saga::RunRecord,
+    mode: Mode,
+    out: &Outcome,
+    damaged_at: Option<&str>,
+) -> Result<(), CliError> {
     let report = &out.report;
     let name = run.sandbox.as_deref().and_then(|s| SandboxName::parse(s).ok());
-    let shields_locked = saga::run_params(&run)?.shields_locked;
+    let shields_locked = saga::run_params(run)?.shields_locked;
     match (report.state, name) {
-        (RunState::Succeeded, Some(n)) => succeeded(p, &n, mode, &out, shields_locked),
+        (RunState::Succeeded, Some(n)) => succeeded(p, &n, mode, out, shields_locked),
         (RunState::RolledBack, Some(n)) if damaged_at.is_some() => {
             p.success(format!(
                 "✓ Run {} rolled back without its damaged backup: '{n}' is registered as before, with no sandbox on its gateway",
@@ -507,7 +474,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
             ));
             p.info(format!(
                 "The backup was kept at {}; files in it that still match can be copied back by hand.",
-                damaged_at.as_deref().unwrap_or("?")
+                damaged_at.unwrap_or("?")
             ));
             p.hint(format!("recreate the sandbox (stale recovery): `nemoclaw {n} rebuild`"));
         }
@@ -520,21 +487,22 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
             next_commands(p, report);
         }
     }
-    if p.json {
-        p.json_doc(
-            "recover",
-            json!({
-                "run_id": report.run_id,
-                "action": action,
-                "state": report.state.as_str(),
-                "failed_step": report.failed_step,
-                "error": report.error.as_ref().map(|e| e.message.clone()),
-                "needs_operator": report.needs_operator,
-                "interrupted": report.interrupted,
-            }),
-        );
-    }
-    Ok(report.exit())
+    Ok(())
+}
+
+/// The `recover` document: one shape whether there was a run to recover or not.
+fn recover_doc(action: &str, sandbox: Option<&str>, r: Option<&RunReport>) -> Value {
+    json!({
+        "action": action,
+        "nothing_to_do": r.is_none(),
+        "run_id": r.map(|r| &r.run_id),
+        "sandbox": sandbox,
+        "state": r.map(|r| r.state.as_str()),
+        "failed_step": r.and_then(|r| r.failed_step.as_ref()),
+        "error": r.and_then(|r| r.error.as_ref()).map(|e| e.message.clone()),
+        "needs_operator": r.and_then(|r| r.needs_operator.as_ref()),
+        "interrupted": r.is_some_and(|r| r.interrupted),
+    })
 }
 
 /// `nemoclaw recover` without an action: the unfinished runs and the commands for each.
@@ -561,29 +529,29 @@ fn list_unfinished(ctx: &Ctx, sandbox: Option<&str>) -> CmdResult {
         })
         .collect();
     if p.json {
-        p.json_doc("recover", json!({ "unfinished": rows }));
+        p.json_doc("recover.list", json!({ "now": now, "unfinished": rows }));
         return Ok(Exit::Ok);
     }
     if rows.is_empty() {
         p.info("No unfinished runs.");
         return Ok(Exit::Ok);
     }
-    p.data(format!(
-        "{:<36}  {:<16} {:<7} {:<14} {:<22} {:>8}  HOLDER",
-        "RUN", "SANDBOX", "MODE", "STATE", "STEP", "AGE"
-    ));
-    for r in &rows {
-        p.data(format!(
-            "{:<36}  {:<16} {:<7} {:<14} {:<22} {:>8}  {}",
-            r["run_id"].as_str().unwrap_or(""),
-            r["sandbox"].as_str().unwrap_or("-"),
-            r["mode"].as_str().unwrap_or("-"),
-            r["state"].as_str().unwrap_or(""),
-            r["step"].as_str().unwrap_or(""),
-            age(r["age_ms"].as_i64().unwrap_or(0)),
-            holder_text(&r["holder"]),
-        ));
-    }
+    let cells = rows
+        .iter()
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+            vec![
+                text("run_id").into(),
+                text("sandbox").into(),
+                text("mode").into(),
+                Cell::styled(text("state"), style::state(&text("state"))),
+                text("step").into(),
+                age(r["age_ms"].as_i64().unwrap_or(0)).into(),
+                holder_text(&r["holder"]).into(),
+            ]
+        })
+        .collect();
+    p.table("", &["RUN", "SANDBOX", "MODE", "STATE", "STEP", "AGE", "HOLDER"], cells);
     for r in &rows {
         p.hint(format!(
             "`{}` or `{}`",

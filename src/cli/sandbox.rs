@@ -10,13 +10,16 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::args::{OnboardArgs, SandboxAction, SandboxCli, ShieldsAction};
-use super::{CliError, CmdResult, Ctx};
+use super::style::Cell;
+use super::{CliError, CmdResult, Ctx, Refusal};
+
 use crate::exit::Exit;
 use crate::gateway::{self, CreateSpec, Gateway, Liveness, PolicySpec, Unhealthy};
 use crate::host::{
     self, binding_of, registry, shields, Binding, HostError, Registry, ShieldsState,
 };
 use crate::names::SandboxName;
+use crate::rebuild::messages;
 
 /// How long `destroy` waits for the gateway to confirm a deletion.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -48,58 +51,104 @@ fn sample_state(dir: &std::path::Path, name: &SandboxName, agent: &str) -> std::
     Ok(())
 }
 
-/// `nemoclaw onboard`.
-pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
-    // Validate everything the operator typed before touching the disk.
+/// NemoClaw's policy presets (`nemoclaw-blueprint/policies/presets/<name>.yaml`), the names
+/// `onboard --policy` accepts when no presets directory is given.
+const NEMOCLAW_PRESETS: &[&str] = &[
+    "apt",
+    "brew",
+    "cargo",
+    "claude-code",
+    "clawmetry",
+    "discord",
+    "docker",
+    "duckduckgo",
+    "firecrawl",
+    "gemini",
+    "ghcr",
+    "github",
+    "gmail",
+    "go",
+    "goldrush",
+    "grafana",
+    "heygen",
+    "huggingface",
+    "jira",
+    "local-inference",
+    "microsoft-teams",
+    "mnemo-cortex",
+    "nous-browser",
+    "npm",
+    "observability-otlp-local",
+    "ollama",
+    "otel-collector",
+    "outlook",
+    "prometheus",
+    "pypi",
+    "qdrant",
+    "shrike-security",
+    "sidclaw",
+    "signal",
+    "slack",
+    "tavily",
+    "telegram",
+    "weather",
+    "whatsapp",
+];
+
+/// The presets `onboard` knows: the `*.yaml` files of `--policy-presets DIR` when given, else
+/// NemoClaw's own list.
+fn known_presets(ctx: &Ctx) -> Vec<String> {
+    let from_dir = ctx.global.policy_presets.as_ref().and_then(|d| std::fs::read_dir(d).ok());
+    let Some(dir) = from_dir else {
+        return NEMOCLAW_PRESETS.iter().map(|s| (*s).to_owned()).collect();
+    };
+    let mut names: Vec<String> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yaml").map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Everything `onboard` checks before it creates anything: the name, no unfinished run, the
+/// binding, not registered yet, presets it knows and can apply.
+fn onboard_preflight(ctx: &Ctx, a: &OnboardArgs) -> Result<(SandboxName, Binding), CliError> {
     let name = super::parse_name(&a.name)?;
     super::rebuild_cmd::refuse_if_unfinished(ctx, &name, "onboard")?;
     let binding = match &a.gateway {
-        Some(g) => Binding::parse(g).ok_or_else(|| {
-            CliError::new(
-                Exit::Usage,
-                format!("invalid gateway `{g}`: expected `local`, `nemoclaw` or `nemoclaw-<port>` (not `nemoclaw-8080`)"),
-            )
-        })?,
+        Some(g) => Binding::parse(g).ok_or_else(|| Refusal::InvalidGateway(g.clone()))?,
         None => default_binding(ctx),
     };
-    let p = &ctx.printer;
-    let reg = Registry::load(&ctx.home)?;
-    if reg.entry(&name).is_some() {
-        return Err(CliError::new(
-            Exit::Refused,
-            format!("sandbox '{name}' is already registered"),
-        )
-        .hint(format!(
-            "see it with `nemoclaw {name} status`, or recreate it with `nemoclaw {name} rebuild`"
-        )));
+    if Registry::load(&ctx.home)?.entry(&name).is_some() {
+        return Err(Refusal::AlreadyRegistered(name).into());
+    }
+    let known = known_presets(ctx);
+    let unknown: Vec<String> = a.policies.iter().filter(|p| !known.contains(p)).cloned().collect();
+    if !unknown.is_empty() {
+        return Err(Refusal::UnknownPresets { unknown, known }.into());
     }
     if binding.name() != "local" && !a.policies.is_empty() {
         // OpenShell takes whole policies only (`policy set` replaces everything and refuses a
         // NemoClaw preset file); NemoClaw's merge of presets into the live policy is not
         // implemented here, so refuse before anything is created rather than half-apply.
-        return Err(CliError::new(
-            Exit::Refused,
-            format!(
-                "policy presets cannot be applied on the OpenShell gateway '{binding}' by nemoclaw"
-            ),
-        )
-        .hint(format!(
-            "onboard without `--policy` and add presets with NemoClaw: `nemoclaw {name} policy-add`"
-        )));
+        return Err(Refusal::PresetsOnOpenShell { name, gateway: binding.to_string() }.into());
     }
+    Ok((name, binding))
+}
+
+/// `nemoclaw onboard`: check → create → seed, apply presets, register (undoing the create if
+/// that fails) → print.
+pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
+    let (name, binding) = onboard_preflight(ctx, &a)?;
+    let p = &ctx.printer;
     let gw = open_gateway(ctx, &binding)?;
     if let Some(bad) = gw.health() {
-        return Err(CliError::new(
-            Exit::Refused,
-            format!(
-                "gateway '{}' is not in a known-good state: {}",
-                binding,
-                gateway::openshell::describe(&bad)
-            ),
-        )
-        .hint("nothing was created; fix the gateway and retry"));
+        return Err(Refusal::GatewayNotHealthy {
+            gateway: binding.to_string(),
+            detail: gateway::openshell::describe(&bad),
+        }
+        .into());
     }
-    let agent = a.agent.clone().unwrap_or_else(|| "openclaw".to_owned());
     let image = a
         .image
         .clone()
@@ -114,60 +163,9 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
         providers: Vec::new(),
     };
     p.info(format!("Creating sandbox '{name}' on gateway '{binding}'..."));
-    let live = gw.create(&spec).map_err(|e| {
-        let exists = matches!(e, gateway::GatewayError::AlreadyExists(..));
-        let err = CliError::from(e);
-        if exists {
-            err.hint(format!("a sandbox '{name}' exists on the gateway but is not registered; remove it there first"))
-        } else {
-            err
-        }
-    })?;
+    let live = gw.create(&spec)?;
     // From here on a failure must not leave an unregistered sandbox behind: undo the create.
-    let finish = || -> Result<Value, CliError> {
-        let staging = ctx.home.join(format!(".onboard-{}", uuid::Uuid::now_v7()));
-        let seeded = sample_state(&staging, &name, &agent)
-            .map_err(|e| CliError::from(HostError::io("cannot write", &staging, e)))
-            .and_then(|_| gw.upload_state(&name, &staging).map_err(CliError::from));
-        let _ = std::fs::remove_dir_all(&staging);
-        seeded?;
-        for preset in &a.policies {
-            p.info(format!("Applying policy preset '{preset}'..."));
-            gw.apply_policy(&name, &PolicySpec::Preset { name: preset.clone() })?;
-        }
-        let mut entry = json!({
-            "name": name.as_str(),
-            "createdAt": crate::util::iso_ms(crate::util::now_ms()),
-            "model": a.model.clone().unwrap_or_else(|| "nvidia/nemotron-3-super-120b-a12b".to_owned()),
-            "provider": a.provider.clone().unwrap_or_else(|| "nvidia-prod".to_owned()),
-            "gpuEnabled": false,
-            "policies": a.policies,
-            "customPolicies": [],
-            "agent": a.agent,
-            "imageTag": image,
-            "gatewayName": binding.name(),
-        });
-        if let Binding::OpenShell(g) = &binding {
-            let port =
-                g.strip_prefix("nemoclaw-").and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
-            entry["gatewayPort"] = json!(port);
-        }
-        let stored = entry.clone();
-        registry::update(&ctx.home, |reg| {
-            if reg.entry(&name).is_some() {
-                return Err(HostError::Invalid(format!(
-                    "sandbox '{name}' was registered by someone else meanwhile"
-                )));
-            }
-            reg.set_entry(&name, stored);
-            if reg.default_sandbox().is_none() {
-                reg.set_default(Some(&name));
-            }
-            Ok(())
-        })?;
-        Ok(entry)
-    };
-    let entry = match finish() {
+    let entry = match finish_onboard(ctx, gw.as_ref(), &name, &binding, &a, &image) {
         Ok(e) => e,
         Err(e) => {
             p.warn(format!("Onboarding failed; removing the half-created sandbox '{name}'..."));
@@ -184,6 +182,64 @@ pub fn onboard(ctx: &Ctx, a: OnboardArgs) -> CmdResult {
         p.hint(format!("check it with `nemoclaw {name} status`"));
     }
     Ok(Exit::Ok)
+}
+
+/// After the create: the sample files, the presets, then the registry entry.
+fn finish_onboard(
+    ctx: &Ctx,
+    gw: &dyn Gateway,
+    name: &SandboxName,
+    binding: &Binding,
+    a: &OnboardArgs,
+    image: &str,
+) -> Result<Value, CliError> {
+    let agent = a.agent.as_deref().unwrap_or("openclaw");
+    let staging = ctx.home.join(format!(".onboard-{}", uuid::Uuid::now_v7()));
+    let seeded = sample_state(&staging, name, agent)
+        .map_err(|e| CliError::from(HostError::io("cannot write", &staging, e)))
+        .and_then(|_| gw.upload_state(name, &staging).map_err(CliError::from));
+    let _ = std::fs::remove_dir_all(&staging);
+    seeded?;
+    for preset in &a.policies {
+        ctx.printer.info(format!("Applying policy preset '{preset}'..."));
+        gw.apply_policy(name, &PolicySpec::Preset { name: preset.clone() })?;
+    }
+    let entry = registry_entry(name, binding, a, image);
+    let stored = entry.clone();
+    registry::update(&ctx.home, |reg| {
+        if reg.entry(name).is_some() {
+            return Err(HostError::Invalid(format!(
+                "sandbox '{name}' was registered by someone else meanwhile"
+            )));
+        }
+        reg.set_entry(name, stored);
+        if reg.default_sandbox().is_none() {
+            reg.set_default(Some(name));
+        }
+        Ok(())
+    })?;
+    Ok(entry)
+}
+
+/// NemoClaw's registry entry for a freshly onboarded sandbox.
+fn registry_entry(name: &SandboxName, binding: &Binding, a: &OnboardArgs, image: &str) -> Value {
+    let mut entry = json!({
+        "name": name.as_str(),
+        "createdAt": crate::util::iso_ms(crate::util::now_ms()),
+        "model": a.model.clone().unwrap_or_else(|| "nvidia/nemotron-3-super-120b-a12b".to_owned()),
+        "provider": a.provider.clone().unwrap_or_else(|| "nvidia-prod".to_owned()),
+        "gpuEnabled": false,
+        "policies": a.policies,
+        "customPolicies": [],
+        "agent": a.agent,
+        "imageTag": image,
+        "gatewayName": binding.name(),
+    });
+    if let Binding::OpenShell(g) = binding {
+        let port = g.strip_prefix("nemoclaw-").and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
+        entry["gatewayPort"] = json!(port);
+    }
+    entry
 }
 
 /// `nemoclaw list`.
@@ -221,19 +277,20 @@ pub fn list(ctx: &Ctx) -> CmdResult {
         return Ok(Exit::Ok);
     }
     let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
-    let width = rows.iter().map(|r| s(&r["name"]).len()).max().unwrap_or(4).max(4);
-    p.data(p.bold(&format!("  {:width$}  {:16}  {:8}  {}", "NAME", "GATEWAY", "SHIELDS", "MODEL")));
-    for r in &rows {
-        let mark = if r["default"] == true { "*" } else { " " };
-        p.data(format!(
-            "{mark} {:width$}  {:16}  {:8}  {}",
-            s(&r["name"]),
-            s(&r["gateway"]),
-            s(&r["shields"]),
-            s(&r["model"])
-        ));
-    }
-    p.info(p.dim("* = default sandbox"));
+    let cells = rows
+        .iter()
+        .map(|r| {
+            let mark = if r["default"] == true { "*" } else { " " };
+            vec![
+                format!("{mark} {}", s(&r["name"])).into(),
+                s(&r["gateway"]).into(),
+                s(&r["shields"]).into(),
+                s(&r["model"]).into(),
+            ]
+        })
+        .collect();
+    p.table("", &["  NAME", "GATEWAY", "SHIELDS", "MODEL"], cells);
+    p.progress("* = default sandbox");
     Ok(Exit::Ok)
 }
 
@@ -279,11 +336,7 @@ pub fn dispatch(ctx: &Ctx, sc: SandboxCli) -> CmdResult {
 
 fn registered(reg: &Registry, name: &SandboxName) -> Result<Value, CliError> {
     reg.entry(name).cloned().ok_or_else(|| {
-        CliError::new(
-            Exit::Refused,
-            format!("sandbox '{name}' is not registered in {}", reg.path().display()),
-        )
-        .hint("see registered sandboxes with `nemoclaw list`")
+        Refusal::NotRegistered { name: name.clone(), registry: reg.path().to_owned() }.into()
     })
 }
 
@@ -316,14 +369,35 @@ fn status(ctx: &Ctx, name: &SandboxName) -> CmdResult {
         );
         return Ok(Exit::Ok);
     }
+    p.data(p.bold(&format!("Sandbox: {name}{}", if is_default { " (default)" } else { "" })));
+    p.table("  ", &[], status_rows(&entry, &binding, &sh, &live));
+    if let Some(why) = &sh.corrupt {
+        p.warn(format!(
+            "the shields file {} is corrupt ({why}); it counts as locked.",
+            sh.path.display()
+        ));
+    }
+    advise_on_liveness(p, name, &binding, &live);
+    Ok(Exit::Ok)
+}
+
+/// The key/value lines of `status`.
+fn status_rows(
+    entry: &Value,
+    binding: &Binding,
+    sh: &ShieldsState,
+    live: &Liveness,
+) -> Vec<Vec<Cell>> {
     let field = |k: &str| entry.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
-    let policies: Vec<String> = entry
+    let policies: Vec<&str> = entry
         .get("policies")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let custom = entry.get("customPolicies").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
-    let live_word = match &live {
+    let pol = if policies.is_empty() { "-".to_owned() } else { policies.join(", ") };
+    let pol = if custom > 0 { format!("{pol} (+{custom} custom)") } else { pol };
+    let live_word = match live {
         Liveness::Present(s) => format!("present (id {}, phase {})", s.id, s.phase),
         Liveness::Missing => "missing".to_owned(),
         Liveness::Unhealthy { reason, detail, .. } => {
@@ -331,54 +405,47 @@ fn status(ctx: &Ctx, name: &SandboxName) -> CmdResult {
         }
         Liveness::Unknown { detail } => format!("unknown — {detail}"),
     };
-    p.data(p.bold(&format!("Sandbox: {name}{}", if is_default { " (default)" } else { "" })));
-    p.data(format!("  Gateway:   {binding}"));
-    p.data(format!("  Model:     {}", field("model")));
-    p.data(format!("  Provider:  {}", field("provider")));
-    p.data(format!(
-        "  Agent:     {}",
-        entry.get("agent").and_then(Value::as_str).unwrap_or("openclaw")
-    ));
-    p.data(format!("  Image:     {}", field("imageTag")));
-    p.data(format!("  Created:   {}", field("createdAt")));
-    let pol = if policies.is_empty() { "-".to_owned() } else { policies.join(", ") };
-    let pol = if custom > 0 { format!("{pol} (+{custom} custom)") } else { pol };
-    p.data(format!("  Policies:  {pol}"));
-    p.data(format!("  Shields:   {}", shields_word(&sh)));
-    p.data(format!("  Live:      {live_word}"));
-    if let Some(why) = &sh.corrupt {
-        p.warn(format!(
-            "⚠ The shields file {} is corrupt ({why}); it counts as locked.",
-            sh.path.display()
-        ));
-    }
-    match &live {
+    let agent = entry.get("agent").and_then(Value::as_str).unwrap_or("openclaw");
+    [
+        ("Gateway:", binding.to_string()),
+        ("Model:", field("model")),
+        ("Provider:", field("provider")),
+        ("Agent:", agent.to_owned()),
+        ("Image:", field("imageTag")),
+        ("Created:", field("createdAt")),
+        ("Policies:", pol),
+        ("Shields:", shields_word(sh).to_owned()),
+        ("Live:", live_word),
+    ]
+    .into_iter()
+    .map(|(k, v)| vec![k.into(), v.into()])
+    .collect()
+}
+
+/// What `status` says after the table when the sandbox is not plainly present, in NemoClaw's
+/// words where it has them.
+fn advise_on_liveness(p: &super::Printer, name: &SandboxName, binding: &Binding, live: &Liveness) {
+    let n = name.as_str();
+    match live {
         Liveness::Present(_) => {}
         Liveness::Missing => {
-            p.warn(format!(
-                "⚠ Sandbox '{name}' is registered locally but not present in the live gateway '{binding}'."
-            ));
-            p.info("Nothing was removed: the local registry entry has been preserved.");
+            p.warn(messages::missing_from_gateway(n, binding.name()));
+            p.info(messages::ENTRY_PRESERVED);
             p.hint(format!(
                 "recreate it from the preserved registry metadata with `nemoclaw {name} rebuild --yes`"
             ));
         }
         Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => {
-            p.warn(format!(
-                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'. Your sandbox has NOT been removed."
-            ));
-            p.info("Switch gateways and retry:");
-            p.hint(format!("`openshell gateway select {binding}`"));
+            p.warn(messages::foreign_gateway(n, binding.name(), active));
+            p.info(messages::SWITCH_AND_RETRY);
+            p.hint(format!("`{}`", messages::select_cmd(binding.name())));
         }
         _ => {
-            p.warn(format!(
-                "Could not confirm live state of '{name}' (gateway not in a known-good state)."
-            ));
-            p.info("Your local registry entry has been preserved — nothing was removed.");
+            p.warn(messages::could_not_confirm(n));
+            p.info(messages::ENTRY_PRESERVED);
             p.hint(format!("check the gateway, then run `nemoclaw {name} status` again"));
         }
     }
-    Ok(Exit::Ok)
 }
 
 fn shields_cmd(ctx: &Ctx, name: &SandboxName, action: ShieldsAction) -> CmdResult {
@@ -388,7 +455,7 @@ fn shields_cmd(ctx: &Ctx, name: &SandboxName, action: ShieldsAction) -> CmdResul
             let s = ShieldsState::load_strict(&ctx.home, name)?;
             if p.json {
                 p.json_doc(
-                    "shields",
+                    "shields.status",
                     json!({"name": name.as_str(), "state": shields_word(&s), "locked": s.locked(), "file": s.doc}),
                 );
             } else {
@@ -421,7 +488,7 @@ fn report_shields(ctx: &Ctx, name: &SandboxName, word: &str) -> CmdResult {
     let p = &ctx.printer;
     if p.json {
         p.json_doc(
-            "shields",
+            &format!("shields.{word}"),
             json!({"name": name.as_str(), "state": word, "locked": word == "up"}),
         );
     } else {
@@ -433,22 +500,19 @@ fn report_shields(ctx: &Ctx, name: &SandboxName, word: &str) -> CmdResult {
 /// The refusal for a sandbox whose live state could not be confirmed, in NemoClaw's words.
 fn refusal(name: &SandboxName, binding: &Binding, live: &Liveness) -> CliError {
     match live {
-        Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => CliError::new(
-            Exit::Refused,
-            format!(
-                "Sandbox '{name}' is registered against the NemoClaw gateway '{binding}', but the currently active OpenShell gateway is '{active}'. Your sandbox has NOT been removed."
-            ),
-        )
-        .hint(format!("switch gateways and retry: `openshell gateway select {binding}`")),
-        other => CliError::new(
-            Exit::Refused,
-            format!(
-                "Could not confirm live state of '{name}' (gateway not in a known-good state): {}",
-                gateway::openshell::describe(other)
-            ),
-        )
-        .hint("your local registry entry has been preserved — nothing was removed"),
+        Liveness::Unhealthy { reason: Unhealthy::Foreign, active: Some(active), .. } => {
+            Refusal::ForeignGateway {
+                name: name.clone(),
+                gateway: binding.to_string(),
+                active: active.clone(),
+            }
+        }
+        other => Refusal::CouldNotConfirm {
+            name: name.clone(),
+            detail: gateway::openshell::describe(other),
+        },
     }
+    .into()
 }
 
 fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
@@ -470,11 +534,11 @@ fn destroy(ctx: &Ctx, name: &SandboxName, yes: bool) -> CmdResult {
     };
     if !yes {
         if !std::io::stdin().is_terminal() {
-            return Err(CliError::new(
-                Exit::Refused,
-                format!("refusing to {plan} without confirmation"),
-            )
-            .hint(format!("run `nemoclaw {name} destroy --yes`")));
+            return Err(Refusal::NeedsConfirmation {
+                what: format!("destroy of '{name}'"),
+                yes: format!("nemoclaw {name} destroy --yes"),
+            }
+            .into());
         }
         if !p.confirm(&format!("This will {plan}. Continue?")) {
             return Ok(Exit::Refused);

@@ -115,26 +115,6 @@ fn side(path: &Path, suffix: &str) -> String {
 }
 
 impl JournalError {
-    /// What the operator does next, for the variants that have one obvious next command.
-    pub fn next_command(&self) -> Option<String> {
-        match self {
-            JournalError::NeedsRollback { read_only_dir: false, .. } => Some(
-                "`nemoclaw recover` rolls the unfinished write back (restoring the last committed \
-                 state) and lists unfinished runs"
-                    .into(),
-            ),
-            JournalError::NeedsRollback { path, read_only_dir: true } => Some(format!(
-                "copy the whole directory, `{}` included, to writable storage and run `nemoclaw --home <copy> recover` there",
-                side(path, "-journal")
-            )),
-            JournalError::UnreadableWal { path } => Some(format!(
-                "copy the whole directory, `{}` included, to writable storage and run the command there with `--home <copy>`",
-                side(path, "-wal")
-            )),
-            _ => None,
-        }
-    }
-
     /// Classify a SQLite error that happened on `path` while doing `context`.
     pub fn sql(path: &Path, context: &str, e: rusqlite::Error) -> Self {
         use rusqlite::ErrorCode as C;
@@ -186,10 +166,6 @@ impl ExitCoded for JournalError {
             JournalError::Transition(_) => Exit::Corrupt,
             JournalError::NotFound(_) => Exit::Usage,
         }
-    }
-
-    fn hint(&self) -> Option<String> {
-        self.next_command()
     }
 }
 

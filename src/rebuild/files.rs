@@ -78,13 +78,6 @@ impl ExitCoded for PruneError {
             PruneError::Backup { .. } => Exit::Io,
         }
     }
-
-    fn hint(&self) -> Option<String> {
-        match self {
-            PruneError::Audit(e) => e.hint(),
-            PruneError::Backup { .. } => None,
-        }
-    }
 }
 
 /// The backups named by step outputs: candidates (named by a pruned run) and protected ones

@@ -11,6 +11,10 @@ pub const BACKING_UP: &str = "Backing up sandbox state...";
 pub fn stale_absent(n: &str) -> String {
     format!("⚠ Sandbox '{n}' is registered locally but absent from the live OpenShell gateway.")
 }
+/// `status` of a sandbox its gateway does not have (a rebuild then takes the stale path).
+pub fn missing_from_gateway(n: &str, gw: &str) -> String {
+    format!("⚠ Sandbox '{n}' is registered locally but not present in the live gateway '{gw}'.")
+}
 /// Stale path, second line.
 pub const STALE_NO_BACKUP: &str =
     "No live workspace state to back up — recreating from the preserved registry metadata.";

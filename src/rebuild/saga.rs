@@ -50,13 +50,6 @@ impl ExitCoded for SagaError {
             SagaError::Data { .. } => Exit::Corrupt,
         }
     }
-    fn hint(&self) -> Option<String> {
-        match self {
-            SagaError::Journal(e) => e.hint(),
-            SagaError::Engine(e) => e.hint(),
-            SagaError::Data { .. } => None,
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -591,7 +591,7 @@ fn sigterm_during_rollback_keeps_rolling_back_then_rollback_finishes() {
     assert_eq!(code(&o), Some(130), "{}", stderr(&o));
     let doc: serde_json::Value =
         serde_json::from_str(stdout(&o).trim()).expect("one JSON document");
-    assert_eq!(doc["type"], "synthetic_run");
+    assert_eq!(doc["type"], "internal.synthetic");
     assert_eq!(doc["data"]["run_id"], run.id.as_str());
     assert_eq!(doc["data"]["state"], "rolling_back");
     assert_eq!(doc["data"]["interrupted"], true);

@@ -359,7 +359,10 @@ fn status_of_a_reaped_sandbox_explains_and_removes_nothing() {
     assert_eq!(o.status.code(), Some(0));
     let err = stderr(&o);
     assert!(err.contains("is registered locally but not present in the live gateway"), "{err}");
-    assert!(err.contains("Nothing was removed"), "{err}");
+    assert!(
+        err.contains("Your local registry entry has been preserved — nothing was removed."),
+        "{err}"
+    );
     assert!(err.contains("nemoclaw demo rebuild --yes"), "{err}");
     assert_eq!(fs::read(h.path().join("sandboxes.json")).unwrap(), before);
     // An unhealthy gateway is not a missing sandbox.

@@ -5,11 +5,13 @@ mod common;
 
 mod audit;
 mod backups;
+mod commands;
 mod engine;
 mod evidence;
 mod fakegw;
 mod gateway;
 mod host;
+mod json;
 mod power_loss;
 mod readonly;
 mod rebuild;

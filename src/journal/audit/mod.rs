@@ -59,13 +59,13 @@ pub const RUN_STATES: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     /// A `--since` / `--until` value that is neither RFC 3339 nor a duration.
-    #[error("invalid time `{input}`: use RFC 3339 (`2026-06-01T10:00:00Z`), a date (`2026-06-01`) or a duration before now (`7d`, `12h`, `30m`, `45s`)")]
+    #[error("invalid time `{input}`: use RFC 3339 (`2026-06-01T10:00:00Z`), a date (`2026-06-01`) or a duration before now (`7d`, `12h`, `1h30m`, `45s`)")]
     BadTime {
         /// What was given.
         input: String,
     },
     /// A `--older-than` value that is not a duration.
-    #[error("invalid duration `{input}`: use a number and a unit, e.g. `30d`, `12h`, `30m`, `45s`, `2w`")]
+    #[error("invalid duration `{input}`: use numbers with units, e.g. `30d`, `12h`, `1h30m`, `1min`, `45s`, `2w`")]
     BadDuration {
         /// What was given.
         input: String,
@@ -110,13 +110,6 @@ impl ExitCoded for AuditError {
             | AuditError::AmbiguousRun { .. } => Exit::Usage,
             AuditError::Journal(e) => e.exit(),
             AuditError::Output(_) => Exit::Io,
-        }
-    }
-
-    fn hint(&self) -> Option<String> {
-        match self {
-            AuditError::Journal(e) => e.next_command(),
-            _ => None,
         }
     }
 }

@@ -3,23 +3,12 @@
 
 use super::AuditError;
 
-/// Parse a duration like `7d`, `12h`, `30m`, `45s`, `2w` or `500ms` into milliseconds.
+/// Parse a duration into milliseconds: `7d`, `12h`, `30m`, `45s`, `2w`, `500ms`, and every
+/// form `humantime` reads (`1min`, `1h30m`, `1h 30m`, `2days`).
 pub fn parse_duration(s: &str) -> Result<i64, AuditError> {
     let bad = || AuditError::BadDuration { input: s.to_owned() };
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (num, unit) = t.split_at(split);
-    let n: i64 = num.parse().map_err(|_| bad())?;
-    let mult: i64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "w" => 7 * 86_400_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(mult).ok_or_else(bad)
+    let d = humantime::parse_duration(s.trim()).map_err(|_| bad())?;
+    i64::try_from(d.as_millis()).map_err(|_| bad())
 }
 
 /// Parse a point in time: RFC 3339, a UTC date (`2026-06-01`), or a duration meaning "that long
@@ -92,6 +81,10 @@ mod tests {
     #[case::seconds("45s", 45_000)]
     #[case::weeks("2w", 14 * 86_400_000)]
     #[case::millis("500ms", 500)]
+    #[case::min("1min", 60_000)]
+    #[case::compound("1h30m", 90 * 60_000)]
+    #[case::spaced("1h 30m", 90 * 60_000)]
+    #[case::words("2days", 2 * 86_400_000)]
     fn durations(#[case] s: &str, #[case] ms: i64) {
         assert_eq!(parse_duration(s).unwrap(), ms);
     }
@@ -99,7 +92,8 @@ mod tests {
     #[rstest]
     #[case::empty("")]
     #[case::no_unit("7")]
-    #[case::bad_unit("7y")]
+    #[case::bad_unit("7x")]
+    #[case::words_only("soon")]
     #[case::negative("-7d")]
     #[case::overflow("99999999999999999d")]
     fn bad_durations(#[case] s: &str) {
