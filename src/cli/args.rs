@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Flags accepted by every command.
+/// Flags accepted by every command, before or after it.
 #[derive(Debug, Clone, Args, Default)]
+#[command(next_help_heading = "Global options")]
 pub struct Global {
     /// NemoClaw home directory (default: $NEMOCLAW_HOME, else ~/.nemoclaw).
     #[arg(long, global = true, env = "NEMOCLAW_HOME", value_name = "DIR")]
@@ -23,13 +24,69 @@ pub struct Global {
     /// When to use colour (NO_COLOR is honoured with `auto`).
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
-    /// Path of the `openshell` binary (default: $NEMOCLAW_OPENSHELL, else found on PATH).
-    #[arg(long, global = true, env = "NEMOCLAW_OPENSHELL", value_name = "PATH")]
+    /// The `openshell` binary, for the commands that talk to a gateway ([`OpenShellOpt`]).
+    #[arg(skip)]
     pub openshell: Option<PathBuf>,
-    /// NemoClaw's policy presets directory (`<preset>.yaml` files), read when a stale recovery
-    /// has no journaled policy and re-applies the registry's presets.
-    #[arg(long, global = true, env = "NEMOCLAW_POLICY_PRESETS", value_name = "DIR")]
+    /// NemoClaw's presets directory, for the commands that apply presets ([`PresetsOpt`]).
+    #[arg(skip)]
     pub policy_presets: Option<PathBuf>,
+}
+
+/// `--openshell`, on the commands that talk to an OpenShell gateway (onboard, recover, status,
+/// rebuild, destroy). The environment variable is read by [`GatewayFlags::resolve`], so a
+/// flag given anywhere on the command line wins over it.
+#[derive(Debug, Clone, Args, Default)]
+#[command(next_help_heading = "Gateway options")]
+pub struct OpenShellOpt {
+    /// Path of the `openshell` binary (default: $NEMOCLAW_OPENSHELL, else found on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub openshell: Option<PathBuf>,
+}
+
+/// `--policy-presets`, on the commands that apply NemoClaw's presets (onboard, and rebuild and
+/// recover for a stale recovery).
+#[derive(Debug, Clone, Args, Default)]
+#[command(next_help_heading = "Gateway options")]
+pub struct PresetsOpt {
+    /// NemoClaw's policy presets directory (`<preset>.yaml` files; default:
+    /// $NEMOCLAW_POLICY_PRESETS), read by onboard and when a stale recovery has no journaled
+    /// policy and re-applies the registry's presets.
+    #[arg(long, value_name = "DIR")]
+    pub policy_presets: Option<PathBuf>,
+}
+
+/// The gateway flags as given before the command (`nemoclaw --openshell P <name> rebuild`):
+/// still accepted, not shown in help, and overridden by the same flag after the command.
+#[derive(Debug, Clone, Args, Default)]
+pub struct GatewayFlags {
+    #[arg(long = "openshell", id = "early_openshell", value_name = "PATH", hide = true)]
+    pub openshell: Option<PathBuf>,
+    #[arg(long = "policy-presets", id = "early_policy_presets", value_name = "DIR", hide = true)]
+    pub policy_presets: Option<PathBuf>,
+}
+
+impl GatewayFlags {
+    /// The settings a command runs with: its own flags, else those before it, else
+    /// `$NEMOCLAW_OPENSHELL` / `$NEMOCLAW_POLICY_PRESETS`.
+    pub fn resolve(self, openshell: Option<PathBuf>, presets: Option<PathBuf>) -> Self {
+        self.resolve_with(openshell, presets, |v| {
+            std::env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from)
+        })
+    }
+
+    fn resolve_with(
+        self,
+        openshell: Option<PathBuf>,
+        presets: Option<PathBuf>,
+        env: impl Fn(&str) -> Option<PathBuf>,
+    ) -> Self {
+        Self {
+            openshell: openshell.or(self.openshell).or_else(|| env("NEMOCLAW_OPENSHELL")),
+            policy_presets: presets
+                .or(self.policy_presets)
+                .or_else(|| env("NEMOCLAW_POLICY_PRESETS")),
+        }
+    }
 }
 
 /// `--color` values.
@@ -51,6 +108,8 @@ pub enum ColorChoice {
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
+    #[command(flatten)]
+    pub early: GatewayFlags,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -119,6 +178,10 @@ pub struct OnboardArgs {
     /// Image to create the sandbox from.
     #[arg(long)]
     pub image: Option<String>,
+    #[command(flatten)]
+    pub openshell: OpenShellOpt,
+    #[command(flatten)]
+    pub presets: PresetsOpt,
 }
 
 /// The words that make `nemoclaw <NAME> <word>` a sandbox command (see [`SandboxAction`]).
@@ -145,7 +208,10 @@ pub struct SandboxCli {
 #[derive(Debug, Subcommand)]
 pub enum SandboxAction {
     /// Registry entry and live state.
-    Status,
+    Status {
+        #[command(flatten)]
+        openshell: OpenShellOpt,
+    },
     /// Back up, recreate with the current image, restore — journaled and resumable.
     Rebuild(RebuildArgs),
     /// Shields (lockdown) state.
@@ -158,6 +224,8 @@ pub enum SandboxAction {
         /// Do not ask for confirmation.
         #[arg(long, short = 'y')]
         yes: bool,
+        #[command(flatten)]
+        openshell: OpenShellOpt,
     },
 }
 
@@ -170,20 +238,30 @@ pub struct RebuildArgs {
     /// Print the plan and each step's probe; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub openshell: OpenShellOpt,
+    #[command(flatten)]
+    pub presets: PresetsOpt,
 }
 
 /// `shields` actions.
+//
+// clap writes a nested action's usage without the name positional (`nemoclaw shields up`):
+// each one is spelt out.
 #[derive(Debug, Subcommand)]
 pub enum ShieldsAction {
     /// Lock the sandbox down.
+    #[command(override_usage = "nemoclaw <NAME> shields up [OPTIONS]")]
     Up,
     /// Unlock the sandbox.
+    #[command(override_usage = "nemoclaw <NAME> shields down [OPTIONS]")]
     Down {
         /// Why (recorded in the shields file).
         #[arg(long)]
         reason: Option<String>,
     },
     /// Show whether shields are up.
+    #[command(override_usage = "nemoclaw <NAME> shields status [OPTIONS]")]
     Status,
 }
 
@@ -205,6 +283,10 @@ pub struct RecoverArgs {
     /// Pick the unfinished run of this sandbox.
     #[arg(long, conflicts_with = "run")]
     pub sandbox: Option<String>,
+    #[command(flatten)]
+    pub openshell: OpenShellOpt,
+    #[command(flatten)]
+    pub presets: PresetsOpt,
 }
 
 /// `nemoclaw journal ...`.
@@ -332,5 +414,23 @@ mod tests {
     fn definitions_are_consistent() {
         Cli::command().debug_assert();
         SandboxCli::command().debug_assert();
+    }
+
+    #[rstest::rstest]
+    #[case::after_wins(Some("after"), Some("before"), Some("env"), Some("after"))]
+    #[case::before_wins_over_env(None, Some("before"), Some("env"), Some("before"))]
+    #[case::env_last(None, None, Some("env"), Some("env"))]
+    #[case::nothing(None, None, None, None)]
+    fn gateway_flags_precedence(
+        #[case] after: Option<&str>,
+        #[case] before: Option<&str>,
+        #[case] env: Option<&str>,
+        #[case] want: Option<&str>,
+    ) {
+        let p = |s: Option<&str>| s.map(PathBuf::from);
+        let early = GatewayFlags { openshell: p(before), policy_presets: p(before) };
+        let got = early.resolve_with(p(after), p(after), |_| p(env));
+        assert_eq!(got.openshell, p(want));
+        assert_eq!(got.policy_presets, p(want));
     }
 }

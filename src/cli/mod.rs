@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::exit::Exit;
-use args::{Cli, Command, Global, SandboxCli};
+use args::{Cli, Command, GatewayFlags, Global, SandboxCli};
 pub use error::{CliError, Refusal};
 pub use printer::Printer;
 
@@ -65,10 +65,11 @@ pub fn main() -> ExitCode {
         Err(e) => return usage_error(json, e),
     };
     let outcome = match cli.command {
-        Command::Sandbox(argv) => return sandbox_command(cli.global, argv, json),
+        Command::Sandbox(argv) => return sandbox_command(cli.global, cli.early, argv, json),
         other => {
             init_tracing(cli.global.verbose);
-            run_with(cli.global, |ctx| dispatch(ctx, other))
+            let global = with_gateway(cli.global, cli.early, gateway_flags(&other));
+            run_with(global, |ctx| dispatch(ctx, other))
         }
     };
     ExitCode::from(outcome.code())
@@ -92,7 +93,12 @@ fn help_for_sandbox_action(argv: &[std::ffi::OsString]) -> Option<ExitCode> {
 
 /// `nemoclaw <name> <action> ...` (clap's external subcommand): parse it, merge its flags with
 /// those before the name, run it.
-fn sandbox_command(global: Global, mut argv: Vec<std::ffi::OsString>, json: bool) -> ExitCode {
+fn sandbox_command(
+    global: Global,
+    early: GatewayFlags,
+    mut argv: Vec<std::ffi::OsString>,
+    json: bool,
+) -> ExitCode {
     let marked = argv.first().is_some_and(|a| a == SANDBOX_MARKER);
     if marked {
         argv.remove(0);
@@ -107,6 +113,7 @@ fn sandbox_command(global: Global, mut argv: Vec<std::ffi::OsString>, json: bool
                 |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
             // `-v` after the action counts: tracing starts once both sets are merged.
             let merged = merge_global(global, sc.global.clone(), given);
+            let merged = with_gateway(merged, early, action_gateway_flags(&sc.action));
             init_tracing(merged.verbose);
             ExitCode::from(run_with(merged, |ctx| sandbox::dispatch(ctx, sc)).code())
         }
@@ -219,8 +226,47 @@ fn merge_global(a: Global, b: Global, given: impl Fn(&str) -> bool) -> Global {
         verbose: a.verbose.max(b.verbose),
         quiet: a.quiet || b.quiet,
         color: if b.color != args::ColorChoice::Auto { b.color } else { a.color },
-        openshell: if given("openshell") { b.openshell } else { a.openshell },
-        policy_presets: if given("policy_presets") { b.policy_presets } else { a.policy_presets },
+        openshell: None,
+        policy_presets: None,
+    }
+}
+
+/// `global` with the gateway settings the command runs with: its own `--openshell` /
+/// `--policy-presets` (`own`), else those given before it, else the environment.
+fn with_gateway(mut global: Global, early: GatewayFlags, own: GatewayFlags) -> Global {
+    let g = early.resolve(own.openshell, own.policy_presets);
+    global.openshell = g.openshell;
+    global.policy_presets = g.policy_presets;
+    global
+}
+
+/// The gateway flags a top-level command takes (only onboard and recover talk to gateways).
+fn gateway_flags(c: &Command) -> GatewayFlags {
+    match c {
+        Command::Onboard(a) => GatewayFlags {
+            openshell: a.openshell.openshell.clone(),
+            policy_presets: a.presets.policy_presets.clone(),
+        },
+        Command::Recover(a) => GatewayFlags {
+            openshell: a.openshell.openshell.clone(),
+            policy_presets: a.presets.policy_presets.clone(),
+        },
+        _ => GatewayFlags::default(),
+    }
+}
+
+/// The gateway flags a sandbox action takes (shields never reach the gateway).
+fn action_gateway_flags(a: &args::SandboxAction) -> GatewayFlags {
+    use args::SandboxAction as A;
+    match a {
+        A::Status { openshell } | A::Destroy { openshell, .. } => {
+            GatewayFlags { openshell: openshell.openshell.clone(), policy_presets: None }
+        }
+        A::Rebuild(r) => GatewayFlags {
+            openshell: r.openshell.openshell.clone(),
+            policy_presets: r.presets.policy_presets.clone(),
+        },
+        A::Shields { .. } => GatewayFlags::default(),
     }
 }
 

@@ -309,7 +309,7 @@ pub fn dispatch(ctx: &Ctx, sc: SandboxCli) -> CmdResult {
     match sc.action {
         // rebuild makes its own, stricter check (it refuses).
         SandboxAction::Rebuild(a) => super::rebuild_cmd::rebuild(ctx, &sc.name, a),
-        SandboxAction::Status => {
+        SandboxAction::Status { .. } => {
             super::rebuild_cmd::warn_unfinished(ctx, &name);
             status(ctx, &name)
         }
@@ -327,7 +327,7 @@ pub fn dispatch(ctx: &Ctx, sc: SandboxCli) -> CmdResult {
             super::rebuild_cmd::refuse_if_unfinished(ctx, &name, what)?;
             shields_cmd(ctx, &name, action)
         }
-        SandboxAction::Destroy { yes } => {
+        SandboxAction::Destroy { yes, .. } => {
             super::rebuild_cmd::refuse_if_unfinished(ctx, &name, "destroy")?;
             destroy(ctx, &name, yes)
         }

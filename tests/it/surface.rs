@@ -68,6 +68,8 @@ fn usage_errors_are_pinned() {
         ("usage-damaged-without-rollback", &["recover", "--accept-damaged-backup"]),
         ("usage-unknown-preset", &["onboard", "alpha", "--policy", "nmp"]),
         ("usage-bad-gateway", &["onboard", "alpha", "--gateway", "nemoclaw-8080"]),
+        ("usage-openshell-where-it-means-nothing", &["journal", "list", "--openshell", "/x"]),
+        ("usage-presets-on-status", &["alpha", "status", "--policy-presets", "/x"]),
     ] {
         let o = run(&h, args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
