@@ -204,42 +204,18 @@ fn finish_onboard(
         ctx.printer.info(format!("Applying policy preset '{preset}'..."));
         gw.apply_policy(name, &PolicySpec::Preset { name: preset.clone() })?;
     }
-    let entry = registry_entry(name, binding, a, image);
-    let stored = entry.clone();
-    registry::update(&ctx.home, |reg| {
-        if reg.entry(name).is_some() {
-            return Err(HostError::Invalid(format!(
-                "sandbox '{name}' was registered by someone else meanwhile"
-            )));
-        }
-        reg.set_entry(name, stored);
-        if reg.default_sandbox().is_none() {
-            reg.set_default(Some(name));
-        }
-        Ok(())
-    })?;
-    Ok(entry)
-}
-
-/// NemoClaw's registry entry for a freshly onboarded sandbox.
-fn registry_entry(name: &SandboxName, binding: &Binding, a: &OnboardArgs, image: &str) -> Value {
-    let mut entry = json!({
-        "name": name.as_str(),
-        "createdAt": crate::util::iso_ms(crate::util::now_ms()),
-        "model": a.model.clone().unwrap_or_else(|| "nvidia/nemotron-3-super-120b-a12b".to_owned()),
-        "provider": a.provider.clone().unwrap_or_else(|| "nvidia-prod".to_owned()),
-        "gpuEnabled": false,
-        "policies": a.policies,
-        "customPolicies": [],
-        "agent": a.agent,
-        "imageTag": image,
-        "gatewayName": binding.name(),
-    });
-    if let Binding::OpenShell(g) = binding {
-        let port = g.strip_prefix("nemoclaw-").and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
-        entry["gatewayPort"] = json!(port);
+    let entry = registry::NewEntry {
+        name,
+        binding,
+        model: a.model.as_deref(),
+        provider: a.provider.as_deref(),
+        agent: a.agent.as_deref(),
+        policies: &a.policies,
+        image,
     }
-    entry
+    .to_value(crate::util::now_ms());
+    registry::register_new(&ctx.home, name, entry.clone())?;
+    Ok(entry)
 }
 
 /// `nemoclaw list`.

@@ -201,6 +201,73 @@ pub fn update<T>(
     Ok(out)
 }
 
+/// NemoClaw's model for a sandbox onboarded without `--model`.
+pub const DEFAULT_MODEL: &str = "nvidia/nemotron-3-super-120b-a12b";
+/// NemoClaw's inference provider for a sandbox onboarded without `--provider`.
+pub const DEFAULT_PROVIDER: &str = "nvidia-prod";
+
+/// What a freshly onboarded sandbox's registry entry is made of.
+#[derive(Debug, Clone)]
+pub struct NewEntry<'a> {
+    /// The sandbox.
+    pub name: &'a SandboxName,
+    /// Where it lives.
+    pub binding: &'a Binding,
+    /// Model (default [`DEFAULT_MODEL`]).
+    pub model: Option<&'a str>,
+    /// Inference provider (default [`DEFAULT_PROVIDER`]).
+    pub provider: Option<&'a str>,
+    /// Agent kind; `None` is NemoClaw's `null` (openclaw).
+    pub agent: Option<&'a str>,
+    /// Policy presets applied at onboard.
+    pub policies: &'a [String],
+    /// The image it was created from.
+    pub image: &'a str,
+}
+
+impl NewEntry<'_> {
+    /// The entry in NemoClaw's shape and key order, created at `now_ms`. An OpenShell binding
+    /// is written both as `gatewayName` and as `gatewayPort` (8080 for `nemoclaw`), so
+    /// [`binding_of`] reads back the same binding.
+    pub fn to_value(&self, now_ms: i64) -> Value {
+        let mut entry = serde_json::json!({
+            "name": self.name.as_str(),
+            "createdAt": crate::util::iso_ms(now_ms),
+            "model": self.model.unwrap_or(DEFAULT_MODEL),
+            "provider": self.provider.unwrap_or(DEFAULT_PROVIDER),
+            "gpuEnabled": false,
+            "policies": self.policies,
+            "customPolicies": [],
+            "agent": self.agent,
+            "imageTag": self.image,
+            "gatewayName": self.binding.name(),
+        });
+        if let Binding::OpenShell(g) = self.binding {
+            let port =
+                g.strip_prefix("nemoclaw-").and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
+            entry["gatewayPort"] = serde_json::json!(port);
+        }
+        entry
+    }
+}
+
+/// Register a new sandbox under the lock: refused when the name was registered meanwhile
+/// (nothing written); it becomes the default when there is none.
+pub fn register_new(home: &Path, name: &SandboxName, entry: Value) -> Result<(), HostError> {
+    update(home, |reg| {
+        if reg.entry(name).is_some() {
+            return Err(HostError::Invalid(format!(
+                "sandbox '{name}' was registered by someone else meanwhile"
+            )));
+        }
+        reg.set_entry(name, entry);
+        if reg.default_sandbox().is_none() {
+            reg.set_default(Some(name));
+        }
+        Ok(())
+    })
+}
+
 /// NemoClaw's registry lock, held until dropped.
 #[derive(Debug)]
 pub struct RegistryLock {
@@ -408,6 +475,34 @@ mod tests {
     use super::*;
     use rstest::rstest;
     use serde_json::json;
+
+    /// A new entry's binding reads back as the binding it was made for, and its key order is
+    /// NemoClaw's.
+    #[rstest]
+    #[case::local("local", None)]
+    #[case::default_port("nemoclaw", Some(8080))]
+    #[case::other_port("nemoclaw-9001", Some(9001))]
+    fn new_entries_read_back_their_binding(#[case] gw: &str, #[case] port: Option<u16>) {
+        let name = SandboxName::parse("alpha").unwrap();
+        let binding = Binding::parse(gw).unwrap();
+        let policies = vec!["npm".to_owned()];
+        let e = NewEntry {
+            name: &name,
+            binding: &binding,
+            model: None,
+            provider: Some("p"),
+            agent: None,
+            policies: &policies,
+            image: "img",
+        }
+        .to_value(0);
+        assert_eq!(binding_of(&e).unwrap(), binding);
+        assert_eq!(e["gatewayPort"].as_u64().map(|p| p as u16), port);
+        assert_eq!((e["model"].as_str(), e["provider"].as_str()), (Some(DEFAULT_MODEL), Some("p")));
+        let keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(&keys[..4], ["name", "createdAt", "model", "provider"]);
+        assert_eq!(e["createdAt"], "1970-01-01T00:00:00.000Z");
+    }
 
     #[rstest]
     #[case::port_default(json!({"gatewayPort": 8080}), Some("nemoclaw"))]
