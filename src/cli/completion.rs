@@ -17,6 +17,7 @@ use super::args::{Cli, CompletionShell, SandboxCli};
 use super::{CliError, CmdResult, Ctx};
 use crate::exit::Exit;
 use crate::journal::audit::{list_runs, RunFilter};
+use crate::journal::state::RunState;
 use crate::journal::store::FILE_NAME;
 use crate::journal::Journal;
 
@@ -64,16 +65,18 @@ fn command() -> clap::Command {
         let names = names.clone();
         ArgValueCandidates::new(move || names.iter().map(CompletionCandidate::new).collect())
     };
-    let runs = || {
+    let runs = |unfinished_only: bool| {
         let home = home.clone();
-        ArgValueCandidates::new(move || home.as_deref().map(run_ids).unwrap_or_default())
+        ArgValueCandidates::new(move || {
+            home.as_deref().map(|h| run_ids(h, unfinished_only)).unwrap_or_default()
+        })
     };
     documented_command(Some(&names))
         .mut_subcommand("recover", |c| {
-            c.mut_arg("run", |a| a.add(runs())).mut_arg("sandbox", |a| a.add(sandboxes()))
+            c.mut_arg("run", |a| a.add(runs(true))).mut_arg("sandbox", |a| a.add(sandboxes()))
         })
         .mut_subcommand("journal", |j| {
-            j.mut_subcommand("show", |c| c.mut_arg("run", |a| a.add(runs())))
+            j.mut_subcommand("show", |c| c.mut_arg("run", |a| a.add(runs(false))))
                 .mut_subcommand("list", |c| c.mut_arg("sandbox", |a| a.add(sandboxes())))
                 .mut_subcommand("export", |c| c.mut_arg("sandbox", |a| a.add(sandboxes())))
         })
@@ -120,12 +123,16 @@ fn registered_names(home: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-/// Run ids, newest first, with their sandbox and state as the description.
-fn run_ids(home: &std::path::Path) -> Vec<CompletionCandidate> {
+/// Run ids, newest first, with their sandbox and state as the description; with
+/// `unfinished_only`, only runs not yet succeeded or rolled back (what `recover` can take).
+fn run_ids(home: &std::path::Path, unfinished_only: bool) -> Vec<CompletionCandidate> {
     let Ok(Some(j)) = Journal::open_readonly(&home.join(FILE_NAME)) else { return Vec::new() };
     let mut out = Vec::new();
     let filter = RunFilter { limit: Some(200), ..RunFilter::default() };
     let _ = list_runs(&j, &filter, |r| {
+        if unfinished_only && RunState::parse(&r.state).is_none_or(RunState::is_final) {
+            return Ok(());
+        }
         let about = format!("{} {}", r.sandbox.as_deref().unwrap_or("-"), r.state);
         out.push(CompletionCandidate::new(r.id).help(Some(about.into())));
         Ok(())

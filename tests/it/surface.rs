@@ -133,10 +133,24 @@ fn completion_offers_sandboxes_runs_and_actions() {
     let actions = complete(&h, &["nemoclaw", "beta", ""]);
     assert_eq!(actions[..4], ["status", "rebuild", "shields", "destroy"], "{actions:?}");
     assert_eq!(complete(&h, &["nemoclaw", "alpha", "shields", "d"]), ["down"]);
-    for words in [&["nemoclaw", "recover", ""][..], &["nemoclaw", "journal", "show", ""]] {
-        let c = complete(&h, words);
-        assert_eq!(c.first(), Some(&run), "{words:?}: {c:?}");
-    }
+    assert_eq!(complete(&h, &["nemoclaw", "journal", "show", ""]).first(), Some(&run));
+    // `recover` offers only runs there is something to recover: none yet, then the one a
+    // SIGKILL left unfinished.
+    assert!(!complete(&h, &["nemoclaw", "recover", ""]).contains(&run), "a finished run offered");
+    let o = h
+        .cmd()
+        .env("NEMOCLAW_CRASHPOINT", "after_outcome:2")
+        .args(["beta", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    assert!(crate::common::killed(&o), "{}", stderr(&o));
+    let doc: serde_json::Value =
+        serde_json::from_str(&stdout(&h.run(&["--json", "recover"]))).unwrap();
+    let unfinished = doc["data"]["unfinished"][0]["run_id"].as_str().expect("run_id").to_owned();
+    let offered = complete(&h, &["nemoclaw", "recover", ""]);
+    assert!(offered.contains(&unfinished) && !offered.contains(&run), "{offered:?}");
+    let shown = complete(&h, &["nemoclaw", "journal", "show", ""]);
+    assert_eq!(shown[..2], [unfinished, run], "journal show offers every run, newest first");
     assert_eq!(complete(&h, &["nemoclaw", "recover", "--sandbox", ""]), ["alpha", "beta"]);
 
     for (shell, marker) in
