@@ -18,9 +18,9 @@
 //! Needs, inside the sandbox: `sh`, GNU `find` (`-printf`), `sha256sum -z`, `xargs -0`,
 //! `dd iflag=fullblock`, `chmod`, `touch -d @S.N`, `ln` (GNU coreutils and findutils).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use crate::host::fstree::{check_link, check_rel, resolve_in_tree, Kind, Node};
+use crate::host::fstree::{check_rel, escaping_link, Kind, Node};
 use crate::util::sha256_hex;
 
 use super::openshell::SANDBOX_STATE_PATH;
@@ -215,21 +215,12 @@ pub fn parse_listing(out: &[u8], digests: bool) -> Result<Vec<Node>, String> {
         }
         out.push(n);
     }
-    let links: BTreeMap<&[u8], &[u8]> = out
-        .iter()
-        .filter_map(|n| match &n.kind {
-            Kind::Symlink(t) => Some((n.rel.as_slice(), t.as_slice())),
-            _ => None,
-        })
-        .collect();
-    for (rel, t) in &links {
-        check_link(rel, t).and_then(|()| resolve_in_tree(&links, rel, t)).map_err(|why| {
-            format!(
-                "refusing symlink {} → {}: {why}",
-                String::from_utf8_lossy(rel),
-                String::from_utf8_lossy(t)
-            )
-        })?;
+    if let Some((rel, t, why)) = escaping_link(&out) {
+        return Err(format!(
+            "refusing symlink {} → {}: {why}",
+            String::from_utf8_lossy(rel),
+            String::from_utf8_lossy(t)
+        ));
     }
     Ok(out)
 }

@@ -128,6 +128,20 @@ pub fn walk(root: &Path) -> Result<Vec<Node>, HostError> {
 
 /// Refuse the first symlink of `nodes` that resolves outside the tree.
 fn check_tree_links(root: &Path, nodes: &[Node]) -> Result<(), HostError> {
+    match escaping_link(nodes) {
+        None => Ok(()),
+        Some((rel, t, why)) => Err(HostError::Invalid(format!(
+            "refusing symlink {} → {}: {why}",
+            root.join(OsStr::from_bytes(rel)).display(),
+            String::from_utf8_lossy(t)
+        ))),
+    }
+}
+
+/// The first symlink of `nodes` (in path order) that [`check_link`] refuses or that resolves
+/// outside the tree through the tree's own links ([`resolve_in_tree`]): its path, its target
+/// and why.
+pub fn escaping_link(nodes: &[Node]) -> Option<(&[u8], &[u8], &'static str)> {
     let links: BTreeMap<&[u8], &[u8]> = nodes
         .iter()
         .filter_map(|n| match &n.kind {
@@ -135,16 +149,10 @@ fn check_tree_links(root: &Path, nodes: &[Node]) -> Result<(), HostError> {
             _ => None,
         })
         .collect();
-    for (rel, t) in &links {
-        resolve_in_tree(&links, rel, t).map_err(|why| {
-            HostError::Invalid(format!(
-                "refusing symlink {} → {}: {why}",
-                root.join(OsStr::from_bytes(rel)).display(),
-                String::from_utf8_lossy(t)
-            ))
-        })?;
-    }
-    Ok(())
+    links.iter().find_map(|(rel, t)| {
+        let why = check_link(rel, t).and_then(|()| resolve_in_tree(&links, rel, t)).err()?;
+        Some((*rel, *t, why))
+    })
 }
 
 fn join_rel(prefix: &[u8], name: &[u8]) -> Vec<u8> {
