@@ -394,10 +394,6 @@ impl Gateway for LocalGateway {
         }
     }
 
-    fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
-        self.download_listed(name, dest).map(|_| ())
-    }
-
     fn download_listed(
         &self,
         name: &SandboxName,

@@ -198,8 +198,10 @@ pub trait Gateway: Send + Sync {
     fn delete(&self, name: &SandboxName, timeout: Duration) -> Result<(), GatewayError>;
 
     /// Copy the sandbox's state tree (the `/sandbox/.openclaw` equivalent) into `dest`,
-    /// which must be an empty directory.
-    fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError>;
+    /// which must be an empty directory ([`Gateway::download_listed`] without the listing).
+    fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
+        self.download_listed(name, dest).map(|_| ())
+    }
 
     /// The sandbox's live state tree on this host's filesystem, when the driver keeps it here
     /// (the local gateway). Lets a verification read it in place instead of downloading a copy.
@@ -211,17 +213,15 @@ pub trait Gateway: Send + Sync {
     /// Copy the contents of `src` into the sandbox's state tree, replacing files of the same path.
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError>;
 
-    /// [`Gateway::download_state`], returning the source's own listing (digests and metadata
-    /// taken while reading the sandbox's files, or computed inside the sandbox) when the driver
-    /// can give one, so a copy damaged on its way can be told from the source. `None`: only
-    /// the copy can be described.
+    /// Copy the sandbox's state tree into `dest` (an empty directory), returning the source's
+    /// own listing (digests and metadata taken while reading the sandbox's files, or computed
+    /// inside the sandbox) when the driver can give one, so a copy damaged on its way can be
+    /// told from the source. `None`: only the copy can be described.
     fn download_listed(
         &self,
         name: &SandboxName,
         dest: &Path,
-    ) -> Result<Option<Vec<Node>>, GatewayError> {
-        self.download_state(name, dest).map(|()| None)
-    }
+    ) -> Result<Option<Vec<Node>>, GatewayError>;
 
     /// The sandbox's state tree as listed inside the sandbox — type, mode, mtime, size,
     /// symlink target and hard-link group of every entry, and with `digests` the SHA-256 of

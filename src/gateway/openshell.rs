@@ -769,10 +769,6 @@ impl Gateway for OpenShellGateway {
         }
     }
 
-    fn download_state(&self, name: &SandboxName, dest: &Path) -> Result<(), GatewayError> {
-        self.download_listed(name, dest).map(|_| ())
-    }
-
     /// The sandbox lists its state tree with digests (the source, as it is in the sandbox),
     /// the CLI downloads it, and what its `tar` pipeline lost on the way — sub-second and
     /// directory mtimes, setuid/setgid/sticky bits, holes — is put back from the listing.
