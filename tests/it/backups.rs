@@ -261,6 +261,18 @@ fn real_cli_rebuild_keeps_modes_mtimes_empty_dirs_holes_links_and_names(#[case] 
     );
 }
 
+/// The one step that recorded an error, and its run's state.
+fn failed_step(home: &Path) -> (String, String) {
+    let j = nemoclaw::journal::Journal::open_home(home).unwrap();
+    j.conn()
+        .query_row(
+            "SELECT s.name, r.state FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.error IS NOT NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
 /// [`listing`] of a backup directory, without its manifest.
 fn listing_without_manifest(dir: &Path) -> Vec<Vec<u8>> {
     listing(dir).into_iter().filter(|l| !l.starts_with(b"rebuild-manifest.json ")).collect()
@@ -284,17 +296,8 @@ fn a_download_that_corrupts_silently_fails_the_backup_before_anything_is_deleted
         assert_eq!(w.live_id(), b.id, "{how}: the old sandbox was not deleted");
         assert_eq!(w.registry_bytes(), b.registry, "{how}: registry untouched");
         assert_eq!(w.digest(), b.digest, "{how}: live state untouched");
-        let j = nemoclaw::journal::Journal::open_home(w.path()).unwrap();
         // It failed before the delete, so the same command rolled it back at once.
-        let (failed, run_state): (String, String) = j
-            .conn()
-            .query_row(
-                "SELECT s.name, r.state FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.error IS NOT NULL",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-        assert_eq!((failed.as_str(), run_state.as_str()), ("backup", "rolled_back"), "{how}");
+        assert_eq!(failed_step(w.path()), ("backup".into(), "rolled_back".into()), "{how}");
         assert!(!w.path().join("rebuild-backups/alpha").read_dir().unwrap().any(|e| e
             .unwrap()
             .path()
@@ -539,16 +542,7 @@ fn nothing_removed(r: &crate::fakegw::Real, id: &Value, registry: &[u8], digest:
         .map(Iterator::count)
         .unwrap_or(0);
     assert_eq!(committed, 0, "{ctx}: no backup was committed");
-    let j = nemoclaw::journal::Journal::open_home(r.home.path()).unwrap();
-    let (failed, run_state): (String, String) = j
-        .conn()
-        .query_row(
-            "SELECT s.name, r.state FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.error IS NOT NULL",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!((failed.as_str(), run_state.as_str()), ("backup", "rolled_back"), "{ctx}");
+    assert_eq!(failed_step(r.home.path()), ("backup".into(), "rolled_back".into()), "{ctx}");
     crate::rebuild::check_journal(r.home.path());
 }
 
