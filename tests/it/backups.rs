@@ -511,6 +511,41 @@ fn a_same_size_flip_in_the_backup_stops_the_restore_before_the_replacement_holds
     assert_eq!(runs(w.path()).last().unwrap().1, "failed");
 }
 
+/// A restore cut short while its copy was being staged leaves a temp directory of a dead
+/// process beside the sandboxes and the replacement's state as created: resume removes the
+/// staged remains, restores the backup exactly, and the sandbox never holds the partial copy.
+#[test]
+fn a_restore_staged_by_a_dead_process_is_cleaned_up_and_resume_restores_exactly() {
+    let w = World::new(Opts { locked: false, ..Opts::default() });
+    let b = w.snapshot();
+    let o = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_CRASHPOINT", "after_outcome:3")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    assert!(crate::common::killed(&o), "killed after remove: {}", stderr(&o));
+    // What a restore killed mid-copy leaves: a partial staged tree named for a dead pid.
+    let root = w.path().join("local-gateway");
+    let staged = root.join(".tmp.alpha.999999999.0190b0b0-0000-7000-8000-000000000001");
+    std::fs::create_dir_all(staged.join("workspace/d0")).unwrap();
+    std::fs::write(staged.join("workspace/d0/f0.txt"), b"half a fi").unwrap();
+
+    let o = w.home.run(&["recover", "--resume", "--sandbox", "alpha"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!staged.exists(), "the dead process's staged copy is removed");
+    let left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "nothing staged or trashed is left");
+    assert_eq!(w.digest(), b.digest, "the state is the backed-up state, byte for byte");
+    assert_eq!(runs(w.path()).last().unwrap().1, "succeeded");
+    check_journal(w.path());
+}
+
 #[test]
 fn accepting_a_damaged_backup_never_skips_a_good_one() {
     let w = World::new(Opts { locked: false, ..Opts::default() });
