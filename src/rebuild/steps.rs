@@ -626,20 +626,26 @@ fn opened_backup(out: &BackupOutput) -> Result<Backup, String> {
 /// journaled manifest digest and its own manifest. `Ok(Err(why))`: it is damaged and must not
 /// be restored; `why` names the backup and every file that failed.
 pub(crate) fn checked_backup(out: &BackupOutput) -> Result<Result<Backup, String>, StepError> {
-    let path = &out.backup_path;
-    let b = match opened_backup(out) {
-        Ok(b) => b,
-        Err(why) => return Ok(Err(why)),
-    };
-    Ok(match b.damage() {
-        Ok(bad) if bad.is_empty() => Ok(b),
+    Ok(opened_backup(out).and_then(|b| read_in_full(&b).map(|()| b)))
+}
+
+/// Read every file of `b` and compare it with the manifest. `Err(why)`: it is damaged; `why`
+/// names the backup and every file that failed.
+fn read_in_full(b: &Backup) -> Result<(), String> {
+    let path = b.path.display();
+    match b.damage() {
+        Ok(bad) if bad.is_empty() => Ok(()),
         Ok(bad) => Err(format!(
             "backup {path} does not match the manifest: {}",
             backup::describe_all(&bad)
         )),
         // Unreadable (EIO from a failing disk, a file swapped for something else): damaged.
-        Err(e) => Err(format!("backup {path} cannot be read in full: {e}")),
-    })
+        Err(e) => Err(unreadable(b, e)),
+    }
+}
+
+fn unreadable(b: &Backup, e: HostError) -> String {
+    format!("backup {} cannot be read in full: {e}", b.path.display())
 }
 
 /// A damaged backup stops the step: nothing is restored from it, ever, without the operator's
@@ -666,27 +672,16 @@ fn restore_checked(
     b: &Backup,
     verified: bool,
 ) -> Result<(), StepError> {
-    let unreadable =
-        |e: HostError| format!("backup {} cannot be read in full: {e}", b.path.display());
-    let nodes = b.restore_nodes().map_err(|e| damaged(ctx, &unreadable(e)))?;
+    // A walk, reading no file: an entry it refuses (a fifo, a symlink leaving the tree) can
+    // only be there if the backup was tampered with.
+    let nodes = b.restore_nodes().map_err(|e| damaged(ctx, &unreadable(b, e)))?;
     let accept = |read: &[Node]| b.check_read(read);
     match env.gateway.upload_checked(&env.name, &b.path, &nodes, &accept).map_err(gw_err)? {
         CheckedUpload::Committed => crash::point(CrashPoint::MidEffect),
         CheckedUpload::Refused(why) => return Err(damaged(ctx, &why)),
         CheckedUpload::Unsupported => {
             if !verified {
-                match b.damage() {
-                    Ok(bad) if bad.is_empty() => {}
-                    Ok(bad) => {
-                        let why = format!(
-                            "backup {} does not match the manifest: {}",
-                            b.path.display(),
-                            backup::describe_all(&bad)
-                        );
-                        return Err(damaged(ctx, &why));
-                    }
-                    Err(e) => return Err(damaged(ctx, &unreadable(e))),
-                }
+                read_in_full(b).map_err(|why| damaged(ctx, &why))?;
             }
             let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
             b.link_out_verified(&staging).map_err(host_err)?;
