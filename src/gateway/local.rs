@@ -4,13 +4,17 @@
 //! local-gateway/
 //!   sandboxes/<name>/meta.json   id, name, phase, createdAt, image, labels, policies
 //!   sandboxes/<name>/state/      the sandbox's /sandbox/.openclaw (workspace/, memory/, ...)
-//!   .tmp.<name>.<pid>.<uuid>/    a create in progress (never counted as a sandbox)
+//!   .tmp.<name>.<pid>.<uuid>/    a create in progress, or a checked upload being staged (or
+//!                                the state tree it replaced); never counted as a sandbox
 //!   .trash.<name>.<uuid>/        a delete in progress (never counted as a sandbox)
 //!   fault.json                   test-only fault injection, see below
 //! ```
 //!
 //! Create builds the whole sandbox in a temp directory and renames it into `sandboxes/`, so a
-//! crash leaves either no sandbox or a complete one. Delete renames the sandbox out of
+//! crash leaves either no sandbox or a complete one. A checked upload (the restore of a backup)
+//! builds the new state tree in a temp directory the same way and swaps it with `state/` in one
+//! rename once what it read was accepted, so the sandbox holds either its old state or the
+//! whole accepted copy. Delete renames the sandbox out of
 //! `sandboxes/` first (the atomic point: from then on it is absent) and then removes it.
 //! Leftovers of either are cleaned by the next [`LocalGateway::open`]. Removing
 //! `sandboxes/<name>/` by hand is what a reaped (stale) sandbox looks like.
@@ -33,7 +37,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec, Unhealthy};
+use super::{
+    CheckedUpload, CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec, Unhealthy,
+};
 use crate::host::fstree::Node;
 use crate::names::SandboxName;
 
@@ -122,6 +128,37 @@ impl LocalGateway {
         }
     }
 
+    /// A fresh temp directory name for `name`, owned by this process (see `clean_leftovers`).
+    fn temp_dir(&self, name: &SandboxName) -> PathBuf {
+        self.root.join(format!(".tmp.{name}.{}.{}", std::process::id(), uuid::Uuid::now_v7()))
+    }
+
+    /// Make the complete, durable tree at `stage` the state tree `state` in one rename: onto
+    /// the empty `state/` of a fresh sandbox, or swapped with a filled one (`RENAME_EXCHANGE`),
+    /// which leaves the old tree at `stage` for the caller to remove. Both names are in this
+    /// gateway's directory, so on one filesystem.
+    fn swap_in(&self, stage: &Path, state: &Path) -> Result<(), GatewayError> {
+        let err = |e| io_err("cannot put the restored state in place at", state, e);
+        match fs::rename(stage, state) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
+                if let Err(e) = rename_exchange(stage, state) {
+                    if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+                        return Err(err(e));
+                    }
+                    // A filesystem without exchange: copy the accepted tree over the old one
+                    // (one more read of it; the verification that follows reads what landed).
+                    crate::host::backup::copy_tree(stage, state).map_err(host_err)?;
+                }
+            }
+            Err(e) => return Err(err(e)),
+        }
+        for dir in [state.parent().unwrap_or(&self.root), &self.root] {
+            crate::util::fsync_dir(dir).map_err(|e| io_err("cannot sync", dir, e))?;
+        }
+        Ok(())
+    }
+
     fn fault(&self) -> Fault {
         match fs::read(self.root.join(FAULT_FILE)) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or(Fault {
@@ -181,6 +218,32 @@ fn host_err(e: crate::host::HostError) -> GatewayError {
     match e {
         crate::host::HostError::Io { context, source } => GatewayError::Io { context, source },
         other => GatewayError::Other(other.to_string()),
+    }
+}
+
+/// `renameat2(from, to, RENAME_EXCHANGE)`: swap two existing directories atomically.
+fn rename_exchange(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both paths are NUL-terminated; the syscall only reads them.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -322,12 +385,7 @@ impl Gateway for LocalGateway {
         if final_dir.exists() {
             return Err(GatewayError::AlreadyExists(spec.name.to_string(), self.name().to_owned()));
         }
-        let tmp = self.root.join(format!(
-            ".tmp.{}.{}.{}",
-            spec.name,
-            std::process::id(),
-            uuid::Uuid::now_v7()
-        ));
+        let tmp = self.temp_dir(&spec.name);
         let meta = LocalMeta {
             id: uuid::Uuid::now_v7().to_string(),
             name: spec.name.to_string(),
@@ -423,6 +481,58 @@ impl Gateway for LocalGateway {
             c.apply(&self.state_dir(name))?;
         }
         Ok(())
+    }
+
+    fn upload_checked(
+        &self,
+        name: &SandboxName,
+        src: &Path,
+        nodes: &[Node],
+        accept: &dyn Fn(&[Node]) -> Result<(), String>,
+    ) -> Result<CheckedUpload, GatewayError> {
+        self.check("upload")?;
+        self.require(name)?;
+        let state = self.state_dir(name);
+        // Staged beside the sandboxes, on the same filesystem: a crash leaves a temp directory
+        // of a dead process, which the next open removes; the sandbox never sees a byte of it
+        // before it was accepted.
+        let stage = self.temp_dir(name);
+        let staged = || -> Result<Result<(), String>, GatewayError> {
+            crate::host::mkdir_private(&stage).map_err(|e| io_err("cannot create", &stage, e))?;
+            // The one read of the source: it feeds the copy, and its digests are what `accept`
+            // judges.
+            let read = crate::host::fstree::copy_nodes(src, nodes, &stage).map_err(host_err)?;
+            if let Err(why) = accept(&read) {
+                return Ok(Err(why));
+            }
+            // Durable before it becomes the sandbox's state.
+            crate::host::fstree::sync_tree(&stage).map_err(host_err)?;
+            Ok(Ok(()))
+        };
+        match staged() {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                let _ = crate::host::fstree::remove_tree(&stage);
+                return Ok(CheckedUpload::Refused(why));
+            }
+            Err(e) => {
+                let _ = crate::host::fstree::remove_tree(&stage);
+                return Err(e);
+            }
+        }
+        self.swap_in(&stage, &state).inspect_err(|_| {
+            let _ = crate::host::fstree::remove_tree(&stage);
+        })?;
+        // What was swapped out (if anything): garbage now, and the next open's if not ours.
+        if let Err(e) = crate::host::fstree::remove_tree(&stage) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("could not remove {}: {e}; the next open will", stage.display());
+            }
+        }
+        if let Some(c) = self.fault().corrupt.get("upload") {
+            c.apply(&state)?;
+        }
+        Ok(CheckedUpload::Committed)
     }
 
     fn apply_policy(&self, name: &SandboxName, policy: &PolicySpec) -> Result<(), GatewayError> {

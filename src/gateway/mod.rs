@@ -126,6 +126,18 @@ impl PolicySpec {
     }
 }
 
+/// What [`Gateway::upload_checked`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckedUpload {
+    /// What the copy read passed the check, and the sandbox's state tree is now that copy.
+    Committed,
+    /// What the copy read failed the check (the reason): the sandbox's state tree is as it was,
+    /// and nothing of the copy is left.
+    Refused(String),
+    /// The driver cannot check what it reads before the sandbox holds it: nothing was done.
+    Unsupported,
+}
+
 /// A gateway operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -212,6 +224,24 @@ pub trait Gateway: Send + Sync {
 
     /// Copy the contents of `src` into the sandbox's state tree, replacing files of the same path.
     fn upload_state(&self, name: &SandboxName, src: &Path) -> Result<(), GatewayError>;
+
+    /// Replace the sandbox's state tree with a copy of the entries `nodes` (a walk of `src`, in
+    /// tree order), but only if `accept` approves what the copy read — the listing it computed
+    /// while copying (the SHA-256 of the bytes read, mode and mtime of each opened file): the
+    /// copy is staged where the sandbox does not see it, made durable, and becomes its state
+    /// tree in one step only once accepted. Meant for a sandbox whose state is only what the
+    /// caller put there (a replacement it just created). Drivers that cannot do this answer
+    /// [`CheckedUpload::Unsupported`] having done nothing; the caller then checks the source
+    /// itself and uses [`Gateway::upload_state`].
+    fn upload_checked(
+        &self,
+        _name: &SandboxName,
+        _src: &Path,
+        _nodes: &[Node],
+        _accept: &dyn Fn(&[Node]) -> Result<(), String>,
+    ) -> Result<CheckedUpload, GatewayError> {
+        Ok(CheckedUpload::Unsupported)
+    }
 
     /// Copy the sandbox's state tree into `dest` (an empty directory), returning the source's
     /// own listing (digests and metadata taken while reading the sandbox's files, or computed

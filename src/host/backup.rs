@@ -424,6 +424,44 @@ impl Backup {
         )))
     }
 
+    /// Check what a copy read from this backup (the listing [`fstree::copy_nodes`] returns for
+    /// [`Backup::restore_nodes`]: digests of the bytes read, metadata of the opened files)
+    /// against the manifest, as [`Backup::verify`] checks the backup's files: the same
+    /// mismatches, found by the copy's own read instead of a read of its own.
+    pub fn check_read(&self, read: &[Node]) -> Result<(), String> {
+        let bad = self.recorded(fstree::compare(read, &self.listing(), Keeps::ALL));
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "backup {} does not match the manifest: {}",
+            self.path.display(),
+            describe_all(&bad)
+        ))
+    }
+
+    /// The backup's entries to copy for a restore, walked in tree order without reading a
+    /// file: the directories the manifest lists (and those holding its files) and its files
+    /// and symlinks that are there. What is missing or differs is left for
+    /// [`Backup::check_read`] to find in what the copy read.
+    pub fn restore_nodes(&self) -> Result<Vec<Node>, HostError> {
+        let mut wanted: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+        for d in &self.manifest.dirs {
+            wanted.insert(&d.path);
+        }
+        for f in &self.manifest.files {
+            wanted.insert(&f.path);
+            // Older manifests list no directories: the ones holding a file are wanted.
+            let mut p: &[u8] = &f.path;
+            while let Some(i) = p.iter().rposition(|b| *b == b'/') {
+                p = &p[..i];
+                wanted.insert(p);
+            }
+        }
+        let walked = fstree::walk(&self.path)?;
+        Ok(walked.into_iter().filter(|n| wanted.contains(n.rel.as_slice())).collect())
+    }
+
     /// Every way the backup's own files differ from its manifest (empty: intact).
     pub fn damage(&self) -> Result<Vec<Mismatch>, HostError> {
         self.check(&self.path, Keeps::ALL)

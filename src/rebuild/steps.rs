@@ -20,8 +20,10 @@ use super::snapshot::{self, Snapshot};
 use super::{messages, Mode};
 use crate::engine::crash::{self, CrashPoint};
 use crate::engine::{decode, DataError, Probe, Step, StepCtx, StepError};
-use crate::gateway::{CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec};
-use crate::host::backup::{self, Backup, BackupMeta};
+use crate::gateway::{
+    CheckedUpload, CreateSpec, Gateway, GatewayError, LiveSandbox, Liveness, PolicySpec,
+};
+use crate::host::backup::{self, Backup, BackupMeta, Node};
 use crate::host::{registry, shields, HostError};
 use crate::names::SandboxName;
 
@@ -525,7 +527,7 @@ impl Step for RemoveStep {
                         }
                         // (Or created by an earlier attempt of this compensation: make sure the
                         // state is in.)
-                        restore_checked(rb, ctx, &b)?;
+                        restore_checked(rb, ctx, &b, true)?;
                     }
                     Err(why) if rb.accept_damaged_backup => {
                         // The operator accepted (journaled by `recover`) that nothing is restored
@@ -601,35 +603,49 @@ fn restore_backup(
     out: Option<&BackupOutput>,
 ) -> Result<(), StepError> {
     let Some(out) = out else { return Ok(()) };
-    match checked_backup(out)? {
-        Ok(b) => restore_checked(env, ctx, &b),
+    match opened_backup(out) {
+        Ok(b) => restore_checked(env, ctx, &b, false),
         Err(why) => Err(damaged(ctx, &why)),
     }
+}
+
+/// The run's backup (from the backup step's output), opened and checked against the journaled
+/// manifest digest, its files not read yet. `Err(why)`: it must not be restored.
+fn opened_backup(out: &BackupOutput) -> Result<Backup, String> {
+    let path = &out.backup_path;
+    let b = Backup::open(Path::new(path)).map_err(|e| e.to_string())?;
+    if b.manifest_digest != out.manifest_sha256 {
+        return Err(format!(
+            "backup {path} does not match the journaled manifest digest (its manifest was changed)"
+        ));
+    }
+    Ok(b)
 }
 
 /// The run's backup (from the backup step's output), opened and verified in full against the
 /// journaled manifest digest and its own manifest. `Ok(Err(why))`: it is damaged and must not
 /// be restored; `why` names the backup and every file that failed.
 pub(crate) fn checked_backup(out: &BackupOutput) -> Result<Result<Backup, String>, StepError> {
-    let path = &out.backup_path;
-    let b = match Backup::open(Path::new(path)) {
-        Ok(b) => b,
-        Err(e) => return Ok(Err(e.to_string())),
-    };
-    if b.manifest_digest != out.manifest_sha256 {
-        return Ok(Err(format!(
-            "backup {path} does not match the journaled manifest digest (its manifest was changed)"
-        )));
-    }
-    Ok(match b.damage() {
-        Ok(bad) if bad.is_empty() => Ok(b),
+    Ok(opened_backup(out).and_then(|b| read_in_full(&b).map(|()| b)))
+}
+
+/// Read every file of `b` and compare it with the manifest. `Err(why)`: it is damaged; `why`
+/// names the backup and every file that failed.
+fn read_in_full(b: &Backup) -> Result<(), String> {
+    let path = b.path.display();
+    match b.damage() {
+        Ok(bad) if bad.is_empty() => Ok(()),
         Ok(bad) => Err(format!(
             "backup {path} does not match the manifest: {}",
             backup::describe_all(&bad)
         )),
         // Unreadable (EIO from a failing disk, a file swapped for something else): damaged.
-        Err(e) => Err(format!("backup {path} cannot be read in full: {e}")),
-    })
+        Err(e) => Err(unreadable(b, e)),
+    }
+}
+
+fn unreadable(b: &Backup, e: HostError) -> String {
+    format!("backup {} cannot be read in full: {e}", b.path.display())
 }
 
 /// A damaged backup stops the step: nothing is restored from it, ever, without the operator's
@@ -643,13 +659,37 @@ fn damaged(ctx: &StepCtx<'_>, why: &str) -> StepError {
         ))
 }
 
-/// Upload a backup that was just verified, then verify what the sandbox holds.
-fn restore_checked(env: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
-    let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
-    b.link_out_verified(&staging).map_err(host_err)?;
-    env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
-    crash::point(CrashPoint::MidEffect);
-    let _ = crate::host::fstree::remove_tree(&staging);
+/// Put a backup's files into the sandbox, never a byte of a damaged one, then verify what the
+/// sandbox holds. `verified`: the caller has just checked the backup's files in full.
+///
+/// A gateway that copies on this host checks what its copy reads from the backup against the
+/// manifest before the copy becomes the sandbox's state ([`Gateway::upload_checked`]): the
+/// restore's one read of the backup is also its check. Any other gateway gets the backup only
+/// after it was read and checked in full here.
+fn restore_checked(
+    env: &Rebuild,
+    ctx: &StepCtx<'_>,
+    b: &Backup,
+    verified: bool,
+) -> Result<(), StepError> {
+    // A walk, reading no file: an entry it refuses (a fifo, a symlink leaving the tree) can
+    // only be there if the backup was tampered with.
+    let nodes = b.restore_nodes().map_err(|e| damaged(ctx, &unreadable(b, e)))?;
+    let accept = |read: &[Node]| b.check_read(read);
+    match env.gateway.upload_checked(&env.name, &b.path, &nodes, &accept).map_err(gw_err)? {
+        CheckedUpload::Committed => crash::point(CrashPoint::MidEffect),
+        CheckedUpload::Refused(why) => return Err(damaged(ctx, &why)),
+        CheckedUpload::Unsupported => {
+            if !verified {
+                read_in_full(b).map_err(|why| damaged(ctx, &why))?;
+            }
+            let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
+            b.link_out_verified(&staging).map_err(host_err)?;
+            env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
+            crash::point(CrashPoint::MidEffect);
+            let _ = crate::host::fstree::remove_tree(&staging);
+        }
+    }
     verify_restored(env, ctx, b)
 }
 

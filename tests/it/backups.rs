@@ -470,6 +470,85 @@ fn resume_with_a_damaged_backup_points_at_the_way_out_and_the_way_out_removes_th
     assert!(bk.join("rebuild-manifest.json").is_file(), "backup kept");
 }
 
+/// The restore reads the backup once, and that read is its check: a backup file whose bytes
+/// changed without its size or mtime changing (only the digest can tell) stops the restore,
+/// and the replacement's state tree stays exactly as it was created — empty — with no staged
+/// copy left beside it.
+#[test]
+fn a_same_size_flip_in_the_backup_stops_the_restore_before_the_replacement_holds_a_byte() {
+    let w = World::new(Opts { locked: false, ..Opts::default() });
+    let o = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_CRASHPOINT", "after_outcome:3")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    assert!(crate::common::killed(&o), "killed after remove: {}", stderr(&o));
+    let bk = backup_dir(&w);
+    let f = bk.join("workspace/d0/f0.txt");
+    let m = std::fs::metadata(&f).unwrap();
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(&f, &bytes).unwrap();
+    set_mtime(&f, m.mtime(), m.mtime_nsec());
+    assert_eq!(std::fs::metadata(&f).unwrap().len(), m.len());
+
+    let o = w.home.run(&["recover", "--resume", "--sandbox", "alpha"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("step `restore` failed"), "{err}");
+    assert!(err.contains("workspace/d0/f0.txt: sha256"), "names the file and why:\n{err}");
+    assert!(err.contains("nothing was restored"), "{err}");
+    assert!(err.lines().last().unwrap().contains("--accept-damaged-backup"), "{err}");
+    // Read without opening the gateway (opening cleans leftovers): nothing staged is left.
+    let root = w.path().join("local-gateway");
+    let staged: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp") || n.starts_with(".trash"))
+        .collect();
+    assert_eq!(staged, Vec::<String>::new(), "no staged copy left");
+    assert_eq!(listing(&w.state_dir()), Vec::<Vec<u8>>::new(), "the replacement's state is empty");
+    assert_eq!(std::fs::read(&f).unwrap(), bytes, "the backup is left as it was found");
+    assert_eq!(runs(w.path()).last().unwrap().1, "failed");
+}
+
+/// A restore cut short while its copy was being staged leaves a temp directory of a dead
+/// process beside the sandboxes and the replacement's state as created: resume removes the
+/// staged remains, restores the backup exactly, and the sandbox never holds the partial copy.
+#[test]
+fn a_restore_staged_by_a_dead_process_is_cleaned_up_and_resume_restores_exactly() {
+    let w = World::new(Opts { locked: false, ..Opts::default() });
+    let b = w.snapshot();
+    let o = w
+        .home
+        .cmd()
+        .env("NEMOCLAW_CRASHPOINT", "after_outcome:3")
+        .args(["alpha", "rebuild", "--yes"])
+        .output()
+        .unwrap();
+    assert!(crate::common::killed(&o), "killed after remove: {}", stderr(&o));
+    // What a restore killed mid-copy leaves: a partial staged tree named for a dead pid.
+    let root = w.path().join("local-gateway");
+    let staged = root.join(".tmp.alpha.999999999.0190b0b0-0000-7000-8000-000000000001");
+    std::fs::create_dir_all(staged.join("workspace/d0")).unwrap();
+    std::fs::write(staged.join("workspace/d0/f0.txt"), b"half a fi").unwrap();
+
+    let o = w.home.run(&["recover", "--resume", "--sandbox", "alpha"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!staged.exists(), "the dead process's staged copy is removed");
+    let left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "nothing staged or trashed is left");
+    assert_eq!(w.digest(), b.digest, "the state is the backed-up state, byte for byte");
+    assert_eq!(runs(w.path()).last().unwrap().1, "succeeded");
+    check_journal(w.path());
+}
+
 #[test]
 fn accepting_a_damaged_backup_never_skips_a_good_one() {
     let w = World::new(Opts { locked: false, ..Opts::default() });

@@ -558,6 +558,54 @@ fn local_gateway_cleans_interrupted_creates_and_deletes() {
     assert_eq!(gw.classify(&name("demo")), Liveness::Missing);
 }
 
+/// A checked upload on the local gateway: what its copy read is judged before the sandbox
+/// sees any of it. Refused, the state tree is byte-for-byte what it was and nothing staged is
+/// left; accepted, the state tree becomes exactly the copy (replacing what was there) and the
+/// listing judged is the source's (digests of the bytes read).
+#[test]
+fn local_checked_upload_commits_only_what_was_accepted() {
+    use nemoclaw::gateway::CheckedUpload;
+    use nemoclaw::host::fstree;
+    let t = tempfile::tempdir().unwrap();
+    let gw = LocalGateway::open(t.path()).unwrap();
+    gw.create(&spec("demo", "r")).unwrap();
+    let state = gw.state_dir(&name("demo"));
+    fs::write(state.join("old.txt"), "from an earlier attempt\n").unwrap();
+    let before = tree_digest(&state).unwrap();
+    let src = t.path().join("src");
+    sample_tree(&src);
+    let nodes = fstree::walk(&src).unwrap();
+    let leftovers = || -> Vec<String> {
+        fs::read_dir(gw.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    };
+
+    let seen = std::sync::Mutex::new(Vec::new());
+    let refuse = |read: &[fstree::Node]| {
+        seen.lock().unwrap().extend(read.iter().cloned());
+        Err("not this one".to_owned())
+    };
+    let r = gw.upload_checked(&name("demo"), &src, &nodes, &refuse).unwrap();
+    assert_eq!(r, CheckedUpload::Refused("not this one".into()));
+    assert_eq!(tree_digest(&state).unwrap(), before, "state untouched");
+    assert_eq!(leftovers(), Vec::<String>::new(), "nothing staged left");
+    let todo = seen.lock().unwrap().iter().find(|n| n.rel == b"workspace/notes/todo.txt").cloned();
+    assert_eq!(
+        todo.unwrap().sha256.as_deref(),
+        Some(nemoclaw::util::sha256_hex(b"ship it\n").as_str()),
+        "the listing judged carries the digest of the bytes read"
+    );
+
+    let r = gw.upload_checked(&name("demo"), &src, &nodes, &|_| Ok(())).unwrap();
+    assert_eq!(r, CheckedUpload::Committed);
+    assert_eq!(tree_digest(&state).unwrap(), tree_digest(&src).unwrap(), "exactly the copy");
+    assert!(!state.join("old.txt").exists());
+    assert_eq!(leftovers(), Vec::<String>::new(), "the replaced tree is removed");
+}
+
 #[test]
 fn local_fault_file_fails_one_operation() {
     let t = tempfile::tempdir().unwrap();
