@@ -149,6 +149,8 @@ impl LocalGateway {
                     // A filesystem without exchange: copy the accepted tree over the old one
                     // (one more read of it; the verification that follows reads what landed).
                     crate::host::backup::copy_tree(stage, state).map_err(host_err)?;
+                    // Durable like the staged copy was, before the restore reports done.
+                    crate::host::fstree::sync_tree(state).map_err(host_err)?;
                 }
             }
             Err(e) => return Err(err(e)),
