@@ -365,6 +365,14 @@ pub enum Refusal {
         /// The known ones.
         known: Vec<String>,
     },
+    /// `--policy-presets DIR` (or `NEMOCLAW_POLICY_PRESETS`) names a directory that cannot
+    /// be read.
+    UnreadablePresetsDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        error: String,
+    },
     /// Presets asked for on an OpenShell gateway.
     PresetsOnOpenShell {
         /// The sandbox.
@@ -498,6 +506,11 @@ impl From<Refusal> for CliError {
                 ),
             )
             .hint("use one of these, or pass NemoClaw's own presets directory with `--policy-presets DIR`"),
+            R::UnreadablePresetsDir { path, error } => CliError::new(
+                Exit::Usage,
+                format!("cannot read the policy presets directory {}: {error}", path.display()),
+            )
+            .hint("give NemoClaw's presets directory with `--policy-presets DIR`, or leave it out (and unset `NEMOCLAW_POLICY_PRESETS`) for NemoClaw's own preset names"),
             R::PresetsOnOpenShell { name, gateway } => CliError::new(
                 Exit::Refused,
                 format!(
@@ -614,6 +627,7 @@ mod tests {
             Refusal::InvalidGateway("x".into()),
             Refusal::AlreadyRegistered(name()),
             Refusal::UnknownPresets { unknown: vec!["x".into()], known: vec!["npm".into()] },
+            Refusal::UnreadablePresetsDir { path: "/p".into(), error: "gone".into() },
             Refusal::PresetsOnOpenShell { name: name(), gateway: "nemoclaw".into() },
             Refusal::GatewayNotHealthy { gateway: "nemoclaw".into(), detail: "down".into() },
             Refusal::NotRegistered { name: name(), registry: "/r".into() },

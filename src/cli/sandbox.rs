@@ -95,19 +95,26 @@ const NEMOCLAW_PRESETS: &[&str] = &[
     "whatsapp",
 ];
 
-/// The presets `onboard` knows: the `*.yaml` files of `--policy-presets DIR` when given, else
-/// NemoClaw's own list.
-fn known_presets(ctx: &Ctx) -> Vec<String> {
-    let from_dir = ctx.global.policy_presets.as_ref().and_then(|d| std::fs::read_dir(d).ok());
-    let Some(dir) = from_dir else {
-        return NEMOCLAW_PRESETS.iter().map(|s| (*s).to_owned()).collect();
+/// The presets `onboard` knows: the `*.yaml` files of `--policy-presets DIR` when given (a
+/// directory that cannot be read is refused, never silently replaced by the built-in list),
+/// else NemoClaw's own list.
+fn known_presets(ctx: &Ctx) -> Result<Vec<String>, CliError> {
+    let Some(path) = &ctx.global.policy_presets else {
+        return Ok(NEMOCLAW_PRESETS.iter().map(|s| (*s).to_owned()).collect());
     };
-    let mut names: Vec<String> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yaml").map(str::to_owned))
-        .collect();
+    let unreadable = |e: std::io::Error| Refusal::UnreadablePresetsDir {
+        path: path.clone(),
+        error: e.to_string(),
+    };
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(path).map_err(unreadable)? {
+        let e = e.map_err(unreadable)?;
+        if let Some(n) = e.file_name().to_str().and_then(|n| n.strip_suffix(".yaml")) {
+            names.push(n.to_owned());
+        }
+    }
     names.sort();
-    names
+    Ok(names)
 }
 
 /// Everything `onboard` checks before it creates anything: the name, no unfinished run, the
@@ -122,7 +129,7 @@ fn onboard_preflight(ctx: &Ctx, a: &OnboardArgs) -> Result<(SandboxName, Binding
     if Registry::load(&ctx.home)?.entry(&name).is_some() {
         return Err(Refusal::AlreadyRegistered(name).into());
     }
-    let known = known_presets(ctx);
+    let known = known_presets(ctx)?;
     let unknown: Vec<String> = a.policies.iter().filter(|p| !known.contains(p)).cloned().collect();
     if !unknown.is_empty() {
         return Err(Refusal::UnknownPresets { unknown, known }.into());

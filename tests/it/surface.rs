@@ -70,6 +70,10 @@ fn usage_errors_are_pinned() {
         ("usage-bad-gateway", &["onboard", "alpha", "--gateway", "nemoclaw-8080"]),
         ("usage-openshell-where-it-means-nothing", &["journal", "list", "--openshell", "/x"]),
         ("usage-presets-on-status", &["alpha", "status", "--policy-presets", "/x"]),
+        (
+            "usage-unreadable-presets-dir",
+            &["onboard", "alpha", "--policy", "npm", "--policy-presets", "/nonexistent/presets"],
+        ),
     ] {
         let o = run(&h, args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
