@@ -405,13 +405,12 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
         }
         Selected::Ambiguous(n) => return Err(Refusal::AmbiguousUnfinished(n).into()),
     };
-    let mode = run.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Normal);
     p.info(format!(
         "{} run {} of '{}' ({} mode, {})",
         if a.resume { "Resuming" } else { "Rolling back" },
         run.id,
         run.sandbox.as_deref().unwrap_or("-"),
-        mode.as_str(),
+        run.mode.as_deref().unwrap_or("-"),
         run.state.as_str()
     ));
     let damaged_at = if a.accept_damaged_backup { check_damaged_backup(ctx, &run)? } else { None };
@@ -424,7 +423,7 @@ pub fn recover(ctx: &Ctx, a: RecoverArgs) -> CmdResult {
         damaged_at.is_some(),
         &obs,
     )?;
-    print_recovered(p, &run, mode, &out, damaged_at.as_deref())?;
+    print_recovered(p, &run, &out, damaged_at.as_deref())?;
     if p.json {
         p.json_doc("recover", recover_doc(action, run.sandbox.as_deref(), Some(&out.report)));
     }
@@ -458,15 +457,15 @@ fn check_damaged_backup(ctx: &Ctx, run: &saga::RunRecord) -> Result<Option<Strin
 fn print_recovered(
     p: &Printer,
     run: &saga::RunRecord,
-    mode: Mode,
     out: &Outcome,
     damaged_at: Option<&str>,
 ) -> Result<(), CliError> {
     let report = &out.report;
     let name = run.sandbox.as_deref().and_then(|s| SandboxName::parse(s).ok());
-    let shields_locked = saga::run_params(run)?.shields_locked;
+    // The run was resumed or rolled back, so its params decoded for its plan.
+    let params = saga::run_params(run)?;
     match (report.state, name) {
-        (RunState::Succeeded, Some(n)) => succeeded(p, &n, mode, out, shields_locked),
+        (RunState::Succeeded, Some(n)) => succeeded(p, &n, params.mode, out, params.shields_locked),
         (RunState::RolledBack, Some(n)) if damaged_at.is_some() => {
             p.success(format!(
                 "✓ Run {} rolled back without its damaged backup: '{n}' is registered as before, with no sandbox on its gateway",
