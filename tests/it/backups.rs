@@ -363,7 +363,8 @@ fn restore_verification_checks_metadata_not_only_bytes() {
 
 /// Kill the rebuild right after `remove` is durable (old sandbox and its row gone, backup
 /// committed), then damage the backup: one file flipped, one deleted.
-fn crash_after_remove_then_damage(w: &World) -> std::path::PathBuf {
+/// A rebuild killed right after its `remove` step's outcome (the old sandbox and its row gone).
+fn kill_after_remove(w: &World) {
     let o = w
         .home
         .cmd()
@@ -372,6 +373,10 @@ fn crash_after_remove_then_damage(w: &World) -> std::path::PathBuf {
         .output()
         .unwrap();
     assert!(crate::common::killed(&o), "killed after remove: {}", stderr(&o));
+}
+
+fn crash_after_remove_then_damage(w: &World) -> std::path::PathBuf {
+    kill_after_remove(w);
     assert_eq!(w.row(), None, "the row went with the sandbox");
     assert_eq!(w.live_id(), None);
     let bk = backup_dir(w);
@@ -477,14 +482,7 @@ fn resume_with_a_damaged_backup_points_at_the_way_out_and_the_way_out_removes_th
 #[test]
 fn a_same_size_flip_in_the_backup_stops_the_restore_before_the_replacement_holds_a_byte() {
     let w = World::new(Opts { locked: false, ..Opts::default() });
-    let o = w
-        .home
-        .cmd()
-        .env("NEMOCLAW_CRASHPOINT", "after_outcome:3")
-        .args(["alpha", "rebuild", "--yes"])
-        .output()
-        .unwrap();
-    assert!(crate::common::killed(&o), "killed after remove: {}", stderr(&o));
+    kill_after_remove(&w);
     let bk = backup_dir(&w);
     let f = bk.join("workspace/d0/f0.txt");
     let m = std::fs::metadata(&f).unwrap();
@@ -521,14 +519,7 @@ fn a_same_size_flip_in_the_backup_stops_the_restore_before_the_replacement_holds
 fn a_restore_staged_by_a_dead_process_is_cleaned_up_and_resume_restores_exactly() {
     let w = World::new(Opts { locked: false, ..Opts::default() });
     let b = w.snapshot();
-    let o = w
-        .home
-        .cmd()
-        .env("NEMOCLAW_CRASHPOINT", "after_outcome:3")
-        .args(["alpha", "rebuild", "--yes"])
-        .output()
-        .unwrap();
-    assert!(crate::common::killed(&o), "killed after remove: {}", stderr(&o));
+    kill_after_remove(&w);
     // What a restore killed mid-copy leaves: a partial staged tree named for a dead pid.
     let root = w.path().join("local-gateway");
     let staged = root.join(".tmp.alpha.999999999.0190b0b0-0000-7000-8000-000000000001");
@@ -553,14 +544,7 @@ fn a_restore_staged_by_a_dead_process_is_cleaned_up_and_resume_restores_exactly(
 fn accepting_a_damaged_backup_never_skips_a_good_one() {
     let w = World::new(Opts { locked: false, ..Opts::default() });
     let b = w.snapshot();
-    let o = w
-        .home
-        .cmd()
-        .env("NEMOCLAW_CRASHPOINT", "after_outcome:3")
-        .args(["alpha", "rebuild", "--yes"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
+    kill_after_remove(&w);
     let o = w.home.run(&["recover", "--rollback", "--sandbox", "alpha", "--accept-damaged-backup"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("verifies: it will be restored"), "{}", stderr(&o));
