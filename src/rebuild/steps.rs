@@ -342,8 +342,8 @@ impl Step for BackupStep {
     }
     fn apply(&self, ctx: &StepCtx<'_>) -> Result<Value, StepError> {
         test_delay();
-        let env = &self.0;
-        let target = env.backup_path();
+        let rb = &self.0;
+        let target = rb.backup_path();
         if let Ok(b) = Backup::open(&target) {
             return Self::output(&b);
         }
@@ -355,9 +355,9 @@ impl Step for BackupStep {
                     .io()
             })?;
         }
-        let s = snap(env, ctx)?;
+        let s = snap(rb, ctx)?;
         let meta = BackupMeta {
-            sandbox: env.name.clone(),
+            sandbox: rb.name.clone(),
             agent_type: s.entry.get("agent").and_then(Value::as_str).map(str::to_owned),
             agent_version: s.entry.get("agentVersion").and_then(Value::as_str).map(str::to_owned),
             policy_presets: string_list(s.entry.get("policies")),
@@ -369,9 +369,9 @@ impl Step for BackupStep {
         // digests computed inside the sandbox), so the manifest describes the source and a
         // copy damaged on its way is refused here, before anything is deleted.
         let mut gw_failure = None;
-        let keeps = env.gateway.download_keeps();
-        let b = Backup::create_with(&env.home, &meta, &env.backup_ts, keeps, |dir| {
-            let listed = match env.gateway.download_listed(&env.name, dir) {
+        let keeps = rb.gateway.download_keeps();
+        let b = Backup::create_with(&rb.home, &meta, &rb.backup_ts, keeps, |dir| {
+            let listed = match rb.gateway.download_listed(&rb.name, dir) {
                 Ok(l) => l,
                 Err(e) => {
                     let msg = e.to_string();
@@ -598,13 +598,13 @@ fn create(rb: &Rebuild, s: &Snapshot, image: &str, label: &str) -> Result<LiveSa
 
 /// Upload a backup's files into the sandbox and verify them against the manifest.
 fn restore_backup(
-    env: &Rebuild,
+    rb: &Rebuild,
     ctx: &StepCtx<'_>,
     out: Option<&BackupOutput>,
 ) -> Result<(), StepError> {
     let Some(out) = out else { return Ok(()) };
     match opened_backup(out) {
-        Ok(b) => restore_checked(env, ctx, &b, false),
+        Ok(b) => restore_checked(rb, ctx, &b, false),
         Err(why) => Err(damaged(ctx, &why)),
     }
 }
@@ -667,7 +667,7 @@ fn damaged(ctx: &StepCtx<'_>, why: &str) -> StepError {
 /// restore's one read of the backup is also its check. Any other gateway gets the backup only
 /// after it was read and checked in full here.
 fn restore_checked(
-    env: &Rebuild,
+    rb: &Rebuild,
     ctx: &StepCtx<'_>,
     b: &Backup,
     verified: bool,
@@ -676,38 +676,38 @@ fn restore_checked(
     // only be there if the backup was tampered with.
     let nodes = b.restore_nodes().map_err(|e| damaged(ctx, &unreadable(b, e)))?;
     let accept = |read: &[Node]| b.check_read(read);
-    match env.gateway.upload_checked(&env.name, &b.path, &nodes, &accept).map_err(gw_err)? {
+    match rb.gateway.upload_checked(&rb.name, &b.path, &nodes, &accept).map_err(gw_err)? {
         CheckedUpload::Committed => crash::point(CrashPoint::MidEffect),
         CheckedUpload::Refused(why) => return Err(damaged(ctx, &why)),
         CheckedUpload::Unsupported => {
             if !verified {
                 read_in_full(b).map_err(|why| damaged(ctx, &why))?;
             }
-            let staging = staging_dir(&env.home, ctx.run_id, "restore")?;
+            let staging = staging_dir(&rb.home, ctx.run_id, "restore")?;
             b.link_out_verified(&staging).map_err(host_err)?;
-            env.gateway.upload_state(&env.name, &staging).map_err(gw_err)?;
+            rb.gateway.upload_state(&rb.name, &staging).map_err(gw_err)?;
             crash::point(CrashPoint::MidEffect);
             let _ = crate::host::fstree::remove_tree(&staging);
         }
     }
-    verify_restored(env, ctx, b)
+    verify_restored(rb, ctx, b)
 }
 
 /// The sandbox holds every backed-up file with its bytes and the metadata that can survive the
 /// trip (the upload, and for a check through a download, the download too): read in place,
 /// else listed with digests inside the sandbox, else downloaded.
-fn verify_restored(env: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
-    let up = env.gateway.upload_keeps();
-    if let Some(live) = env.gateway.local_state_path(&env.name) {
+fn verify_restored(rb: &Rebuild, ctx: &StepCtx<'_>, b: &Backup) -> Result<(), StepError> {
+    let up = rb.gateway.upload_keeps();
+    if let Some(live) = rb.gateway.local_state_path(&rb.name) {
         return b.verify_tree(&live, up).map_err(host_err);
     }
-    if let Some(listed) = env.gateway.list_state(&env.name, true).map_err(gw_err)? {
-        let place = format!("sandbox '{}' on gateway '{}'", env.name, env.gateway.name());
+    if let Some(listed) = rb.gateway.list_state(&rb.name, true).map_err(gw_err)? {
+        let place = format!("sandbox '{}' on gateway '{}'", rb.name, rb.gateway.name());
         return b.verify_listing(&listed, &place).map_err(host_err);
     }
-    let check = staging_dir(&env.home, ctx.run_id, "verify")?;
-    env.gateway.download_state(&env.name, &check).map_err(gw_err)?;
-    let r = b.verify_tree(&check, up.and(env.gateway.download_keeps())).map_err(host_err);
+    let check = staging_dir(&rb.home, ctx.run_id, "verify")?;
+    rb.gateway.download_state(&rb.name, &check).map_err(gw_err)?;
+    let r = b.verify_tree(&check, up.and(rb.gateway.download_keeps())).map_err(host_err);
     let _ = crate::host::fstree::remove_tree(&check);
     r
 }
@@ -798,12 +798,12 @@ impl Step for RestoreStep {
         "restore"
     }
     fn probe(&self, ctx: &StepCtx<'_>) -> Result<Probe, StepError> {
-        let env = &self.0;
+        let rb = &self.0;
         let Some(out) = ctx.output_as::<BackupOutput>("backup")? else {
             return Ok(Probe::NotDone);
         };
         let b = Backup::open(Path::new(&out.backup_path)).map_err(host_err)?;
-        Ok(match verify_restored(env, ctx, &b) {
+        Ok(match verify_restored(rb, ctx, &b) {
             Ok(()) => {
                 Probe::Done(encode(&RestoreOutput { verified_files: b.manifest.files.len() })?)
             }
