@@ -2,7 +2,7 @@
 //! [`super::args`], so they cannot drift from the parser.
 //!
 //! Completion is dynamic (clap_complete's engine): `nemoclaw completion bash` prints a small
-//! registration script; at each <TAB> the shell runs `NEMOCLAW_COMPLETE=bash nemoclaw -- <words>`
+//! registration script; at each `<TAB>` the shell runs `NEMOCLAW_COMPLETE=bash nemoclaw -- <words>`
 //! and this process answers from the definitions *and the home*: the sandbox names registered
 //! in `sandboxes.json` complete in the `nemoclaw <NAME> <action>` position, and run ids from
 //! the journal (opened read-only) complete after `recover` and `journal show`.

@@ -34,7 +34,7 @@ pub const MAX_STDIN: usize = 3 << 20;
 
 /// The listing script: `sh -c LISTING nemoclaw [digests]`. Prints, NUL-terminated, for every
 /// entry below the state root: `TYPE MODE MTIME SIZE DEV:INO NLINK PATH` then the symlink
-/// target (empty for others); with `digests`, then [`DIGESTS`] and `sha256sum -z` of every
+/// target (empty for others); with `digests`, then `NEMOCLAW-DIGESTS` and `sha256sum -z` of every
 /// regular file; then [`END`]. (No single quote in it: the gateway single-quotes the argv.)
 pub fn listing_script() -> String {
     format!(
@@ -57,7 +57,7 @@ const PY_TIMES: &str = "import os,sys; d=sys.stdin.buffer.read().split(bytes(1))
 /// The fix-up script: `sh -c FIXUP nemoclaw OP LEN [OP LEN]...`, stdin the concatenated
 /// sections. Each section of LEN bytes holds NUL-terminated argument pairs for one operation:
 /// `link` (`ln -f -- FIRST OTHER`), `mode` (`chmod -- MODE PATH`) or `time`
-/// (`touch -c -h -d @S.N PATH`, or all at once in `python3` when there is one: [`PY_TIMES`]),
+/// (`touch -c -h -d @S.N PATH`, or all at once in `python3` when there is one: `PY_TIMES`),
 /// applied in order. Then [`END`].
 pub fn fixup_script() -> String {
     format!(

@@ -116,7 +116,7 @@ fn find_prefix(tx: &Transaction<'_>, cutoff: i64) -> rusqlite::Result<Option<i64
 /// never candidates anyway).
 ///
 /// Only a prefix of the event chain can go: events `<= K` are removed where K is found by
-/// [`find_prefix`]; meta `pruned_head_hash`/`pruned_head_id` anchor the rest of the chain, and a
+/// `find_prefix`; meta `pruned_head_hash`/`pruned_head_id` anchor the rest of the chain, and a
 /// `prune` checkpoint event records what was removed. All in one IMMEDIATE transaction.
 pub fn prune<F: RunFiles>(
     j: &mut Journal,
