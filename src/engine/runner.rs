@@ -430,6 +430,19 @@ mod tests {
         RunSpec { lock_key: "k".into(), params: synthetic::params(n, ledger), ..RunSpec::default() }
     }
 
+    /// A three-step synthetic run in `dir` that failed at its third step (`s2`).
+    fn failed_at_step_2(
+        dir: &std::path::Path,
+    ) -> (Journal, LockDir, std::path::PathBuf, RunReport) {
+        let mut j = Journal::open_home(dir).unwrap();
+        let locks = LockDir::new(dir);
+        let ledger = dir.join("ledger");
+        let opts = synthetic::Options { fail_at: Some(2), step_ms: 0 };
+        let r = start(&mut j, &locks, &synthetic::plan(3, &ledger, opts), spec(&ledger, 3), &Quiet)
+            .unwrap();
+        (j, locks, ledger, r)
+    }
+
     #[test]
     fn one_commit_per_step_transition() {
         let dir = tempfile::tempdir().unwrap();
@@ -536,12 +549,7 @@ mod tests {
     #[test]
     fn journaled_data_that_does_not_decode_is_refused_as_corrupt() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open_home(dir.path()).unwrap();
-        let locks = LockDir::new(dir.path());
-        let ledger = dir.path().join("ledger");
-        let opts = synthetic::Options { fail_at: Some(2), step_ms: 0 };
-        let r = start(&mut j, &locks, &synthetic::plan(3, &ledger, opts), spec(&ledger, 3), &Quiet)
-            .unwrap();
+        let (mut j, locks, ledger, r) = failed_at_step_2(dir.path());
         let good = runs::get_run(j.conn(), &r.run_id).unwrap().unwrap().params.to_string();
         let res = synthetic::Resolver::default();
 
@@ -578,12 +586,7 @@ mod tests {
     #[test]
     fn rollback_compensates_in_reverse_and_busy_names_the_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open_home(dir.path()).unwrap();
-        let locks = LockDir::new(dir.path());
-        let ledger = dir.path().join("ledger");
-        let opts = synthetic::Options { fail_at: Some(2), step_ms: 0 };
-        let r = start(&mut j, &locks, &synthetic::plan(3, &ledger, opts), spec(&ledger, 3), &Quiet)
-            .unwrap();
+        let (mut j, locks, ledger, r) = failed_at_step_2(dir.path());
         let obs = Record::default();
         let res = synthetic::Resolver::default();
         // Hold the key's lock as another runner would: rollback is refused, naming it.
